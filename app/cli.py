@@ -1,0 +1,132 @@
+"""The `wwt` command: serve the app, run a worker, complete from the shell, benchmark, make a tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .settings import env
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_model: bool = True) -> None:
+    p.add_argument("--backend", choices=["local", "celery"], default=env("WWT_BACKEND"),
+                   help="local: engine in this process (default); celery: through Redis and workers")
+    p.add_argument("--redis-url", default=env("WWT_REDIS_URL"), help="Redis URL for the celery backend")
+    p.add_argument("--device", default=env("WWT_DEVICE") or None, help="cpu, cuda or cuda:N")
+
+
+def cmd_make_tiny_model(args) -> int:
+    from model.tiny import make_tiny_model
+
+    heads = [h for h in (args.heads or "").split(",") if h]
+    out = make_tiny_model(args.dir, model_type=args.model_type, seed=args.seed, heads=heads)
+    print(f"wrote a tiny random {args.model_type} checkpoint to {out}")
+    return 0
+
+
+def cmd_complete(args) -> int:
+    from model.errors import WWTError
+    from model.types import CompletionRequest
+
+    from .backends import make_backend
+
+    try:
+        backend = make_backend(args.backend, [args.model], redis_url=args.redis_url, device=args.device)
+        request = CompletionRequest(text=args.text, model=backend.models()[0], n=args.num,
+                                    max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    seed=args.seed, stop="auto" if args.stop_auto else None)
+        result = backend.complete(request, timeout=args.timeout)
+    except WWTError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        for i, s in enumerate(result.suggestions, 1):
+            print(f"{i}. {args.text}{s.text}")
+        t = result.timings
+        print(f"[{result.model}: {t.total_ms:.0f} ms, {t.tokens_prefilled} prefilled, {t.tokens_reused} reused, "
+              f"{t.tokens_decoded} decoded, {t.source}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    return serve(args)
+
+
+def cmd_worker(args) -> int:
+    from workers.worker import run_worker
+
+    return run_worker(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wwt", description="Write With Transformer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint in the Hub's layout")
+    p.add_argument("dir")
+    p.add_argument("--model-type", choices=["gpt2", "openai-gpt"], default="gpt2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heads", default="", help="extra heads, comma-separated: sequence-classification,"
+                                               "question-answering,token-classification,double-heads")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("complete", help="print continuations of TEXT")
+    p.add_argument("text")
+    p.add_argument("--model", default=env("WWT_MODELS").split(",")[0])
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--num", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-auto", action="store_true", help="stop at the end of a sentence or line")
+    p.add_argument("--timeout", type=float, default=float(env("WWT_REQUEST_TIMEOUT")))
+    p.add_argument("--json", action="store_true", help="print one JSON object with suggestions and timings")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("serve", help="start the web app")
+    p.add_argument("--model", action="append", default=None,
+                   help="a model to offer (repeatable; the first is the default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="start a Celery worker serving one model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--redis-url", default=env("WWT_REDIS_URL"))
+    p.add_argument("--device", default=env("WWT_DEVICE") or None)
+    p.add_argument("--slots", type=int, default=None)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("bench", help="benchmark the engine against the reference implementation")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and shorter documents")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--only", default="", help="comma-separated sections to run")
+    p.add_argument("--redis-url", default=None, help="also measure the queue path against this Redis")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The GPT-2 / OpenAI GPT transformer, its heads, and the static KV cache they write into.
+
+One file you can read in one sitting. Parameter names are the Hub's, so checkpoints load
+without renaming (Conv1D weights stay [in, out]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,  # exact (erf) GELU
+    "gelu_new": _gelu_tanh,  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+class KVCache(nn.Module):
+    """Key/value buffers for `slots` sequences, allocated once: [layer, slot, head, position, dim].
+
+    A forward pass writes the keys/values of the positions it computes in place and reads
+    back positions [0, length) of its slots. Nothing is ever concatenated or reallocated,
+    so the shapes a decode step sees are fixed.
+    """
+
+    def __init__(self, config: GPTConfig, slots: int, context: Optional[int] = None,
+                 dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.slots = slots
+        self.context = context or config.n_positions
+        shape = (config.n_layer, slots, config.n_head, self.context, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    @torch.no_grad()
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Fork: make slot `dst` hold the first `length` positions of slot `src`."""
+        if src != dst and length > 0:
+            self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+            self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+
+
+class CacheView:
+    """Where one forward pass reads and writes in a KVCache: slots [B], positions [B, T]."""
+
+    def __init__(self, cache: KVCache, slots: Sequence[int], positions: torch.Tensor):
+        self.cache = cache
+        self.positions = positions
+        self.length = int(positions.max()) + 1
+        if self.length > cache.context:
+            raise ValueError(f"position {self.length - 1} is past the cache's context of {cache.context}")
+        slots = list(slots)
+        first = slots[0]
+        # Contiguous slots are read as a view; others need a gather.
+        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+        self.slot_index = torch.tensor(slots, device=positions.device)
+        keys = torch.arange(self.length, device=positions.device)
+        self.mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, L]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's k, v ([B, H, T, D]) and return all keys/values [B, H, L, D] of the slots."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        rows = self.slot_index[:, None]
+        ck[rows, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
+        cv[rows, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
+        if self.span is not None:
+            return ck[self.span, :, : self.length], cv[self.span, :, : self.length]
+        return ck[self.slot_index, :, : self.length], cv[self.slot_index, :, : self.length]
+
+
+class Conv1D(nn.Module):
+    """A linear layer whose weight is stored [in, out], as the Hub's GPT checkpoints store it."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        scale = config.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+
+    def forward(self, x, mask: Optional[torch.Tensor], view: Optional[CacheView]):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        if view is not None:
+            k, v = view.update(self.layer_idx, k, v)
+            mask = view.mask
+        dtype = q.dtype
+        if self.config.reorder_and_upcast_attn and dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Conv1D(config.n_embd, config.inner_dim)
+        self.c_proj = Conv1D(config.inner_dim, config.n_embd)
+        if config.activation_function not in ACTIVATIONS:
+            raise ValueError(f"unknown activation_function {config.activation_function!r}")
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """GPT-2: x + attn(ln_1(x)), then + mlp(ln_2(.)). OpenAI GPT: ln_1(x + attn(x)), then ln_2(. + mlp(.))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.post_ln = config.post_layernorm
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, view):
+        if self.post_ln:
+            x = self.ln_1(x + self.attn(x, mask, view))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), mask, view)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The transformer body: token + position embeddings, blocks, and (GPT-2) a final LayerNorm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = None if config.post_layernorm else nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                cache: Optional[KVCache] = None, slots: Optional[Sequence[int]] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden states [B, T, C].
+
+        Without a cache: an ordinary causal forward over the whole input (with optional
+        padding mask). With a cache: row b writes its tokens at `positions[b]` of slot
+        `slots[b]` and attends to everything its slot holds up to that position, so a
+        prefill and a one-token decode step are the same call.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if int(positions.max()) >= self.config.n_positions:
+            raise ValueError(f"position {int(positions.max())} is past the model's context of {self.config.n_positions}")
+        x = self.wte(input_ids) + self.wpe(positions)
+        view = mask = None
+        if cache is not None:
+            view = CacheView(cache, slots if slots is not None else range(B), positions)
+        elif attention_mask is not None:
+            keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            # A padded query still sees itself, so its (unused) row never becomes NaN.
+            mask = (causal & keep) | torch.eye(T, dtype=torch.bool, device=x.device)
+        for block in self.h:
+            x = block(x, mask, view)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+
+class LMHead(nn.Module):
+    """Next-token logits, tied to the token embedding unless the checkpoint unties them."""
+
+    def __init__(self, body: GPT, weight: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.body = [body]  # a list, so the embedding is not registered twice
+        self.untied = None if weight is None else nn.Parameter(weight)
+
+    def forward(self, hidden):
+        w = self.untied if self.untied is not None else self.body[0].wte.weight
+        return hidden @ w.t()
+
+
+class SequenceSummary(nn.Module):
+    """The multiple-choice head: hidden state at the cls index, optional projection and activation."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.summary_type = config.summary_type
+        self.summary = None
+        if config.summary_use_proj:
+            out = 1 if config.summary_proj_to_labels else config.n_embd
+            self.summary = nn.Linear(config.n_embd, out)
+        self.activation = torch.tanh if config.summary_activation == "tanh" else None
+
+    def forward(self, hidden, cls_index=None):
+        if self.summary_type == "first":
+            out = hidden[..., 0, :]
+        elif self.summary_type == "mean":
+            out = hidden.mean(dim=-2)
+        elif self.summary_type == "cls_index":
+            if cls_index is None:
+                cls_index = torch.full(hidden.shape[:-2], hidden.shape[-2] - 1, dtype=torch.long, device=hidden.device)
+            idx = cls_index[..., None, None].expand(*cls_index.shape, 1, hidden.shape[-1])
+            out = hidden.gather(-2, idx).squeeze(-2)
+        else:  # "last"
+            out = hidden[..., -1, :]
+        if self.summary is not None:
+            out = self.summary(out)
+        if self.activation is not None:
+            out = self.activation(out)
+        return out
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: Optional[int]) -> torch.Tensor:
+    """Index of the last non-padding token of each row (the reference's rule for classification)."""
+    B, T = input_ids.shape
+    if pad_token_id is None:
+        if B != 1:
+            raise ValueError("cannot classify a batch of more than one text without a pad_token_id in config.json")
+        return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+    non_pad = (input_ids != pad_token_id).int()
+    return (torch.arange(T, device=input_ids.device) * non_pad).argmax(-1)
+
+
+HEADS = ("lm", "sequence-classification", "question-answering", "token-classification", "double-heads")
+
+# The checkpoint tensors (after the body's) that each head owns.
+HEAD_PREFIXES = {
+    "lm": ("lm_head.",),
+    "sequence-classification": ("score.",),
+    "question-answering": ("qa_outputs.",),
+    "token-classification": ("classifier.",),
+    "double-heads": ("lm_head.", "multiple_choice_head."),
+}
+
+
+class GPTModel(nn.Module):
+    """The body with one head: what `model.load(name, head=...)` returns."""
+
+    def __init__(self, config: GPTConfig, head: str = "lm"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+        self.config = config
+        self.head = head
+        self.transformer = GPT(config)
+        if head in ("lm", "double-heads"):
+            self.lm_head = LMHead(self.transformer)
+        if head == "sequence-classification":
+            self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        if head == "question-answering":
+            self.qa_outputs = nn.Linear(config.n_embd, 2)
+        if head == "token-classification":
+            self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        if head == "double-heads":
+            self.multiple_choice_head = SequenceSummary(config)
+
+    def forward(self, input_ids, attention_mask=None, mc_token_ids=None, **cache_args):
+        if self.head == "double-heads":
+            B, C, T = input_ids.shape
+            flat_mask = attention_mask.reshape(B * C, T) if attention_mask is not None else None
+            hidden = self.transformer(input_ids.reshape(B * C, T), flat_mask).view(B, C, T, -1)
+            mc = self.multiple_choice_head(hidden, mc_token_ids).squeeze(-1)
+            return self.lm_head(hidden), mc
+        hidden = self.transformer(input_ids, attention_mask, **cache_args)
+        if self.head == "lm":
+            return self.lm_head(hidden)
+        if self.head == "sequence-classification":
+            logits = self.score(hidden)
+            index = last_token_index(input_ids, self.config.pad_token_id)
+            return logits[torch.arange(input_ids.shape[0], device=logits.device), index]
+        if self.head == "question-answering":
+            start, end = self.qa_outputs(hidden).split(1, dim=-1)
+            return start.squeeze(-1), end.squeeze(-1)
+        return self.classifier(hidden)  # token-classification
