@@ -60,11 +60,14 @@ class KVCache(nn.Module):
         return self.k.numel() * self.k.element_size() * 2
 
     @torch.no_grad()
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Fork: make slot `dst` hold the first `length` positions of slot `src`."""
-        if src != dst and length > 0:
-            self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
-            self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+    def copy_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
+        """Fork: make positions [start, length) of slot `dst` those of slot `src`.
+
+        `start` skips what `dst` already holds in common with `src`.
+        """
+        if src != dst and length > start:
+            self.k[:, dst, :, start:length].copy_(self.k[:, src, :, start:length])
+            self.v[:, dst, :, start:length].copy_(self.v[:, src, :, start:length])
 
 
 class CacheView:

@@ -151,6 +151,10 @@ def fill(module: GPTModel, ours: dict, unknown: dict) -> None:
         raise CheckpointError(f"unexpected tensors in checkpoint: {', '.join(sorted(unknown)[:5])}")
     expected = module.state_dict()
     lm_weight = ours.pop("lm_head.weight", None)
+    if lm_weight is not None and module.config.tie_word_embeddings and "transformer.wte.weight" not in ours:
+        # Tied checkpoints may keep the shared matrix under the head's name only
+        # (transformers saves OpenAIGPTDoubleHeadsModel that way).
+        ours["transformer.wte.weight"] = lm_weight
     head_owned = tuple(p for ps in HEAD_PREFIXES.values() for p in ps)
     missing = [k for k in expected if k not in ours]
     if missing:
@@ -189,3 +193,42 @@ def load_folder(folder: Path, head: str = "lm", dtype=torch.float32, device=None
     fill(module, ours, unknown)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_with_heads(folder: Path, dtype=torch.float32, device=None) -> tuple[GPTModel, dict[str, GPTModel]]:
+    """The LM model and one model per extra head the checkpoint carries, all sharing one body.
+
+    The engine serves completion with the LM head and classification / question answering
+    with the checkpoint's own heads when it has them.
+    """
+    folder = Path(folder)
+    config = GPTConfig.from_file(folder / "config.json")
+    state = read_state(folder)
+    ours, unknown = split_state(state, config)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.device("meta"):
+        lm = GPTModel(config, "lm")
+    lm = lm.to_empty(device="cpu")
+    fill(lm, dict(ours), unknown)
+    lm = lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    extras = {}
+    for head in sorted(heads_in(state) - {"lm", "double-heads"}):
+        module = GPTModel(config, head)
+        body = module.transformer
+        module.transformer = lm.transformer  # shared: the head adds only its own small layer
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.startswith("transformer."):
+                    continue
+                if name not in ours:
+                    raise CheckpointError(f"checkpoint is missing tensor {name} of its {head} head")
+                if tuple(ours[name].shape) != tuple(p.shape):
+                    raise CheckpointError(f"tensor {name} has shape {tuple(ours[name].shape)}, "
+                                          f"the config needs {tuple(p.shape)}")
+                p.copy_(ours[name])
+        del body
+        for name, child in module.named_children():
+            if name != "transformer":
+                child.to(device=device, dtype=dtype)
+        extras[head] = module.eval().requires_grad_(False)
+    return lm, extras

@@ -1,0 +1,151 @@
+"""The embedded backend (engines in this process) and the factory that picks a backend."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Callable, Optional
+
+from model.config import GPTConfig
+from model.errors import UnknownModel, WWTError
+from model.known import KNOWN_SHAPES, ModelSpec, parse_model_spec
+from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
+                         ScoreRequest, Scores)
+
+from .backend import Backend
+from .documents import FileDocumentStore
+from .settings import env, env_float
+
+log = logging.getLogger(__name__)
+
+
+def _guarded(call: Callable):
+    """Run `call`; anything that is not already a readable error becomes one (and is logged)."""
+    try:
+        return call()
+    except WWTError:
+        raise
+    except Exception as e:
+        log.exception("request failed")
+        raise WWTError(f"internal error: {e.__class__.__name__}: {e}") from None
+
+
+class LocalBackend(Backend):
+    """Engines in this process, loaded on first use; the least recently used is unloaded past a memory budget."""
+
+    kind = "local"
+
+    def __init__(self, models: list[str], device: Optional[str] = None, slots: Optional[int] = None,
+                 memory_budget_gb: Optional[float] = None, documents: Optional[FileDocumentStore] = None,
+                 engine_factory=None):
+        specs = [parse_model_spec(m) for m in models if m and m.strip()]
+        if not specs:
+            raise UnknownModel("no model to serve")
+        self.specs: dict[str, ModelSpec] = {s.name: s for s in specs}
+        self.device = device
+        self.slots = slots
+        self.budget = (memory_budget_gb if memory_budget_gb is not None
+                       else env_float("WWT_MEMORY_BUDGET_GB")) * (1 << 30)
+        self.documents = documents or FileDocumentStore()
+        self._engines: "OrderedDict[str, object]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {name: threading.Lock() for name in self.specs}
+        if engine_factory is None:
+            from model.engine import Engine
+
+            engine_factory = Engine.from_pretrained
+        self._factory = engine_factory
+
+    def models(self) -> list[str]:
+        return list(self.specs)
+
+    def _spec(self, name: str) -> ModelSpec:
+        name = name or next(iter(self.specs))
+        if name not in self.specs:
+            raise UnknownModel(f"unknown model {name!r}; this app offers {', '.join(self.specs)}")
+        return self.specs[name]
+
+    def engine(self, name: str = ""):
+        """The engine for `name`, loading it (and unloading others past the budget) on first use."""
+        spec = self._spec(name)
+        with self._lock:
+            if spec.name in self._engines:
+                self._engines.move_to_end(spec.name)
+                return self._engines[spec.name]
+        with self._loading[spec.name]:
+            with self._lock:
+                if spec.name in self._engines:
+                    return self._engines[spec.name]
+            engine = self._factory(spec.source, device=self.device, slots=self.slots, name=spec.name)
+            with self._lock:
+                self._engines[spec.name] = engine
+                self._evict(keep=spec.name)
+            return engine
+
+    def _evict(self, keep: str) -> None:
+        used = sum(e.memory_bytes() for e in self._engines.values())
+        for name in list(self._engines):
+            if used <= self.budget:
+                break
+            if name == keep:
+                continue
+            old = self._engines.pop(name)
+            used -= old.memory_bytes()
+            log.info("unloading %s to stay within the memory budget", name)
+            old.close()
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._engines)
+
+    def model_info(self, name: str) -> dict:
+        spec = self._spec(name)
+        info = {"name": spec.name, "source": spec.source, "loaded": spec.name in self._engines, "backend": "local"}
+        engine = self._engines.get(spec.name)
+        if engine is not None:
+            info.update(parameters=engine.config.parameter_count(), device=str(engine.device),
+                        dtype=str(engine.dtype).replace("torch.", ""), slots=engine.cache.slots)
+        elif spec.source in KNOWN_SHAPES:
+            info["parameters"] = GPTConfig(**KNOWN_SHAPES[spec.source],
+                                           model_type="openai-gpt" if spec.source == "openai-gpt" else "gpt2"
+                                           ).parameter_count()
+        return info
+
+    def complete(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion:
+        return _guarded(lambda: self.engine(request.model).completion(request, timeout))
+
+    def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification:
+        return _guarded(lambda: self.engine(request.model).classify(request.text, request.labels))
+
+    def answer(self, request: AnswerRequest, timeout: Optional[float] = None) -> Answer:
+        return _guarded(lambda: self.engine(request.model).answer(request.question, request.context))
+
+    def score(self, request: ScoreRequest, timeout: Optional[float] = None) -> Scores:
+        return _guarded(lambda: self.engine(request.model).score(request.text))
+
+    def save_document(self, text: str) -> str:
+        return _guarded(lambda: self.documents.save(text))
+
+    def load_document(self, doc_id: str) -> str:
+        return _guarded(lambda: self.documents.load(doc_id))
+
+    def close(self) -> None:
+        with self._lock:
+            for engine in self._engines.values():
+                engine.close()
+            self._engines.clear()
+
+
+def make_backend(kind: str, models: list[str], redis_url: Optional[str] = None, device: Optional[str] = None,
+                 **kwargs) -> Backend:
+    """`local` runs the engines here; `celery` sends requests through Redis to workers."""
+    models = [m for m in (models or env("WWT_MODELS").split(",")) if m and m.strip()]
+    if kind == "local":
+        slots = kwargs.pop("slots", None) or (int(env("WWT_SLOTS")) if env("WWT_SLOTS") else None)
+        return LocalBackend(models, device=device, slots=slots, **kwargs)
+    if kind == "celery":
+        from .celery_backend import CeleryBackend
+
+        return CeleryBackend(models, redis_url=redis_url or env("WWT_REDIS_URL"), **kwargs)
+    raise UnknownModel(f"unknown backend {kind!r}: use local or celery")

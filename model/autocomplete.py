@@ -1,0 +1,128 @@
+"""Autocomplete rules: from a document to a prompt, and from generated tokens to a suggestion.
+
+- Token healing: the document's last token is backed up and regenerated under the
+  constraint that it starts with the characters typed, so "Hel" can become "Hello".
+- Long documents are cut from the left at stable boundaries so consecutive keystrokes
+  keep the same prompt start and hit the prefix cache.
+- Suggestions end at a natural place: a line end, a sentence end, or a word budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from .errors import BadRequest
+from .tokenizer import GPTTokenizer, complete_utf8_prefix
+
+MAX_TEXT_CHARS = 1_000_000
+AUTO_MAX_WORDS = 16
+_SENTENCE_END = re.compile(r"\w[^\n]*?[.!?…]+[\"'”’)\]]*(?=\s|$)")
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]  # what is prefilled
+    heal: bytes  # what the first generated tokens must spell out (the backed-up token's bytes)
+    text_prefix: str = ""  # for tokenizers that are not byte-level: the decoded prompt
+    dropped_tokens: int = 0  # cut from the left to fit the context
+
+
+def clean_text(text: str) -> str:
+    """Text that any tokenizer accepts: lone surrogates become U+FFFD; size is bounded."""
+    if not isinstance(text, str):
+        raise BadRequest("text must be a string")
+    if len(text) > MAX_TEXT_CHARS:
+        raise BadRequest(f"the text has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+    return text.encode("utf-8", errors="replace").decode("utf-8") if _has_surrogates(text) else text
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def stable_tail(text: str, max_chars: int) -> str:
+    """The end of a very long text, cut at a boundary that stays put while the person types."""
+    if len(text) <= max_chars:
+        return text
+    step = max_chars // 2
+    start = ((len(text) - max_chars) // step + 1) * step
+    space = text.find(" ", start)
+    return text[space if 0 <= space < start + 64 else start:]
+
+
+def build_prompt(tokenizer: GPTTokenizer, text: str, budget: int, bos: Optional[int]) -> Prompt:
+    """Prompt tokens for `text` that fit in `budget` tokens, with token healing when byte-level."""
+    text = stable_tail(text, budget * 12)
+    ids = tokenizer.encode(text)
+    heal = b""
+    if tokenizer.byte_level and ids:
+        heal = tokenizer.token_bytes(ids[-1])
+        ids = ids[:-1]
+    dropped = 0
+    if len(ids) > budget:
+        # Cut whole strides, so the start moves only once every `stride` tokens of typing.
+        stride = max(1, budget // 4)
+        dropped = -(-(len(ids) - budget) // stride) * stride
+        ids = ids[dropped:]
+    if not ids:
+        if bos is None:
+            raise BadRequest("the text is empty and this model has no start-of-text token; type a few words first")
+        ids = [bos]
+    prefix = "" if tokenizer.byte_level else tokenizer.decode(ids)
+    return Prompt(ids, heal, prefix, dropped)
+
+
+class HealingMasks:
+    """Which tokens may come next while the typed characters of a healed token are spelled out."""
+
+    def __init__(self, tokenizer: GPTTokenizer):
+        self.table = tokenizer.all_token_bytes()
+        self.mask = lru_cache(maxsize=512)(self._mask)
+
+    def _mask(self, pending: bytes) -> torch.Tensor:
+        allowed = torch.zeros(len(self.table), dtype=torch.bool)
+        idx = [i for i, b in enumerate(self.table)
+               if b and (b.startswith(pending) or pending.startswith(b))]
+        allowed[idx] = True
+        return allowed
+
+
+def continuation(tokenizer: GPTTokenizer, prompt: Prompt, generated: list[int]) -> str:
+    """The text the generated tokens add after what the person typed (never half a character)."""
+    if tokenizer.byte_level:
+        data = tokenizer.decode_bytes(generated)
+        data = data[len(prompt.heal):] if data.startswith(prompt.heal) else data
+        return complete_utf8_prefix(data).decode("utf-8", errors="replace")
+    full = tokenizer.decode(prompt.tokens + generated)
+    return full[len(prompt.text_prefix):] if full.startswith(prompt.text_prefix) else full
+
+
+def apply_stop(text: str, stop) -> tuple[str, bool]:
+    """(text cut at the first stop, whether a stop was reached)."""
+    if stop is None or text == "":
+        return text, False
+    if isinstance(stop, (list, tuple)):
+        cuts = [text.find(s) for s in stop if s and s in text]
+        return (text[: min(cuts)], True) if cuts else (text, False)
+    # "auto": the end of the line, of the sentence, or a word budget
+    newline = text.find("\n")
+    while newline != -1 and not text[:newline].strip():
+        newline = text.find("\n", newline + 1)
+    if newline != -1:
+        return text[:newline], True
+    m = _SENTENCE_END.search(text)
+    if m:
+        return text[: m.end()], True
+    words = list(re.finditer(r"\S+", text))
+    if len(words) >= AUTO_MAX_WORDS:
+        return text[: words[AUTO_MAX_WORDS - 1].end()], True
+    return text, False

@@ -1,0 +1,268 @@
+"""The Engine: one model, its tokenizer and its KV-cache pool, serving many callers at once.
+
+Completions go through the batching scheduler (scheduler.py) and its prefix cache;
+classification, question answering and per-token scores are single forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .autocomplete import build_prompt, clean_text
+from .errors import BadRequest
+from .gpt import KVCache
+from .known import parse_model_spec
+from .sampling import SamplingSettings
+from .scheduler import Handle, Job, Scheduler
+from .tokenizer import load_tokenizer_folder
+from .types import (Answer, Classification, Completion, CompletionRequest, LabelScore, Scores, Suggestion,
+                    Timings, TokenScore)
+from .weights import load_with_heads, resolve_checkpoint
+
+MAX_SUGGESTIONS = 10
+MAX_NEW_TOKENS = 256
+MAX_LABELS = 32
+MAX_ANSWER_TOKENS = 30
+ZERO_SHOT_SUFFIX = "\nThis text is about"  # zero-shot prompt: the text, then this, then " <label>"
+
+
+def default_slots(config, device: torch.device, dtype: torch.dtype) -> int:
+    """Enough sequences for a few people typing at once, within a fixed share of memory."""
+    per_slot = config.kv_cache_bytes(1, bytes_per_value=torch.finfo(dtype).bits // 8)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(4, min(64, free * 0.3 // per_slot)))
+    return int(max(4, min(16, (2 << 30) // per_slot)))
+
+
+def _check_range(name: str, value, low, high, kind=float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value) \
+            or not (low <= value <= high) or (isinstance(value, float) and math.isnan(value)):
+        raise BadRequest(f"{name} must be {'an integer' if kind is int else 'a number'} "
+                         f"between {low} and {high} (got {value!r})")
+    return kind(value)
+
+
+class Engine:
+    def __init__(self, lm, heads: dict, tokenizer, name: str, slots: Optional[int] = None):
+        self.name = name
+        self.model = lm
+        self.config = lm.config
+        self.tokenizer = tokenizer
+        self.extra_heads = heads
+        self.heads = {"lm", *heads}
+        self.device = lm.transformer.wte.weight.device
+        self.dtype = lm.transformer.wte.weight.dtype
+        slots = slots or default_slots(self.config, self.device, self.dtype)
+        self.cache = KVCache(self.config, slots, dtype=self.dtype, device=self.device)
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
+        self.scheduler = Scheduler(lm, tokenizer, self.cache)
+        self._forward_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device=None, dtype=None, slots: Optional[int] = None,
+                        name: Optional[str] = None, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> "Engine":
+        """Load a short name, Hub repo id, local folder or `name=source` spec.
+
+        Defaults: CUDA in float16 when a GPU is present, else CPU in float32.
+        """
+        spec = parse_model_spec(name_or_path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        folder = resolve_checkpoint(spec.source, revision, cache_dir, offline)
+        lm, heads = load_with_heads(Path(folder), dtype=dtype, device=device)
+        tokenizer = load_tokenizer_folder(Path(folder), lm.config.model_type)
+        return cls(lm, heads, tokenizer, name or spec.name, slots)
+
+    # -- completion ----------------------------------------------------------------------
+    def _job(self, r: CompletionRequest) -> Job:
+        n = _check_range("n", r.n, 1, min(MAX_SUGGESTIONS, self.cache.slots), int)
+        max_new = _check_range("max_new_tokens", r.max_new_tokens, 1,
+                               min(MAX_NEW_TOKENS, self.config.n_positions // 2), int)
+        greedy = bool(r.greedy)
+        if not greedy:
+            _check_range("temperature", r.temperature, 1e-3, 10.0)
+        top_k = _check_range("top_k", r.top_k, 0, self.config.vocab_size, int)
+        top_p = _check_range("top_p", r.top_p, 1e-3, 1.0)
+        penalty = _check_range("repetition_penalty", r.repetition_penalty, 0.1, 10.0)
+        if r.seed is not None:
+            _check_range("seed", r.seed, 0, 2**62, int)
+        if r.max_time is not None:
+            _check_range("max_time", r.max_time, 0.0, 3600.0)
+        stop = r.stop
+        if not (stop is None or stop == "auto" or (isinstance(stop, (list, tuple))
+                                                    and all(isinstance(s, str) for s in stop))):
+            raise BadRequest('stop must be "auto", null, or a list of strings')
+        text = clean_text(r.text)
+        prompt = build_prompt(self.tokenizer, text, self.config.n_positions - max_new, self.eos)
+        settings = SamplingSettings(greedy, float(r.temperature), top_k, float(top_p), float(penalty))
+        return Job(prompt, n, max_new, settings, r.seed, r.max_time, stop, self.eos)
+
+    def submit(self, request: CompletionRequest) -> Handle:
+        """Queue a completion; the handle waits for it or cancels it."""
+        return self.scheduler.submit(self._job(request))
+
+    def completion(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion:
+        job = self._job(request)
+        suggestions, timings = self.scheduler.submit(job).result(timeout)
+        return Completion(model=self.name, suggestions=suggestions, timings=timings,
+                          healed=job.prompt.heal.decode("utf-8", errors="replace"))
+
+    def complete(self, text: str, n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.9, repetition_penalty: float = 1.0, greedy: bool = False,
+                 seed: Optional[int] = None, max_time: Optional[float] = None, stop="auto") -> list[Suggestion]:
+        request = CompletionRequest(text=text, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                    greedy=greedy, seed=seed, max_time=max_time, stop=stop)
+        return self.completion(request).suggestions
+
+    # -- single forward passes -----------------------------------------------------------
+    def _forward(self, module, ids: list[list[int]], attention_mask=None):
+        x = torch.tensor(ids, device=self.device)
+        mask = None if attention_mask is None else torch.tensor(attention_mask, device=self.device)
+        with torch.inference_mode():
+            return module(x, mask)
+
+    def _text_ids(self, text: str, limit: int) -> list[int]:
+        text = clean_text(text)
+        if not text.strip():
+            raise BadRequest("the text is empty")
+        return self.tokenizer.encode(text, max_tokens=limit)
+
+    def classify(self, text: str, labels: Optional[list] = None) -> Classification:
+        """Label probabilities: the checkpoint's classifier, or zero-shot over `labels` with the LM."""
+        t0 = time.perf_counter()
+        labels = [str(l).strip() for l in (labels or []) if str(l).strip()]
+        if len(labels) > MAX_LABELS:
+            raise BadRequest(f"at most {MAX_LABELS} candidate labels")
+        if len(set(labels)) != len(labels):
+            raise BadRequest("candidate labels must be distinct")
+        if labels:
+            if len(labels) < 2:
+                raise BadRequest("give at least two candidate labels")
+            scores, method = self._zero_shot(text, labels), "zero-shot"
+        elif "sequence-classification" in self.extra_heads:
+            ids = self._text_ids(text, self.config.n_positions)
+            logits = self._forward(self.extra_heads["sequence-classification"], [ids])[0].float()
+            probs = logits.softmax(-1).tolist()
+            names = self.config.id2label
+            scores, method = [(names.get(i, f"LABEL_{i}"), p) for i, p in enumerate(probs)], "head"
+        else:
+            raise BadRequest(f"{self.name} has no classification head: give candidate labels for zero-shot "
+                             f"classification")
+        scores.sort(key=lambda x: -x[1])
+        ms = (time.perf_counter() - t0) * 1000
+        return Classification(model=self.name, labels=[LabelScore(l, float(p)) for l, p in scores], method=method,
+                              timings=Timings(total_ms=ms, tokens_prefilled=0))
+
+    def _zero_shot(self, text: str, labels: list[str]) -> list[tuple[str, float]]:
+        """P(label | text) by the LM: mean log-likelihood of each label's tokens after a prompt."""
+        label_ids = [self.tokenizer.encode(" " + l) for l in labels]
+        longest = max(len(l) for l in label_ids)
+        suffix = self.tokenizer.encode(ZERO_SHOT_SUFFIX)
+        body = self._text_ids(text, self.config.n_positions - longest - len(suffix))
+        prompt = body + suffix
+        rows = [prompt + l + [0] * (longest - len(l)) for l in label_ids]
+        mask = [[1] * (len(prompt) + len(l)) + [0] * (longest - len(l)) for l in label_ids]
+        logp = self._forward(self.model, rows, mask).float().log_softmax(-1)
+        scores = []
+        for i, l in enumerate(label_ids):
+            lp = sum(float(logp[i, len(prompt) - 1 + j, tok]) for j, tok in enumerate(l))
+            scores.append(lp / len(l))
+        probs = torch.tensor(scores).softmax(-1).tolist()
+        return list(zip(labels, probs))
+
+    def answer(self, question: str, context: str) -> Answer:
+        """The answer span of the checkpoint's QA head, or an answer the LM generates (marked so)."""
+        t0 = time.perf_counter()
+        question, context = clean_text(question), clean_text(context)
+        if not question.strip():
+            raise BadRequest("the question is empty")
+        if not context.strip():
+            raise BadRequest("the context is empty")
+        if "question-answering" in self.extra_heads:
+            result = self._extract(question, context)
+        else:
+            result = self._generate_answer(question, context)
+        result.timings.total_ms = (time.perf_counter() - t0) * 1000
+        return result
+
+    def _extract(self, question: str, context: str) -> Answer:
+        joined = f"{question}\n{context}"
+        offset = len(question) + 1
+        ids, spans = self.tokenizer.encode_with_offsets(joined)
+        ids, spans = ids[: self.config.n_positions], spans[: self.config.n_positions]
+        start_logits, end_logits = self._forward(self.extra_heads["question-answering"], [ids])
+        in_context = torch.tensor([s >= offset for s, _ in spans])
+        if not bool(in_context.any()):
+            raise BadRequest("the question leaves no room for the context in the model's window")
+        neg = float("-inf")
+        ps = start_logits[0].float().masked_fill(~in_context, neg).softmax(-1)
+        pe = end_logits[0].float().masked_fill(~in_context, neg).softmax(-1)
+        joint = ps[:, None] * pe[None, :]
+        T = len(ids)
+        valid = torch.ones(T, T, dtype=torch.bool).triu() & ~torch.ones(T, T, dtype=torch.bool).triu(MAX_ANSWER_TOKENS)
+        joint = joint.masked_fill(~valid, 0.0)
+        best = int(torch.argmax(joint))
+        s, e = divmod(best, T)
+        start, end = spans[s][0] - offset, spans[e][1] - offset
+        while start < end and context[start].isspace():
+            start += 1
+        return Answer(model=self.name, text=context[start:end], score=float(joint[s, e]), start=start, end=end,
+                      generated=False, timings=Timings())
+
+    def _generate_answer(self, question: str, context: str) -> Answer:
+        prompt = f"{context.strip()}\n\nQuestion: {question.strip()}\nAnswer:"
+        request = CompletionRequest(text=prompt, n=1, max_new_tokens=24, greedy=True, stop=["\n"])
+        done = self.completion(request)
+        best = done.suggestions[0] if done.suggestions else Suggestion(text="")
+        text = best.text.strip()
+        score = math.exp(sum(best.logprobs) / len(best.logprobs)) if best.logprobs else 0.0
+        at = context.lower().find(text.lower()) if text else -1
+        return Answer(model=self.name, text=text, score=score, start=at if at >= 0 else None,
+                      end=at + len(text) if at >= 0 else None, generated=True, timings=done.timings)
+
+    def score(self, text: str) -> Scores:
+        """Each token of `text` with the probability and rank the model gave it."""
+        t0 = time.perf_counter()
+        budget = self.config.n_positions - (1 if self.eos is not None else 0)
+        ids = self._text_ids(text, budget)
+        inputs = ([self.eos] if self.eos is not None else []) + ids
+        logits = self._forward(self.model, [inputs])[0].float()
+        shift = 1 if self.eos is not None else 0
+        out = []
+        for i, tok in enumerate(ids):
+            j = i + shift - 1
+            if j < 0:
+                out.append(TokenScore(self.tokenizer.decode([tok], complete_only=False), tok, 1.0, 0))
+                continue
+            row = logits[j]
+            probs = row.softmax(-1)
+            out.append(TokenScore(self.tokenizer.decode_bytes([tok]).decode("utf-8", errors="replace"), tok,
+                                  float(probs[tok]), int((row > row[tok]).sum()) + 1))
+        ms = (time.perf_counter() - t0) * 1000
+        return Scores(model=self.name, tokens=out, timings=Timings(total_ms=ms, tokens_prefilled=len(inputs)))
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {**self.scheduler.counters, "slots": self.cache.slots,
+                "cache_bytes": self.cache.nbytes(), "memory_bytes": self.memory_bytes()}
+
+    def memory_bytes(self) -> int:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        params += sum(p.numel() * p.element_size() for h in self.extra_heads.values()
+                      for n, p in h.named_parameters() if not n.startswith("transformer."))
+        return params + self.cache.nbytes()
+
+    def close(self) -> None:
+        self.scheduler.close()

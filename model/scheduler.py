@@ -1,0 +1,346 @@
+"""Continuous batching over the static KV cache.
+
+One thread owns the model's cache. Each step it prefills a bounded chunk of the waiting
+prompts and then decodes one token for every live row of every running request in a
+single forward pass. A request that arrives mid-way joins at the next step; a long
+request never holds a short one back; a cancelled or timed-out request frees its slots
+at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .autocomplete import HealingMasks, Prompt, apply_stop, continuation
+from .errors import Cancelled, RequestTimeout, WWTError
+from .gpt import GPTModel, KVCache
+from .sampling import SamplingSettings, apply_repetition_penalty, choose
+from .slots import SlotPool, common_prefix
+from .tokenizer import GPTTokenizer
+from .types import Suggestion, Timings
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256  # prompt tokens prefilled per step, so decoding rows keep moving
+EXTRA_ROUNDS = 2  # rounds of replacement rows for empty or duplicate suggestions
+
+
+@dataclass
+class Row:
+    """One continuation being generated in one cache slot."""
+
+    index: int  # which seed / rank this row uses
+    slot: int
+    generator: Optional[torch.Generator]
+    pending: bytes  # healed characters still to spell out
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    text: str = ""
+    finish: Optional[str] = None
+    collected: bool = False  # looked at by the job's round of distinct suggestions
+
+
+class Job:
+    """A completion request on its way through the scheduler."""
+
+    def __init__(self, prompt: Prompt, n: int, max_new_tokens: int, settings: SamplingSettings,
+                 seed: Optional[int], max_time: Optional[float], stop, eos: Optional[int]):
+        self.prompt = prompt
+        self.n = n
+        self.max_new_tokens = max_new_tokens
+        self.settings = settings
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.stop = stop
+        self.eos = eos
+        self.submitted = time.perf_counter()
+        self.deadline = None if max_time is None else self.submitted + max_time
+        self.slots: list[int] = []
+        self.prefilled = 0  # prompt tokens whose keys/values are in the base slot
+        self.last_logits: Optional[torch.Tensor] = None
+        self.rows: list[Row] = []
+        self.next_index = 0
+        self.rounds = 0
+        self.accepted: list[Suggestion] = []
+        self.seen_texts: set[str] = set()
+        self.cancelled = False
+        self.timings = Timings()
+        self.admitted = 0.0
+        self.decode_started = 0.0
+        self.done = threading.Event()
+        self.result: Optional[list[Suggestion]] = None
+        self.error: Optional[WWTError] = None
+
+    @property
+    def base(self) -> int:
+        return self.slots[0]
+
+    def out_of_time(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def live_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.finish is None]
+
+
+class Handle:
+    """What `submit` returns: wait for the result, or cancel."""
+
+    def __init__(self, job: Job, wake):
+        self._job = job
+        self._wake = wake
+
+    def result(self, timeout: Optional[float] = None) -> tuple[list[Suggestion], Timings]:
+        if not self._job.done.wait(timeout):
+            self.cancel()
+            raise RequestTimeout(f"no answer within {timeout:g} s")
+        if self._job.error is not None:
+            raise self._job.error
+        return self._job.result, self._job.timings
+
+    def cancel(self) -> None:
+        self._job.cancelled = True
+        self._wake()
+
+    def done(self) -> bool:
+        return self._job.done.is_set()
+
+
+class Scheduler:
+    def __init__(self, model: GPTModel, tokenizer: GPTTokenizer, cache: KVCache):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.pool = SlotPool(cache.slots)
+        self.device = model.transformer.wte.weight.device
+        self.healing = HealingMasks(tokenizer) if tokenizer.byte_level else None
+        self.counters = {"tokens_prefilled": 0, "tokens_reused": 0, "tokens_decoded": 0, "requests": 0,
+                         "steps": 0, "max_batch": 0}
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="wwt-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the callers' side ---------------------------------------------------------------
+    def submit(self, job: Job) -> Handle:
+        with self._cond:
+            if self._closed:
+                raise Cancelled("the engine is shut down")
+            self._waiting.append(job)
+            self.counters["requests"] += 1
+            self._cond.notify()
+        return Handle(job, self._wake)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # -- the loop ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    for job in list(self._waiting) + self._running:
+                        self._finish(job, error=Cancelled("the engine is shut down"))
+                    return
+                self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as e:  # a bug must fail the requests, never kill the loop
+                log.exception("scheduler step failed")
+                for job in list(self._running):
+                    self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
+
+    def _admit(self) -> None:
+        """Give slots to waiting requests, oldest first; drop the cancelled ones."""
+        for job in list(self._waiting):
+            if job.cancelled or job.out_of_time(time.perf_counter()):
+                self._waiting.remove(job)
+                self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
+                continue
+            got = self.pool.acquire(job.prompt.tokens, job.n)
+            if got is None:
+                break  # first come, first served: later requests wait behind this one
+            self._waiting.remove(job)
+            job.slots, job.prefilled = got
+            job.admitted = time.perf_counter()
+            job.timings.queue_ms = (job.admitted - job.submitted) * 1000
+            job.timings.tokens_reused = job.prefilled
+            self.counters["tokens_reused"] += job.prefilled
+            self._running.append(job)
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        for job in list(self._running):
+            if job.cancelled or job.out_of_time(now):
+                reason = "cancelled" if job.cancelled else "time"
+                for row in job.live_rows():
+                    self._end_row(job, row, reason)
+                if job.cancelled:
+                    self._finish(job, error=Cancelled("the request was cancelled"))
+                else:
+                    self._complete_round(job)
+        self._prefill_some()
+        self._decode_one()
+        self.counters["steps"] += 1
+
+    def _prefill_some(self) -> None:
+        budget = PREFILL_CHUNK
+        for job in list(self._running):
+            if job.last_logits is not None or budget <= 0:
+                continue
+            t0 = time.perf_counter()
+            prompt = job.prompt.tokens
+            end = min(len(prompt), job.prefilled + budget)
+            ids = torch.tensor([prompt[job.prefilled:end]], device=self.device)
+            pos = torch.arange(job.prefilled, end, device=self.device)[None]
+            hidden = self.model.transformer(ids, cache=self.cache, slots=[job.base], positions=pos)
+            budget -= end - job.prefilled
+            self.counters["tokens_prefilled"] += end - job.prefilled
+            job.timings.tokens_prefilled += end - job.prefilled
+            job.prefilled = end
+            self.pool.tokens[job.base] = list(prompt[:end])
+            if end == len(prompt):
+                job.last_logits = self.model.lm_head(hidden[0, -1]).float().cpu()
+                job.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+                job.decode_started = time.perf_counter()
+                self._start_rows(job, job.n)
+                if not job.live_rows():
+                    self._complete_round(job)
+            else:
+                job.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+
+    def _start_rows(self, job: Job, count: int) -> None:
+        """Fork `count` new rows from the prefilled prompt and pick their first tokens."""
+        prompt = job.prompt.tokens
+        busy = {r.slot for r in job.live_rows()}
+        free = [s for s in job.slots if s not in busy]
+        for slot in free[:count]:
+            held = common_prefix(self.pool.tokens[slot], prompt)
+            if slot != job.base:
+                self.cache.copy_slot(job.base, slot, len(prompt), start=held)
+            self.pool.tokens[slot] = list(prompt)
+            index = job.next_index
+            job.next_index += 1
+            gen = None
+            if not job.settings.greedy:
+                gen = torch.Generator().manual_seed(job.seed + index)
+            job.rows.append(Row(index=index, slot=slot, generator=gen, pending=job.prompt.heal))
+        for row in job.rows[-count:]:
+            self._take(job, row, job.last_logits)
+
+    def _decode_one(self) -> None:
+        rows = [(job, row) for job in self._running for row in job.live_rows() if row.tokens]
+        if not rows:
+            return
+        ids = torch.tensor([[row.tokens[-1]] for _, row in rows], device=self.device)
+        pos = torch.tensor([[len(job.prompt.tokens) + len(row.tokens) - 1] for job, row in rows],
+                           device=self.device)
+        hidden = self.model.transformer(ids, cache=self.cache, slots=[row.slot for _, row in rows], positions=pos)
+        logits = self.model.lm_head(hidden[:, -1]).float().cpu()
+        self.counters["tokens_decoded"] += len(rows)
+        self.counters["max_batch"] = max(self.counters["max_batch"], len(rows))
+        for (job, row), row_logits in zip(rows, logits):
+            self.pool.tokens[row.slot].append(row.tokens[-1])
+            job.timings.tokens_decoded += 1
+            self._take(job, row, row_logits)
+        for job in {job for job, _ in rows}:
+            if not job.live_rows():
+                self._complete_round(job)
+
+    def _take(self, job: Job, row: Row, logits: torch.Tensor) -> None:
+        """Choose the row's next token from its logits and decide whether the row is done."""
+        first = not row.tokens
+        scores = logits
+        if job.settings.repetition_penalty != 1.0:
+            seen = torch.tensor(job.prompt.tokens + row.tokens, dtype=torch.long)
+            scores = apply_repetition_penalty(scores, seen, job.settings.repetition_penalty)
+        if row.pending and self.healing is not None:
+            scores = scores.masked_fill(~self.healing.mask(row.pending), float("-inf"))
+        if first and job.stop == "auto" and job.eos is not None:
+            scores = scores.clone()
+            scores[job.eos] = float("-inf")  # a suggestion is never empty
+        token = choose(scores, job.settings, row.generator, rank=row.index if first else 0)
+        row.tokens.append(token)
+        row.logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        if row.pending:
+            b = self.tokenizer.token_bytes(token)
+            row.pending = b"" if b.startswith(row.pending) else row.pending[len(b):]
+        if token == job.eos:
+            row.tokens.pop()
+            row.logprobs.pop()
+            self._end_row(job, row, "eos")
+        elif not row.pending:
+            text, stopped = apply_stop(continuation(self.tokenizer, job.prompt, row.tokens), job.stop)
+            row.text = text
+            if stopped:
+                self._end_row(job, row, "stop")
+        if row.finish is None and len(row.tokens) >= job.max_new_tokens:
+            self._end_row(job, row, "length")
+        if row.finish is None and len(job.prompt.tokens) + len(row.tokens) >= self.cache.context:
+            self._end_row(job, row, "length")
+
+    def _end_row(self, job: Job, row: Row, reason: str) -> None:
+        row.finish = reason
+        if reason in ("eos", "time", "cancelled", "length") and not row.pending:
+            row.text = apply_stop(continuation(self.tokenizer, job.prompt, row.tokens), job.stop)[0]
+
+    def _complete_round(self, job: Job) -> None:
+        """Keep the distinct, non-empty suggestions; start replacements while there is time."""
+        if job.done.is_set() or job.live_rows():
+            return
+        for row in sorted(job.rows, key=lambda r: r.index):
+            if row.collected:
+                continue
+            row.collected = True
+            key = row.text.strip()
+            if key and key not in job.seen_texts and len(job.accepted) < job.n:
+                job.seen_texts.add(key)
+                job.accepted.append(Suggestion(text=row.text, token_ids=list(row.tokens),
+                                               logprobs=list(row.logprobs), finish_reason=row.finish))
+        missing = job.n - len(job.accepted)
+        now = time.perf_counter()
+        if missing and job.rounds < EXTRA_ROUNDS and not job.cancelled and not job.out_of_time(now):
+            job.rounds += 1
+            self._start_rows(job, missing)
+            if not job.live_rows():
+                self._complete_round(job)
+            return
+        self._finish(job)
+
+    def _finish(self, job: Job, error: Optional[WWTError] = None) -> None:
+        if job.done.is_set():
+            return
+        now = time.perf_counter()
+        if job in self._running:
+            self._running.remove(job)
+        if job.slots:  # what the slots hold stays usable as a prefix for later requests
+            self.pool.release(job.slots)
+        if job.decode_started:
+            job.timings.decode_ms = (now - job.decode_started) * 1000
+        job.timings.total_ms = (now - job.submitted) * 1000
+        if error is None and job.cancelled:
+            error = Cancelled("the request was cancelled")
+        job.error = error
+        job.result = list(job.accepted)
+        job.done.set()
+        with self._cond:
+            self._cond.notify()
