@@ -84,12 +84,13 @@ def build_prompt(tokenizer: GPTTokenizer, text: str, budget: int, bos: Optional[
 class HealingMasks:
     """Which tokens may come next while the typed characters of a healed token are spelled out."""
 
-    def __init__(self, tokenizer: GPTTokenizer):
+    def __init__(self, tokenizer: GPTTokenizer, vocab_size: int):
         self.table = tokenizer.all_token_bytes()
+        self.vocab_size = max(vocab_size, len(self.table))  # a model may pad its vocabulary
         self.mask = lru_cache(maxsize=512)(self._mask)
 
     def _mask(self, pending: bytes) -> torch.Tensor:
-        allowed = torch.zeros(len(self.table), dtype=torch.bool)
+        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
         idx = [i for i, b in enumerate(self.table)
                if b and (b.startswith(pending) or pending.startswith(b))]
         allowed[idx] = True

@@ -119,7 +119,7 @@ class Scheduler:
         self.cache = cache
         self.pool = SlotPool(cache.slots)
         self.device = model.transformer.wte.weight.device
-        self.healing = HealingMasks(tokenizer) if tokenizer.byte_level else None
+        self.healing = HealingMasks(tokenizer, model.config.vocab_size) if tokenizer.byte_level else None
         self.counters = {"tokens_prefilled": 0, "tokens_reused": 0, "tokens_decoded": 0, "requests": 0,
                          "steps": 0, "max_batch": 0}
         self._waiting: deque[Job] = deque()

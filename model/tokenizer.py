@@ -69,7 +69,8 @@ class GPTTokenizer:
 
     # -- decoding -------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
-        return self.all_token_bytes()[token_id]
+        table = self.all_token_bytes()
+        return table[token_id] if 0 <= token_id < len(table) else b""  # ids past the tokenizer: padding
 
     def all_token_bytes(self) -> list[bytes]:
         """The raw bytes each token stands for (what the text gains when it is appended)."""
