@@ -1,0 +1,99 @@
+"""The Celery app: one Redis for broker and results, one queue per model, settings chosen on purpose.
+
+`celery -A workers.celery_app inspect ping` works with the module-level `app`; workers are
+started with `wwt worker --model NAME` (workers/worker.py), which loads the model first.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .config import TASK_NAME, queue_name, redis_url, wenv_float
+
+__all__ = ["TASK_NAME", "app", "make_app", "queue_name", "time_limits"]
+
+
+def time_limits() -> dict:
+    """Soft and hard task limits, the visibility timeout and the restore sweep, checked for consistency."""
+    soft = wenv_float("WWT_TASK_SOFT_TIME_LIMIT")
+    hard = wenv_float("WWT_TASK_TIME_LIMIT")
+    if not 0 < soft <= hard:
+        raise ValueError(f"WWT_TASK_SOFT_TIME_LIMIT ({soft:g}) must be positive and at most "
+                         f"WWT_TASK_TIME_LIMIT ({hard:g})")
+    visibility = wenv_float("WWT_VISIBILITY_TIMEOUT", default=2 * hard)
+    if visibility <= hard:
+        # Redis has no real acknowledgements: a task not acknowledged within the visibility
+        # timeout is handed to another worker. If that could happen while the first worker is
+        # still legitimately running it (within its hard limit), every long task would run twice.
+        raise ValueError(f"WWT_VISIBILITY_TIMEOUT ({visibility:g} s) must be longer than "
+                         f"WWT_TASK_TIME_LIMIT ({hard:g} s)")
+    restore = wenv_float("WWT_RESTORE_INTERVAL", default=min(10.0, visibility / 4))
+    return {"soft": soft, "hard": hard, "visibility": visibility, "restore": max(0.1, restore)}
+
+
+def make_app(url: str | None = None) -> Celery:
+    """A Celery app for one Redis URL (password included: redis://:PASSWORD@host:6379/0)."""
+    url = redis_url(url)
+    limits = time_limits()
+    app = Celery("wwt", broker=url, backend=url, set_as_current=False)
+    app.conf.update(
+        # Requests and results cross the queue as plain JSON (model.types to_dict/from_dict);
+        # never pickle, so a message cannot run code in a worker.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Late acknowledgement: a task is acknowledged when it has finished, not when a worker
+        # takes it, so a worker that dies mid-task leaves it to be redelivered to another one.
+        task_acks_late=True,
+        # ...and when the worker's pool loses the task (killed by a signal, out of memory),
+        # the message is rejected and re-queued instead of being acknowledged as failed.
+        task_reject_on_worker_lost=True,
+        # A redelivered copy of a task that already succeeded (its first worker finished but
+        # could not acknowledge in time) is answered from the stored result, not run again.
+        worker_deduplicate_successful_tasks=True,
+        # Prefetch of one per thread: a worker reserves only as many tasks as it can run now,
+        # so a busy worker never sits on tasks that an idle worker on the same queue could run.
+        worker_prefetch_multiplier=1,
+        # Time limits. The soft limit is what the engine honours: every request's max_time is
+        # capped at it (tasks.py), so decoding stops and the suggestions so far come back.
+        # The hard limit bounds a task as a whole; the threads pool (see worker.py) cannot kill
+        # a thread, so for it the hard limit is the bound the visibility timeout is checked
+        # against, and a prefork pool would enforce it by killing the child.
+        task_soft_time_limit=limits["soft"],
+        task_time_limit=limits["hard"],
+        # Results are read once, at once, by the app; keep them only long enough for that.
+        result_expires=int(wenv_float("WWT_RESULT_EXPIRES")),
+        broker_transport_options={
+            # Longer than the hard limit (checked in time_limits): only a task whose worker
+            # died is ever redelivered.
+            "visibility_timeout": limits["visibility"],
+            # How often a worker sweeps for tasks abandoned by a dead worker; every sweep
+            # really scans (throttle 1), a cheap ZRANGE on one small sorted set.
+            "unacked_restore_interval": limits["restore"],
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 3,
+        },
+        # Fail fast when Redis is down instead of retrying for a long time: the app turns
+        # the failure into a clear "cannot reach Redis" message.
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                                   "interval_max": 0.5},
+        redis_socket_connect_timeout=3,
+        redis_socket_timeout=10,
+        # Every model has its own queue, created on first use; nothing goes to a default one.
+        task_create_missing_queues=True,
+        task_default_queue="wwt.default",
+        # No task events or remote-control chatter beyond what Celery needs.
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+    )
+    from . import tasks
+
+    tasks.register(app)
+    return app
+
+
+# For `celery -A workers.celery_app ...`; configured from WWT_REDIS_URL, connects lazily.
+app = make_app()

@@ -1,0 +1,135 @@
+"""Which workers serve which models, from announcements that expire.
+
+Each worker keeps one key per model it serves, `wwt:worker:<model>:<node>`, alive with a
+heartbeat (SET with a TTL). Expiry is Redis's own clock, so machines with skewed clocks
+agree; a worker that dies simply stops renewing and disappears within one TTL. The set
+`wwt:serving:<model>` lists candidate nodes so readers never SCAN the keyspace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Optional
+
+from .config import wenv_float
+
+log = logging.getLogger("wwt.registry")
+
+MODELS_KEY = "wwt:models"
+SERVING_PREFIX = "wwt:serving:"
+WORKER_PREFIX = "wwt:worker:"
+
+
+def _s(value) -> str:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
+
+
+def heartbeat_settings() -> tuple[float, float]:
+    interval = wenv_float("WWT_HEARTBEAT_S")
+    ttl = wenv_float("WWT_HEARTBEAT_TTL_S", default=3 * interval)
+    if ttl <= interval:
+        raise ValueError(f"WWT_HEARTBEAT_TTL_S ({ttl:g}) must be longer than WWT_HEARTBEAT_S ({interval:g})")
+    return interval, ttl
+
+
+def announce(client, model: str, node: str, info: dict, ttl: float) -> None:
+    """Say (again) that `node` serves `model`, for the next `ttl` seconds."""
+    payload = json.dumps({**info, "model": model, "node": node, "seen": time.time()})
+    pipe = client.pipeline(transaction=True)
+    pipe.set(f"{WORKER_PREFIX}{model}:{node}", payload, px=int(ttl * 1000))
+    pipe.sadd(SERVING_PREFIX + model, node)
+    pipe.sadd(MODELS_KEY, model)
+    pipe.execute()
+
+
+def withdraw(client, model: str, node: str) -> None:
+    """A worker that stops cleanly leaves at once, so the app says "no worker" without waiting."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(f"{WORKER_PREFIX}{model}:{node}")
+    pipe.srem(SERVING_PREFIX + model, node)
+    pipe.execute()
+
+
+def live_workers(client, model: str) -> list[dict]:
+    """The announcements of the workers serving `model` now; forgets nodes that stopped renewing."""
+    nodes = sorted(_s(n) for n in client.smembers(SERVING_PREFIX + model))
+    if not nodes:
+        return []
+    values = client.mget([f"{WORKER_PREFIX}{model}:{n}" for n in nodes])
+    live, dead = [], []
+    for node, value in zip(nodes, values):
+        if value is None:
+            dead.append(node)
+            continue
+        try:
+            live.append(json.loads(_s(value)))
+        except json.JSONDecodeError:
+            dead.append(node)
+    if dead:
+        client.srem(SERVING_PREFIX + model, *dead)
+    return live
+
+
+def served_models(client) -> dict[str, list[dict]]:
+    """Every model with at least one live worker, and its workers."""
+    out = {}
+    for model in sorted(_s(m) for m in client.smembers(MODELS_KEY)):
+        workers = live_workers(client, model)
+        if workers:
+            out[model] = workers
+        elif not client.exists(SERVING_PREFIX + model):
+            client.srem(MODELS_KEY, model)
+    return out
+
+
+class Heartbeat:
+    """A daemon thread that re-announces a worker's model every `interval` seconds.
+
+    Redis being briefly unreachable is logged, not fatal: the next beat announces again.
+    """
+
+    def __init__(self, client, model: str, node: str, info: dict,
+                 interval: Optional[float] = None, ttl: Optional[float] = None):
+        default_interval, default_ttl = heartbeat_settings()
+        self.client, self.model, self.node, self.info = client, model, node, info
+        self.interval = interval or default_interval
+        self.ttl = ttl or max(default_ttl, 2 * self.interval)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._failing = False
+
+    def beat(self) -> bool:
+        try:
+            announce(self.client, self.model, self.node, self.info, self.ttl)
+        except Exception as e:
+            if not self._failing:
+                log.warning("cannot announce %s to Redis (will keep trying): %s", self.model, e)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("announcing %s again", self.model)
+        self._failing = False
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def start(self) -> "Heartbeat":
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name=f"wwt-heartbeat-{self.model}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, withdraw_now: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if withdraw_now:
+            try:
+                withdraw(self.client, self.model, self.node)
+            except Exception as e:
+                log.warning("could not withdraw %s from Redis: %s", self.model, e)

@@ -1,0 +1,124 @@
+"""The one task a worker runs: a request dict in, a result dict (or an error dict) out.
+
+A bad request must never kill a worker or fail the task in Celery's eyes: WWTErrors come
+back as {"error": {"kind", "message"}} and the app raises them again on its side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Optional
+
+from model.errors import BadRequest, UnknownModel, WWTError
+from model.types import REQUEST_TYPES
+
+from .config import TASK_NAME
+
+log = logging.getLogger("wwt.worker")
+
+# What this process serves: model name -> engine, set by worker.py before consuming starts.
+_engines: dict = {}
+_stats_client = None
+_lock = threading.Lock()
+
+STATS_KEY = "wwt:stats:tasks"
+WORKER_STATS_PREFIX = "wwt:stats:worker:"
+WORKER_STATS_TTL_S = 7 * 24 * 3600
+
+
+def serve(name: str, engine, stats_client=None) -> None:
+    """Make `engine` answer tasks for model `name` in this process; count tasks in `stats_client`."""
+    global _stats_client
+    with _lock:
+        _engines[name] = engine
+        if stats_client is not None:
+            _stats_client = stats_client
+
+
+def served() -> list[str]:
+    return list(_engines)
+
+
+def _count(hostname: str, field: str) -> None:
+    """Per-worker and total task counters in Redis: observability, and how tests see who served."""
+    client = _stats_client
+    if client is None:
+        return
+    try:
+        key = WORKER_STATS_PREFIX + hostname
+        pipe = client.pipeline(transaction=False)
+        pipe.hincrby(STATS_KEY, field, 1)
+        pipe.hincrby(key, field, 1)
+        pipe.expire(key, WORKER_STATS_TTL_S)
+        pipe.execute()
+    except Exception as e:  # counting must never fail a request
+        log.warning("could not update task counters: %s", e)
+
+
+def _request(kind: str, data: dict):
+    cls = REQUEST_TYPES.get(kind)
+    if cls is None:
+        raise BadRequest(f"unknown request kind {kind!r}; expected one of {', '.join(REQUEST_TYPES)}")
+    if not isinstance(data, dict):
+        raise BadRequest("the request must be a JSON object")
+    try:
+        return cls.from_dict(data)
+    except TypeError as e:
+        raise BadRequest(f"malformed {kind} request: {e}") from None
+
+
+def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: Optional[float] = None):
+    """Answer one request with the engine of its model; returns the result dataclass."""
+    request = _request(kind, data)
+    engine = _engines.get(request.model) if request.model else (next(iter(_engines.values()), None)
+                                                                 if len(_engines) == 1 else None)
+    if engine is None:
+        raise UnknownModel(f"this worker serves {', '.join(_engines) or 'no model'}, not {request.model!r}")
+    if kind == "complete":
+        if soft_limit:
+            # The threads pool cannot interrupt a thread, so the soft time limit is enforced
+            # by the engine itself: decoding stops at max_time and returns what it has.
+            max_time = min(request.max_time, soft_limit) if request.max_time else soft_limit
+            request = dataclasses.replace(request, max_time=max_time)
+        # ...and the hard limit bounds the whole wait (queued inside the engine included).
+        return engine.completion(request, timeout=hard_limit)
+    if kind == "classify":
+        return engine.classify(request.text, labels=request.labels)
+    if kind == "answer":
+        return engine.answer(request.question, request.context)
+    return engine.score(request.text)
+
+
+def infer(task, kind: str, request: dict) -> dict:
+    """The Celery task body (bound): never raises for a request's fault."""
+    hostname = getattr(task.request, "hostname", None) or "unknown"
+    soft_limit = getattr(task.app.conf, "task_soft_time_limit", None)
+    hard_limit = getattr(task.app.conf, "task_time_limit", None)
+    _count(hostname, "started")
+    started = time.perf_counter()
+    try:
+        result = run(kind, request, soft_limit=soft_limit, hard_limit=hard_limit).to_dict()
+        _count(hostname, "done")
+    except WWTError as e:
+        result = {"error": e.to_dict()}
+        _count(hostname, "failed")
+    except Exception as e:  # an engine bug: report it, keep serving
+        log.exception("task %s failed", getattr(task.request, "id", "?"))
+        model = request.get("model", "") if isinstance(request, dict) else ""
+        result = {"error": {"kind": "worker_failed",
+                            "message": f"the worker serving {model or 'the model'} failed: {type(e).__name__}: {e}"}}
+        _count(hostname, "failed")
+    result["worker"] = hostname
+    result["worker_ms"] = (time.perf_counter() - started) * 1000
+    return result
+
+
+def register(app) -> None:
+    """Register the task on a Celery app under its fixed name (the app sends it by name)."""
+    app.task(name=TASK_NAME, bind=True)(infer)
+
+
+__all__ = ["infer", "register", "run", "serve", "served"]
