@@ -51,6 +51,8 @@ def choose(logits: torch.Tensor, settings: SamplingSettings, generator: Optional
            rank: int = 0) -> int:
     """One token from one row of processed logits. Greedy takes the `rank`-th most likely token."""
     if settings.greedy:
+        # Never past the allowed tokens: a masked (-inf) one would break the healing constraint.
+        rank = max(0, min(rank, int(torch.isfinite(logits).sum()) - 1))
         if rank == 0:
             return int(torch.argmax(logits))
         return int(torch.topk(logits, rank + 1).indices[rank])
