@@ -38,7 +38,10 @@ def clean_text(text: str) -> str:
         raise BadRequest("text must be a string")
     if len(text) > MAX_TEXT_CHARS:
         raise BadRequest(f"the text has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
-    return text.encode("utf-8", errors="replace").decode("utf-8") if _has_surrogates(text) else text
+    if not _has_surrogates(text):
+        return text
+    # Pairs split into two code units (as JavaScript sends them) join; lone halves become U+FFFD.
+    return text.encode("utf-16-le", errors="surrogatepass").decode("utf-16-le", errors="replace")
 
 
 def _has_surrogates(text: str) -> bool:
