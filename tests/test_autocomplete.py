@@ -1,0 +1,264 @@
+"""The pure parts of the engine: prompt building, token healing masks, stop rules, the slot pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.autocomplete import (AUTO_MAX_WORDS, MAX_TEXT_CHARS, HealingMasks, Prompt, apply_stop, build_prompt,
+                                clean_text, continuation, stable_tail)
+from model.errors import BadRequest
+from model.sampling import SamplingSettings, choose
+from model.slots import SlotPool, common_prefix
+from model.tiny import corpus_lines
+from model.tokenizer import load_tokenizer_folder
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_gpt2):
+    return load_tokenizer_folder(tiny_gpt2)
+
+
+@pytest.fixture(scope="module")
+def openai_tok(tiny_openai):
+    return load_tokenizer_folder(tiny_openai)
+
+
+def long_document(words: int = 3000) -> str:
+    text = " ".join(corpus_lines())
+    while len(text.split()) < words:
+        text = text + " " + text
+    return " ".join(text.split()[:words])
+
+
+# -- clean_text ------------------------------------------------------------------------------
+def test_clean_text_replaces_lone_surrogates_and_keeps_the_rest():
+    assert clean_text("abc\ud800def") == "abc\ufffddef"
+    assert clean_text("\ud800") == "\ufffd"
+    assert clean_text("x\udfff") == "x\ufffd"
+    assert clean_text("\ud83d\ude00!") == "😀!"  # a pair sent as two code units joins
+    for s in ["", " ", "😀 café e\u0301 שלום \x00", "🏳️‍🌈"]:
+        assert clean_text(s) == s
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"bytes", ["a"]])
+def test_clean_text_rejects_non_strings(bad):
+    with pytest.raises(BadRequest):
+        clean_text(bad)
+
+
+def test_clean_text_rejects_huge_texts():
+    clean_text("a" * MAX_TEXT_CHARS)
+    with pytest.raises(BadRequest, match="limit"):
+        clean_text("a" * (MAX_TEXT_CHARS + 1))
+
+
+# -- build_prompt and token healing -----------------------------------------------------------
+@pytest.mark.parametrize("text", ["Hel", "Hello wor", "The weather in the val", "x", "😀 café e\u0301",
+                                  "שלום", "ends with a space ", "two lines\n"])
+def test_build_prompt_backs_up_the_last_token(tok, text):
+    p = build_prompt(tok, text, 200, tok.eos_token_id)
+    ids = tok.encode(text)
+    assert p.heal == tok.token_bytes(ids[-1]) and p.heal
+    assert p.dropped_tokens == 0
+    if len(ids) > 1:
+        assert p.tokens == ids[:-1]
+    else:  # nothing left: the prompt starts from end-of-text
+        assert p.tokens == [tok.eos_token_id]
+    body = p.tokens if p.tokens != [tok.eos_token_id] else []
+    assert tok.decode_bytes(body) + p.heal == text.encode("utf-8")
+
+
+def test_build_prompt_empty_text(tok, openai_tok):
+    p = build_prompt(tok, "", 200, tok.eos_token_id)
+    assert p.tokens == [tok.eos_token_id] and p.heal == b""
+    with pytest.raises(BadRequest, match="empty"):
+        build_prompt(openai_tok, "", 200, None)
+
+
+def test_build_prompt_without_byte_level_does_not_heal(openai_tok):
+    p = build_prompt(openai_tok, "Hello there, how are", 200, None)
+    assert p.heal == b""
+    assert p.tokens == openai_tok.encode("Hello there, how are")
+    assert p.text_prefix == openai_tok.decode(p.tokens)
+
+
+def test_build_prompt_fits_the_budget_and_cuts_whole_strides(tok):
+    budget = 120
+    text = long_document(2000)
+    p = build_prompt(tok, text, budget, tok.eos_token_id)
+    assert 0 < len(p.tokens) <= budget
+    assert p.dropped_tokens > 0 and p.dropped_tokens % (budget // 4) == 0
+    # What is kept is the end of the document.
+    assert text.encode("utf-8").endswith(tok.decode_bytes(p.tokens) + p.heal)
+
+
+def test_stable_tail_keeps_the_start_while_typing():
+    text = long_document(1500)
+    assert stable_tail("short", 100) == "short"
+    max_chars = 1000
+    starts = []
+    typed = text
+    for ch in "and then the rest of the story went on":
+        typed += ch
+        tail = stable_tail(typed, max_chars)
+        assert typed.endswith(tail) and len(tail) <= max_chars
+        starts.append(len(typed) - len(tail))
+    # A cut that moves at every keystroke would defeat the prefix cache.
+    assert len(set(starts)) <= 2
+
+
+def test_consecutive_keystrokes_keep_the_prompt_start(tok):
+    """Typing one character at a time on a long document keeps almost every prompt's prefix."""
+    budget = 120
+    text = long_document(2000)
+    previous = None
+    moved = 0
+    keystrokes = 0
+    for ch in " and the snow kept falling on the quiet village all night long":
+        text += ch
+        p = build_prompt(tok, text, budget, tok.eos_token_id)
+        assert len(p.tokens) <= budget
+        if previous is not None:
+            keystrokes += 1
+            if common_prefix(previous, p.tokens) < len(previous) - 3:
+                moved += 1
+        previous = p.tokens
+    # The start moves once every `budget // 4` tokens, i.e. rarely when typing ~60 characters.
+    assert moved <= 2, f"{moved} of {keystrokes} keystrokes lost the cached prefix"
+
+
+# -- healing masks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("pending", [b"el", b"or", b"H", b" w", b"\x81", b"\xbd", b"\xc3\xa9", b" the"])
+def test_healing_mask_allows_exactly_the_tokens_that_spell_the_typed_bytes(tok, pending):
+    table = tok.all_token_bytes()
+    masks = HealingMasks(tok, len(table) + 8)  # a model may pad its vocabulary
+    mask = masks.mask(pending)
+    assert mask.dtype == torch.bool and mask.shape[0] == len(table) + 8
+    assert not mask[len(table):].any()
+    for i, b in enumerate(table):
+        expected = bool(b) and (b.startswith(pending) or pending.startswith(b))
+        assert bool(mask[i]) == expected, (i, b, pending)
+    assert mask.any()
+    assert not mask[tok.eos_token_id]  # end-of-text spells nothing
+
+
+# -- continuation -------------------------------------------------------------------------------
+def test_continuation_strips_the_healed_bytes_and_half_characters(tok):
+    prompt = build_prompt(tok, "Hel", 200, tok.eos_token_id)
+    gen = tok.encode("el") + tok.encode("lo there")  # "el" spelled again, then the rest
+    assert tok.decode_bytes(gen).startswith(prompt.heal)
+    assert continuation(tok, prompt, gen) == "lo there"
+    # A trailing half of a UTF-8 character is left out until it is complete.
+    emoji = tok.encode("el😀")
+    assert continuation(tok, prompt, emoji) == "😀"
+    assert continuation(tok, prompt, emoji[:-1]) == ""
+
+
+def test_continuation_without_byte_level(openai_tok):
+    ids = openai_tok.encode("hello there")
+    prompt = Prompt(ids, b"", openai_tok.decode(ids))
+    more = openai_tok.encode("hello there friend")[len(ids):]
+    assert continuation(openai_tok, prompt, more).strip() == "friend"
+
+
+# -- stop rules ---------------------------------------------------------------------------------
+def test_apply_stop_none_never_cuts():
+    text = "One line.\nAnother line. " + "word " * 40
+    assert apply_stop(text, None) == (text, False)
+    assert apply_stop("", "auto") == ("", False)
+
+
+def test_apply_stop_auto_newline():
+    assert apply_stop(" the end of it\nnext line", "auto") == (" the end of it", True)
+    # Leading newlines are part of the suggestion (start a new paragraph, then go on).
+    assert apply_stop("\n\nNew paragraph here\nmore", "auto") == ("\n\nNew paragraph here", True)
+
+
+def test_apply_stop_auto_sentence_end():
+    assert apply_stop(" is cold. Snow fell", "auto") == (" is cold.", True)
+    assert apply_stop(" you today? I hope", "auto") == (" you today?", True)
+    assert apply_stop(' she said." Then', "auto") == (' she said."', True)
+    # A decimal point is not the end of a sentence.
+    assert apply_stop(" costs 5.99 dollars", "auto") == (" costs 5.99 dollars", False)
+    # A sentence that has not ended yet is not cut.
+    assert apply_stop(" still going on and", "auto") == (" still going on and", False)
+
+
+def test_apply_stop_auto_word_budget():
+    words = " " + " ".join(f"w{i}" for i in range(AUTO_MAX_WORDS + 5))
+    text, stopped = apply_stop(words, "auto")
+    assert stopped and len(text.split()) == AUTO_MAX_WORDS and words.startswith(text)
+    short = " " + " ".join(f"w{i}" for i in range(AUTO_MAX_WORDS - 1))
+    assert apply_stop(short, "auto") == (short, False)
+
+
+def test_apply_stop_list_cuts_at_the_first_stop():
+    assert apply_stop("abc, def; ghi", [";", ","]) == ("abc", True)
+    assert apply_stop("abc def", ["x", "yz"]) == ("abc def", False)
+    assert apply_stop("abc\ndef", ["\n"]) == ("abc", True)
+    assert apply_stop("abc", []) == ("abc", False)
+    assert apply_stop("abc", [""]) == ("abc", False)  # an empty stop string is ignored
+
+
+# -- greedy ranks --------------------------------------------------------------------------------
+def test_greedy_rank_never_picks_a_masked_token():
+    logits = torch.full((10,), float("-inf"))
+    logits[3], logits[7] = 2.0, 1.0
+    s = SamplingSettings(greedy=True)
+    assert [choose(logits, s, None, rank=r) for r in range(4)] == [3, 7, 7, 7]
+
+
+# -- the slot pool -------------------------------------------------------------------------------
+def test_common_prefix():
+    assert common_prefix([], [1, 2]) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([5], [6]) == 0
+
+
+def test_pool_prefers_the_longest_shared_prefix():
+    pool = SlotPool(4)
+    pool.tokens = [[1, 2, 3], [1, 2, 3, 4, 5, 6], [9, 9], []]
+    slots, reuse = pool.acquire([1, 2, 3, 4, 5, 7], 1)
+    assert slots == [1] and reuse == 5
+    assert pool.tokens[1] == [1, 2, 3, 4, 5]  # what is past the shared prefix is stale
+    assert pool.busy == [False, True, False, False]
+
+
+def test_pool_always_leaves_one_token_to_prefill():
+    pool = SlotPool(2)
+    pool.tokens[0] = [1, 2, 3, 4]
+    slots, reuse = pool.acquire([1, 2, 3], 1)
+    assert slots == [0] and reuse == 2  # the last prompt token gives the next-token logits
+
+
+def test_pool_evicts_least_recently_used_first():
+    pool = SlotPool(3)
+    for i, doc in enumerate([[10, 1], [20, 1], [30, 1]]):
+        slots, _ = pool.acquire(doc, 1)
+        assert slots == [i]  # never-used slots first
+        pool.tokens[i] = doc
+        pool.release(slots)
+    slots, reuse = pool.acquire([20, 1, 5], 1)  # shares a prefix: reuses slot 1, evicts nothing
+    assert slots == [1] and reuse == 2
+    pool.release(slots)
+    slots, reuse = pool.acquire([40, 1], 1)  # shares nothing: the least recently used is slot 0
+    assert slots == [0] and reuse == 0 and pool.tokens[0] == []
+    pool.release(slots)
+    slots, _ = pool.acquire([50, 1], 1)
+    assert slots == [2]
+
+
+def test_pool_waits_when_not_enough_slots_are_free():
+    pool = SlotPool(3)
+    first, _ = pool.acquire([1, 2], 2)
+    assert len(first) == 2 and len(set(first)) == 2
+    assert pool.acquire([3, 4], 2) is None
+    assert sum(pool.busy) == 2  # a failed acquire reserves nothing
+    one, _ = pool.acquire([3, 4], 1)
+    assert one[0] not in first
+    pool.release(first)
+    again, _ = pool.acquire([5, 6], 2)
+    assert set(again) == set(first)
+    assert pool.free() == []
