@@ -1,0 +1,70 @@
+"""Reference checkpoints for the model tests: random `transformers` models saved in the Hub's layout.
+
+`transformers` is the test-only reference. Its default initialisation (std 0.02) makes
+every logit nearly equal, which would hide mistakes and make greedy choices ties; the
+weights are redrawn wide enough that every part of the network matters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import transformers
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+try:
+    hf_logging.disable_progress_bar()
+except AttributeError:  # older transformers
+    pass
+
+VOCAB = 211
+SMALL_GPT2 = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=3, n_head=4,
+                  bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+SMALL_OPENAI = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=3, n_head=4)
+
+
+def reference_config(model_type: str, **overrides):
+    if model_type == "openai-gpt":
+        return transformers.OpenAIGPTConfig(**{**SMALL_OPENAI, **overrides})
+    return transformers.GPT2Config(**{**SMALL_GPT2, **overrides})
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Redraw every parameter (LayerNorms near 1, embeddings wide) from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if ".ln_" in name or name.startswith("ln_"):
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+        elif any(k in name for k in ("wte", "wpe", "tokens_embed", "positions_embed")):
+            p.copy_(0.5 * noise)  # strong positions keep greedy runs from collapsing to one token
+        else:
+            p.copy_(0.15 * noise)
+    return model
+
+
+def save_reference(class_name: str, folder: Path, model_type: str = "gpt2", seed: int = 0, **overrides):
+    """Save a random reference model to `folder` with save_pretrained (safetensors) and load it back.
+
+    Returns the reference as `transformers` loads it from `folder`, in eval mode with the
+    eager attention path (the one that honours reorder_and_upcast_attn).
+    """
+    cls = getattr(transformers, class_name)
+    config = reference_config(model_type, **overrides)
+    model = randomize(cls(config), seed).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    assert (folder / "model.safetensors").is_file()
+    return cls.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def random_ids(shape, seed: int, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
