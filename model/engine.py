@@ -20,7 +20,7 @@ from .gpt import KVCache
 from .known import parse_model_spec
 from .sampling import SamplingSettings
 from .scheduler import Handle, Job, Scheduler
-from .tokenizer import load_tokenizer_folder
+from .tokenizer import complete_utf8_prefix, load_tokenizer_folder
 from .types import (Answer, Classification, Completion, CompletionRequest, LabelScore, Scores, Suggestion,
                     Timings, TokenScore)
 from .weights import load_with_heads, resolve_checkpoint
@@ -241,17 +241,31 @@ class Engine:
         logits = self._forward(self.model, [inputs])[0].float()
         shift = 1 if self.eos is not None else 0
         out = []
-        for i, tok in enumerate(ids):
+        for i, (tok, piece) in enumerate(zip(ids, self._token_texts(ids))):
             j = i + shift - 1
             if j < 0:
-                out.append(TokenScore(self.tokenizer.decode([tok], complete_only=False), tok, 1.0, 0))
+                out.append(TokenScore(piece, tok, 1.0, 0))
                 continue
             row = logits[j]
             probs = row.softmax(-1)
-            out.append(TokenScore(self.tokenizer.decode_bytes([tok]).decode("utf-8", errors="replace"), tok,
-                                  float(probs[tok]), int((row > row[tok]).sum()) + 1))
+            out.append(TokenScore(piece, tok, float(probs[tok]), int((row > row[tok]).sum()) + 1))
         ms = (time.perf_counter() - t0) * 1000
         return Scores(model=self.name, tokens=out, timings=Timings(total_ms=ms, tokens_prefilled=len(inputs)))
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's share of the text: a character split over several tokens goes to the last one,
+        so the pieces join back into the text."""
+        if not self.tokenizer.byte_level:
+            return [self.tokenizer.decode([t]) for t in ids]
+        pieces, pending = [], b""
+        for t in ids:
+            pending += self.tokenizer.token_bytes(t)
+            done = complete_utf8_prefix(pending)
+            pieces.append(done.decode("utf-8", errors="replace"))
+            pending = pending[len(done):]
+        if pending and pieces:
+            pieces[-1] += pending.decode("utf-8", errors="replace")
+        return pieces
 
     # -- bookkeeping ---------------------------------------------------------------------
     def stats(self) -> dict:
