@@ -71,31 +71,39 @@ class KVCache(nn.Module):
 
 
 class CacheView:
-    """Where one forward pass reads and writes in a KVCache: slots [B], positions [B, T]."""
+    """Where one forward pass reads and writes in a KVCache: slots [B], positions [B, T].
+
+    Each row attends to its own slot's positions [0, its last position] read as a view of
+    the buffers, so a decode step copies no cache memory whichever slots it uses.
+    """
 
     def __init__(self, cache: KVCache, slots: Sequence[int], positions: torch.Tensor):
         self.cache = cache
         self.positions = positions
-        self.length = int(positions.max()) + 1
-        if self.length > cache.context:
-            raise ValueError(f"position {self.length - 1} is past the cache's context of {cache.context}")
-        slots = list(slots)
-        first = slots[0]
-        # Contiguous slots are read as a view; others need a gather.
-        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
-        self.slot_index = torch.tensor(slots, device=positions.device)
-        keys = torch.arange(self.length, device=positions.device)
-        self.mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [B, 1, T, L]
+        self.slots = list(slots)
+        self.lengths = [p + 1 for p in positions.max(dim=1).values.tolist()]
+        if max(self.lengths) > cache.context:
+            raise ValueError(f"position {max(self.lengths) - 1} is past the cache's context of {cache.context}")
+        self.slot_index = torch.tensor(self.slots, device=positions.device)[:, None]
+        T = positions.shape[1]
+        self.masks = [None] * len(self.slots)
+        if T > 1:  # several new tokens: each sees the slot's earlier positions and the ones before it
+            for b, length in enumerate(self.lengths):
+                keys = torch.arange(length, device=positions.device)
+                self.masks[b] = keys[None, None, None, :] <= positions[b][None, None, :, None]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write this step's k, v ([B, H, T, D]) and return all keys/values [B, H, L, D] of the slots."""
+    def attend(self, layer: int, q, k, v, scale: float, upcast: bool) -> torch.Tensor:
+        """Write this step's k, v ([B, H, T, D]) into the cache; attention output [B, H, T, D]."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]
-        rows = self.slot_index[:, None]
-        ck[rows, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
-        cv[rows, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
-        if self.span is not None:
-            return ck[self.span, :, : self.length], cv[self.span, :, : self.length]
-        return ck[self.slot_index, :, : self.length], cv[self.slot_index, :, : self.length]
+        ck[self.slot_index, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
+        cv[self.slot_index, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
+        out = []
+        for b, (slot, length) in enumerate(zip(self.slots, self.lengths)):
+            qb, kb, vb = q[b:b + 1], ck[slot:slot + 1, :, :length], cv[slot:slot + 1, :, :length]
+            if upcast:
+                qb, kb, vb = qb.float(), kb.float(), vb.float()
+            out.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.masks[b], scale=scale).to(q.dtype))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class Conv1D(nn.Module):
@@ -129,11 +137,12 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)
         k = k.view(B, T, self.n_head, -1).transpose(1, 2)
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
-        if view is not None:
-            k, v = view.update(self.layer_idx, k, v)
-            mask = view.mask
         dtype = q.dtype
-        if self.config.reorder_and_upcast_attn and dtype != torch.float32:
+        upcast = self.config.reorder_and_upcast_attn and dtype != torch.float32
+        if view is not None:
+            y = view.attend(self.layer_idx, q, k, v, self.scale, upcast)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        if upcast:
             q, k, v = q.float(), k.float(), v.float()
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
@@ -238,7 +247,8 @@ class SequenceSummary(nn.Module):
         if config.summary_use_proj:
             out = 1 if config.summary_proj_to_labels else config.n_embd
             self.summary = nn.Linear(config.n_embd, out)
-        self.activation = torch.tanh if config.summary_activation == "tanh" else None
+        act = config.summary_activation  # any activation name, as the reference allows; None/"" for none
+        self.activation = ACTIVATIONS[act] if act else None
 
     def forward(self, hidden, cls_index=None):
         if self.summary_type == "first":

@@ -39,12 +39,35 @@ def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
         kth = torch.topk(logits, settings.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if settings.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - settings.top_p)
-        remove[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+        logits = _top_p(logits, settings.top_p)
     return logits
+
+
+def _top_p(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+    """Keep the most likely tokens until their mass reaches `top_p` (the reference's rule).
+
+    The kept set usually lies within the top `candidates` tokens, which a partial top-k
+    finds much faster than sorting the whole vocabulary. When it does not (a flat
+    distribution), the probability threshold of the kept set is found by bisection.
+    """
+    probs = logits.softmax(-1)
+    k = min(candidates, probs.shape[-1])
+    top, order = torch.topk(probs, k)
+    before = top.cumsum(-1) - top  # mass of the more likely tokens
+    if k == probs.shape[-1] or float(before[-1] + top[-1]) >= top_p:
+        keep = before < top_p
+        keep[0] = True  # always keep the most likely token
+        mask = torch.ones_like(logits, dtype=torch.bool)
+        mask[order[keep]] = False
+        return logits.masked_fill(mask, float("-inf"))
+    lo, hi = 0.0, float(top[k - 1])  # the kept set's smallest probability lies in [lo, hi]
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if float(torch.where(probs >= mid, probs, 0.0).sum()) >= top_p:
+            lo = mid
+        else:
+            hi = mid
+    return logits.masked_fill(probs < lo, float("-inf"))
 
 
 def choose(logits: torch.Tensor, settings: SamplingSettings, generator: Optional[torch.Generator],
