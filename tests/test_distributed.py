@@ -1,0 +1,394 @@
+"""The distributed path end to end: a real redis-server (with a password), real `wwt worker`
+processes (Celery, threads pool) and the CeleryBackend, with tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from app.celery_backend import CeleryBackend
+from model.errors import BackendUnavailable, BadRequest, NoWorker, UnknownModel
+from model.tiny import make_tiny_model
+from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, Suggestion
+from workers.config import queue_name, redact
+from workers.registry import live_workers
+from workers.suggestion_cache import SuggestionCache
+
+from dist_support import ROOT, RedisServer, Worker, total_tasks, wait_for, worker_stats
+
+pytestmark = pytest.mark.redis
+
+FAST_ENV = {"WWT_HEARTBEAT_S": "1"}  # announcements expire within 3 s of a worker's death
+# The slow pair: decoding is cut at 2 s (soft limit), tasks of a dead worker are redelivered
+# after 4 s and swept for every 0.5 s, so a SIGKILLed task is finished elsewhere within seconds.
+SLOW_ENV = {**FAST_ENV, "WWT_TASK_SOFT_TIME_LIMIT": "2", "WWT_TASK_TIME_LIMIT": "3",
+            "WWT_VISIBILITY_TIMEOUT": "4", "WWT_RESTORE_INTERVAL": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(redis_server):
+    return redis_server.client()
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server, client, tiny_gpt2_heads, tmp_path_factory):
+    """Two workers on one queue serving `tiny` (LM + classification + QA heads)."""
+    logs = tmp_path_factory.mktemp("worker-logs")
+    workers = [Worker(f"tiny={tiny_gpt2_heads}", redis_server.url, logs, concurrency=2, env=FAST_ENV,
+                      name=f"tiny{i}").start() for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_announced(client)
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(redis_server, pair):
+    b = CeleryBackend(["tiny"], redis_url=redis_server.url, timeout=60)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def local_engine(tiny_gpt2_heads):
+    from model import Engine
+
+    engine = Engine.from_pretrained(f"tiny={tiny_gpt2_heads}", device="cpu")
+    yield engine
+    engine.close()
+
+
+def _req(text, **kw):
+    return CompletionRequest(text=text, **{"model": "tiny", "n": 3, "max_new_tokens": 8, "stop": None, **kw})
+
+
+# -- end to end ------------------------------------------------------------------------------------
+
+def test_complete_classify_answer_through_the_queue(backend, client, local_engine):
+    before = total_tasks(client)
+    request = _req("The little cat", n=1, greedy=True, fresh=True)
+    got = backend.complete(request, timeout=60)
+    assert got.model == "tiny" and got.timings.source == "engine"
+    assert total_tasks(client) == before + 1
+    # The worker answered exactly what the same engine answers in this process.
+    want = local_engine.completion(request)
+    assert [s.text for s in got.suggestions] == [s.text for s in want.suggestions]
+    assert [s.token_ids for s in got.suggestions] == [s.token_ids for s in want.suggestions]
+    assert got.timings.total_ms >= got.timings.queue_ms > 0
+
+    c = backend.classify(ClassifyRequest(text="What a lovely day", model="tiny"), timeout=60)
+    want_c = local_engine.classify("What a lovely day")
+    assert c.method == "head" and [l.label for l in c.labels] == [l.label for l in want_c.labels]
+    assert [l.score for l in c.labels] == pytest.approx([l.score for l in want_c.labels], abs=1e-5)
+
+    context = "The cat sat on the mat. It was warm there."
+    a = backend.answer(AnswerRequest(question="Where did the cat sit?", context=context, model="tiny"), timeout=60)
+    want_a = local_engine.answer("Where did the cat sit?", context)
+    assert (a.text, a.start, a.end) == (want_a.text, want_a.start, want_a.end)
+    assert context[a.start:a.end] == a.text
+    assert total_tasks(client) == before + 3
+
+
+def test_bad_request_comes_back_as_an_error_and_the_worker_keeps_serving(backend, pair):
+    with pytest.raises(BadRequest):
+        backend.complete(_req("Hello", temperature=-1.0, fresh=True), timeout=60)
+    with pytest.raises(BadRequest):
+        backend.complete(_req("Hello", n=0, fresh=True), timeout=60)
+    assert all(w.alive() for w in pair)
+    assert backend.complete(_req("Hello there", fresh=True), timeout=60).suggestions
+
+
+def test_two_workers_on_one_queue_share_the_load(backend, client, pair):
+    nodes = [w.node() for w in pair]
+    before = {n: worker_stats(client, n).get("done", 0) for n in nodes}
+
+    def one(i):
+        return backend.complete(_req(f"Share {i} of the load", n=3, max_new_tokens=24, fresh=True), timeout=60)
+
+    served = {}
+    with ThreadPoolExecutor(8) as pool:
+        for round_ in range(5):  # normally the first round already reaches both
+            results = list(pool.map(one, range(round_ * 8, round_ * 8 + 8)))
+            assert all(r.suggestions for r in results)
+            served = {n: worker_stats(client, n).get("done", 0) - before[n] for n in nodes}
+            if all(served.values()):
+                break
+    assert all(count > 0 for count in served.values()), served
+
+
+# -- the suggestion cache ------------------------------------------------------------------------
+
+def test_a_cache_hit_makes_no_worker_call(backend, client):
+    request = _req("Cache me if you can", seed=7)
+    before, stats = total_tasks(client), backend.cache_stats()
+    first = backend.complete(request, timeout=60)
+    assert first.timings.source == "engine" and total_tasks(client) == before + 1
+
+    again = backend.complete(request, timeout=60)
+    assert again.timings.source == "cache"
+    assert [s.text for s in again.suggestions] == [s.text for s in first.suggestions]
+    assert total_tasks(client) == before + 1  # no worker was asked
+    after = backend.cache_stats()
+    assert after["hits"] == stats["hits"] + 1 and after["misses"] == stats["misses"] + 1
+
+    # A setting that changes the answer is another key; asking for fresh samples skips the cache.
+    assert backend.complete(_req("Cache me if you can", seed=7, temperature=0.5), timeout=60).timings.source == "engine"
+    assert backend.complete(_req("Cache me if you can", seed=7, fresh=True), timeout=60).timings.source == "engine"
+    assert total_tasks(client) == before + 3
+
+
+def test_typing_along_a_suggestion_is_served_from_the_cache(backend, client):
+    text = "Once upon a time"
+    first = backend.complete(_req(text, seed=3), timeout=60)
+    target = max(first.suggestions, key=lambda s: len(s.text))
+    assert len(target.text) >= 3, first.suggestions
+    typed = target.text[:2]
+    before = total_tasks(client)
+
+    along = backend.complete(_req(text + typed, seed=3), timeout=60)
+    assert along.timings.source == "cache-incremental"
+    assert target.text[2:] in [s.text for s in along.suggestions]
+    assert all((typed + s.text) in [x.text for x in first.suggestions] for s in along.suggestions)
+    assert total_tasks(client) == before
+
+    # Characters that leave every suggestion are a miss, answered by a worker.
+    off = backend.complete(_req(text + "\u2603\u2603", seed=3), timeout=60)
+    assert off.timings.source == "engine" and total_tasks(client) == before + 1
+
+
+def _completion(*texts, reason="length"):
+    return Completion(model="m", suggestions=[Suggestion(text=t, finish_reason=reason) for t in texts])
+
+
+def test_cache_keys_carry_every_setting_and_the_cache_is_bounded(client):
+    cache = SuggestionCache(client, ttl_s=60, max_entries=3)
+    cache.clear()
+    base = CompletionRequest(text="abc", model="m")
+    keys = {cache.key(base), cache.key(CompletionRequest(text="abc", model="other")),
+            cache.key(CompletionRequest(text="abc", model="m", n=2)),
+            cache.key(CompletionRequest(text="abc", model="m", top_p=0.5)),
+            cache.key(CompletionRequest(text="abc", model="m", stop="auto", seed=1)),
+            cache.key(CompletionRequest(text="abd", model="m"))}
+    assert len(keys) == 6
+    # Neither a time budget nor asking for fresh samples changes what a cached answer is for.
+    assert cache.key(CompletionRequest(text="abc", model="m", max_time=1.0, fresh=True)) == cache.key(base)
+
+    assert not cache.store(base, _completion(" x", reason="time"))  # cut short by load: not kept
+    for i in range(5):
+        assert cache.store(CompletionRequest(text=f"doc {i}", model="m"), _completion(f" next {i}"))
+        if i == 2:  # doc 0 used again: the least recently used is now doc 1
+            assert cache.lookup(CompletionRequest(text="doc 0", model="m")) is not None
+    stats = cache.stats()
+    assert stats["entries"] == 3 and stats["evictions"] == 2
+    present = [cache.lookup(CompletionRequest(text=f"doc {i}", model="m")) is not None for i in range(5)]
+    assert present == [True, False, False, True, True]
+    assert client.ttl(cache.key(CompletionRequest(text="doc 4", model="m"))) <= 60
+    # Odd Unicode (a lone surrogate, an emoji) keys and extends like any text.
+    odd = CompletionRequest(text="x\ud800\U0001F600", model="m")
+    assert cache.store(odd, _completion("\U0001F600 yes"))
+    hit = cache.lookup(CompletionRequest(text="x\ud800\U0001F600\U0001F600 ", model="m"))
+    assert hit is not None and hit.timings.source == "cache-incremental" and hit.suggestions[0].text == "yes"
+    cache.clear()
+
+
+# -- failing fast and clearly --------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_unknown_and_unserved_models_fail_at_once(backend, client):
+    before = total_tasks(client)
+    with pytest.raises(UnknownModel, match="no-such-model"):
+        backend.complete(_req("Hi", model="no-such-model", fresh=True), timeout=300)
+    with pytest.raises(NoWorker, match="no worker is serving gpt2-xl"):
+        backend.complete(_req("Hi", model="gpt2-xl", fresh=True), timeout=300)
+    with pytest.raises(NoWorker):
+        backend.classify(ClassifyRequest(text="Hi", model="distilgpt2"), timeout=300)
+    assert total_tasks(client) == before
+    assert client.llen(queue_name("gpt2-xl")) == 0  # nothing was queued for nobody
+
+
+def test_shared_documents_live_in_redis(backend, redis_server):
+    doc_id = backend.save_document("A text to share.\n")
+    other = CeleryBackend(["tiny"], redis_url=redis_server.url)  # another app replica
+    try:
+        assert other.load_document(doc_id) == "A text to share.\n"
+    finally:
+        other.close()
+    with pytest.raises(BadRequest):
+        backend.load_document("x" * 22)
+
+
+def test_cli_complete_goes_through_a_worker(redis_server, client, pair):
+    before = total_tasks(client)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, "-m", "app.cli", "complete", "--backend", "celery", "--redis-url",
+                          redis_server.url, "--model", "tiny", "--json", "--greedy", "--num", "1",
+                          "--max-new-tokens", "6", "Through the queue"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["model"] == "tiny" and result["suggestions"] and result["timings"]["source"] == "engine"
+    assert total_tasks(client) == before + 1
+
+    # The environment selects the same path; the plain output prints the text and what followed.
+    env.update(WWT_BACKEND="celery", WWT_REDIS_URL=redis_server.url)
+    out = subprocess.run([sys.executable, "-m", "app.cli", "complete", "--model", "tiny", "--num", "2",
+                          "Typed in a shell"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("1. Typed in a shell") and "tiny" in out.stderr
+    assert total_tasks(client) == before + 2
+
+    out = subprocess.run([sys.executable, "-m", "app.cli", "complete", "--model", "gpt2", "Hi"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no worker is serving gpt2" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- failures of workers and of Redis --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slow_pair(redis_server, client, tmp_path_factory):
+    """Two workers on one queue for a model big enough that a long request takes seconds."""
+    folder = make_tiny_model(tmp_path_factory.mktemp("slow"), "gpt2", seed=3, n_positions=512, n_embd=256,
+                             n_layer=8, n_head=8)
+    logs = tmp_path_factory.mktemp("slow-logs")
+    workers = [Worker(f"slow={folder}", redis_server.url, logs, concurrency=1, env=SLOW_ENV,
+                      name=f"slow{i}").start() for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_announced(client)
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_a_task_of_a_killed_worker_is_finished_by_another(redis_server, client, slow_pair):
+    backend = CeleryBackend(["slow"], redis_url=redis_server.url)
+    nodes = {w.node(): w for w in slow_pair}
+    request = CompletionRequest(text="Once upon a time", model="slow", n=10, max_new_tokens=256, stop=None,
+                                seed=5, fresh=True)
+    box = {}
+
+    def call():
+        try:
+            box["result"] = backend.complete(request, timeout=90)
+        except Exception as e:  # shown by the assertion below
+            box["error"] = e
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        victim = wait_for(lambda: next((n for n in nodes if worker_stats(client, n).get("started")), None),
+                          30, "a worker to start the task", every=0.01)
+        nodes[victim].kill()  # mid-task: decoding takes about 2 s
+        assert worker_stats(client, victim).get("done", 0) == 0, "the task finished before the kill"
+        caller.join(90)
+        assert "result" in box, f"the request did not complete after its worker was killed: {box}"
+    finally:
+        caller.join(1)
+        backend.close()
+    survivor = next(n for n in nodes if n != victim)
+    assert box["result"].suggestions
+    assert worker_stats(client, survivor).get("done", 0) >= 1
+    assert worker_stats(client, victim).get("done", 0) == 0
+
+
+def test_redis_down_is_a_clear_error_and_the_backend_recovers(redis_server, client, backend, pair):
+    assert backend.complete(_req("Before the outage", fresh=True), timeout=60).suggestions
+    redis_server.stop()
+    try:
+        with pytest.raises(BackendUnavailable, match="cannot reach Redis at redis://:\\*\\*\\*@127.0.0.1"):
+            backend.complete(_req("During the outage", fresh=True), timeout=60)
+        with pytest.raises(BackendUnavailable):
+            backend.complete(_req("During the outage"), timeout=60)  # the cache is in Redis too
+        with pytest.raises(BackendUnavailable):
+            backend.save_document("hello")
+        assert backend.models() == ["tiny"]  # the configured models are still listed
+    finally:
+        redis_server.start()  # same port and password; the data is gone
+
+    # Workers reconnect and announce again; then the same backend object serves again.
+    wait_for(lambda: len(live_workers(client, "tiny")) == 2, 60, "the workers to announce again", every=0.2)
+
+    def works():
+        try:
+            return backend.complete(_req("After the outage", fresh=True), timeout=30)
+        except (BackendUnavailable, NoWorker):
+            return None
+
+    result = wait_for(works, 60, "a completion after Redis came back", every=0.5)
+    assert result.suggestions and result.timings.source == "engine"
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+def test_names_and_urls_are_made_safe():
+    assert queue_name("tiny-gpt2") == "wwt.tiny-gpt2"
+    assert queue_name("org/repo") != queue_name("org_repo") and "/" not in queue_name("org/repo")
+    assert redact("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert "s3cret" not in redact("redis://user:s3cret@host/1")
+
+
+def test_time_limits_are_checked_for_consistency(monkeypatch):
+    from workers.celery_app import make_app
+
+    app = make_app("redis://:pw@127.0.0.1:1/0")
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_soft_time_limit <= conf.task_time_limit < conf.broker_transport_options["visibility_timeout"]
+    assert conf.result_expires > 0 and conf.accept_content == ["json"]
+    monkeypatch.setenv("WWT_VISIBILITY_TIMEOUT", "10")
+    monkeypatch.setenv("WWT_TASK_TIME_LIMIT", "30")
+    with pytest.raises(ValueError, match="WWT_VISIBILITY_TIMEOUT"):
+        make_app("redis://127.0.0.1:1/0")
+
+
+def _compose_cli():
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"],
+                                                 capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_file_is_valid_and_has_the_services():
+    cli = _compose_cli()
+    if cli is not None:  # the real validator when it is installed
+        out = subprocess.run([*cli, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = spec["services"]
+    redis_svc = services["redis"]
+    command = " ".join(redis_svc["command"])
+    assert "--requirepass" in command and "--appendonly yes" in command
+    assert "healthcheck" in redis_svc and "ports" not in redis_svc
+    assert "serve" in services["web"]["command"] and "celery" in services["web"]["command"]
+    for size in ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        worker = services[f"worker-{size}"]
+        assert worker["command"][:4] == ["wwt", "worker", "--model", size]
+        devices = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+        assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    cpu = services["worker-cpu"]
+    assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu and "--device cpu" in " ".join(cpu["command"])
+    assert (ROOT / "Dockerfile").read_text().startswith("# ") and "python:3.11-slim" in (ROOT / "Dockerfile").read_text()
