@@ -7,6 +7,7 @@ classification, question answering and per-token scores are single forward passe
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from .autocomplete import build_prompt, clean_text
 from .errors import BadRequest
+from .decode_graph import FixedShapeDecoder
 from .gpt import KVCache
 from .known import parse_model_spec
 from .sampling import SamplingSettings
@@ -50,7 +52,8 @@ def _check_range(name: str, value, low, high, kind=float):
 
 
 class Engine:
-    def __init__(self, lm, heads: dict, tokenizer, name: str, slots: Optional[int] = None):
+    def __init__(self, lm, heads: dict, tokenizer, name: str, slots: Optional[int] = None,
+                 cuda_graph: Optional[bool] = None):
         self.name = name
         self.model = lm
         self.config = lm.config
@@ -62,16 +65,22 @@ class Engine:
         slots = slots or default_slots(self.config, self.device, self.dtype)
         self.cache = KVCache(self.config, slots, dtype=self.dtype, device=self.device)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
-        self.scheduler = Scheduler(lm, tokenizer, self.cache)
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda" and os.environ.get("WWT_CUDA_GRAPH", "1") != "0"
+        fixed = FixedShapeDecoder(lm, self.cache, capture=self.device.type == "cuda") if cuda_graph else None
+        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed)
         self._forward_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device=None, dtype=None, slots: Optional[int] = None,
                         name: Optional[str] = None, revision: Optional[str] = None,
-                        cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> "Engine":
+                        cache_dir: Optional[str] = None, offline: Optional[bool] = None,
+                        cuda_graph: Optional[bool] = None) -> "Engine":
         """Load a short name, Hub repo id, local folder or `name=source` spec.
 
-        Defaults: CUDA in float16 when a GPU is present, else CPU in float32.
+        Defaults: CUDA in float16 with the decode step captured as a CUDA graph when a GPU
+        is present (WWT_CUDA_GRAPH=0 turns the graph off), else CPU in float32.
+        `cuda_graph=True` on CPU runs the same fixed-shape step eagerly.
         """
         spec = parse_model_spec(name_or_path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -82,7 +91,7 @@ class Engine:
         folder = resolve_checkpoint(spec.source, revision, cache_dir, offline)
         lm, heads = load_with_heads(Path(folder), dtype=dtype, device=device)
         tokenizer = load_tokenizer_folder(Path(folder), lm.config.model_type)
-        return cls(lm, heads, tokenizer, name or spec.name, slots)
+        return cls(lm, heads, tokenizer, name or spec.name, slots, cuda_graph)
 
     # -- completion ----------------------------------------------------------------------
     def _job(self, r: CompletionRequest) -> Job:

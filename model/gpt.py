@@ -106,6 +106,31 @@ class CacheView:
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
+class AllSlotsView:
+    """One decode token for every slot at once, with shapes that never change.
+
+    Row i is slot i; each row attends over the whole context under a mask of its own
+    positions. No Python number is read from the GPU, so the step can be captured as a
+    CUDA graph and replayed. Rows with nothing to decode write at the last position, which
+    the scheduler never uses for real tokens.
+    """
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor):
+        self.cache = cache
+        self.positions = positions  # [S, 1]
+        keys = torch.arange(cache.context, device=positions.device)
+        self.mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [S, 1, 1, context]
+        self.rows = torch.arange(cache.slots, device=positions.device)[:, None]
+
+    def attend(self, layer: int, q, k, v, scale: float, upcast: bool) -> torch.Tensor:
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        ck[self.rows, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
+        cv[self.rows, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
+        if upcast:
+            q, ck, cv = q.float(), ck.float(), cv.float()
+        return F.scaled_dot_product_attention(q, ck, cv, attn_mask=self.mask, scale=scale).to(q.dtype)
+
+
 class Conv1D(nn.Module):
     """A linear layer whose weight is stored [in, out], as the Hub's GPT checkpoints store it."""
 
@@ -203,18 +228,21 @@ class GPT(nn.Module):
         Without a cache: an ordinary causal forward over the whole input (with optional
         padding mask). With a cache: row b writes its tokens at `positions[b]` of slot
         `slots[b]` and attends to everything its slot holds up to that position, so a
-        prefill and a one-token decode step are the same call.
+        prefill and a one-token decode step are the same call. `slots="all"` decodes one
+        token in every slot at fixed shapes (AllSlotsView), for CUDA graphs.
         """
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        if int(positions.max()) >= self.config.n_positions:
-            raise ValueError(f"position {int(positions.max())} is past the model's context of {self.config.n_positions}")
-        x = self.wte(input_ids) + self.wpe(positions)
         view = mask = None
-        if cache is not None:
+        if cache is not None and slots == "all":
+            view = AllSlotsView(cache, positions)  # fixed shapes: no check that reads the GPU
+        elif int(positions.max()) >= self.config.n_positions:
+            raise ValueError(f"position {int(positions.max())} is past the model's context of {self.config.n_positions}")
+        elif cache is not None:
             view = CacheView(cache, slots if slots is not None else range(B), positions)
-        elif attention_mask is not None:
+        x = self.wte(input_ids) + self.wpe(positions)
+        if view is None and attention_mask is not None:
             keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             # A padded query still sees itself, so its (unused) row never becomes NaN.

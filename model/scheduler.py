@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .autocomplete import HealingMasks, Prompt, apply_stop, continuation
+from .decode_graph import FixedShapeDecoder
 from .errors import Cancelled, RequestTimeout, WWTError
 from .gpt import GPTModel, KVCache
 from .sampling import SamplingSettings, apply_repetition_penalty, choose
@@ -113,8 +114,12 @@ class Handle:
 
 
 class Scheduler:
-    def __init__(self, model: GPTModel, tokenizer: GPTTokenizer, cache: KVCache):
+    def __init__(self, model: GPTModel, tokenizer: GPTTokenizer, cache: KVCache,
+                 fixed_shape: Optional[FixedShapeDecoder] = None):
         self.model = model
+        self.fixed_shape = fixed_shape
+        # The last position is where idle slots park in a fixed-shape step: never a real token.
+        self.max_length = cache.context - 1
         self.tokenizer = tokenizer
         self.cache = cache
         self.pool = SlotPool(cache.slots)
@@ -251,11 +256,16 @@ class Scheduler:
         rows = [(job, row) for job in self._running for row in job.live_rows() if row.tokens]
         if not rows:
             return
-        ids = torch.tensor([[row.tokens[-1]] for _, row in rows], device=self.device)
-        pos = torch.tensor([[len(job.prompt.tokens) + len(row.tokens) - 1] for job, row in rows],
-                           device=self.device)
-        hidden = self.model.transformer(ids, cache=self.cache, slots=[row.slot for _, row in rows], positions=pos)
-        logits = self.model.lm_head(hidden[:, -1]).float().cpu()
+        tokens = [row.tokens[-1] for _, row in rows]
+        positions = [len(job.prompt.tokens) + len(row.tokens) - 1 for job, row in rows]
+        slots = [row.slot for _, row in rows]
+        if self.fixed_shape is not None:
+            logits = self.fixed_shape.step(slots, tokens, positions).float().cpu()
+        else:
+            ids = torch.tensor([[t] for t in tokens], device=self.device)
+            pos = torch.tensor([[p] for p in positions], device=self.device)
+            hidden = self.model.transformer(ids, cache=self.cache, slots=slots, positions=pos)
+            logits = self.model.lm_head(hidden[:, -1]).float().cpu()
         self.counters["tokens_decoded"] += len(rows)
         self.counters["max_batch"] = max(self.counters["max_batch"], len(rows))
         for (job, row), row_logits in zip(rows, logits):
@@ -295,7 +305,7 @@ class Scheduler:
                 self._end_row(job, row, "stop")
         if row.finish is None and len(row.tokens) >= job.max_new_tokens:
             self._end_row(job, row, "length")
-        if row.finish is None and len(job.prompt.tokens) + len(row.tokens) >= self.cache.context:
+        if row.finish is None and len(job.prompt.tokens) + len(row.tokens) >= self.max_length:
             self._end_row(job, row, "length")
 
     def _end_row(self, job: Job, row: Row, reason: str) -> None:
