@@ -1,0 +1,26 @@
+"""Hugging Face Spaces entry point (`app_file: app.py`): the app on the backend the environment names.
+
+Models come from WWT_MODELS (default gpt2); the first one is downloaded and loaded before
+the page starts, with the download's progress in the Space's log.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from app.server import HINT, build_app, model_specs, prepare_backend  # noqa: E402  (the app/ package)
+from app.settings import env  # noqa: E402
+from app.ui import launch_kwargs  # noqa: E402
+from model.errors import WWTError  # noqa: E402
+
+try:
+    backend = prepare_backend(env("WWT_BACKEND"), model_specs(None), redis_url=env("WWT_REDIS_URL"),
+                              device=env("WWT_DEVICE") or None)
+except WWTError as e:
+    sys.exit(f"error: {e.message}\n{HINT}")
+
+demo = build_app(backend)
+
+if __name__ == "__main__":
+    demo.launch(footer_links=["api"], **launch_kwargs())

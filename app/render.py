@@ -1,0 +1,99 @@
+"""Small pieces of HTML the page shows: who answered and how fast, errors, the per-token view.
+
+Everything that comes from a person or a model is escaped here, once.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Optional
+
+from model.types import Answer, Scores, Timings
+
+
+def esc(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def human_count(n: Optional[int]) -> str:
+    """124439808 -> '124M'; None -> '?'."""
+    if not n:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(n)
+
+
+def timing_text(model: str, t: Timings) -> str:
+    """'gpt2 · 84 ms · 12 tokens decoded (3 reused)' — the line every answer carries."""
+    parts = [model, f"{t.total_ms:.0f} ms"]
+    if t.tokens_decoded:
+        parts.append(f"{t.tokens_decoded} tokens decoded")
+    if t.tokens_prefilled or t.tokens_reused:
+        parts.append(f"{t.tokens_prefilled} prefilled, {t.tokens_reused} reused")
+    if t.source and t.source != "engine":
+        parts.append(f"from {t.source}")
+    return " · ".join(parts)
+
+
+def info_html(model: str, t: Timings, extra: str = "") -> str:
+    text = timing_text(model, t) + (f" · {extra}" if extra else "")
+    return f'<div class="wwt-info">⚡ {esc(text)}</div>'
+
+
+def error_html(message: str) -> str:
+    return f'<div class="wwt-error-line" role="alert">⚠ {esc(message)}</div>'
+
+
+def note_html(message: str) -> str:
+    return f'<div class="wwt-info">{esc(message)}</div>'
+
+
+def prob_colour(prob: float) -> str:
+    """Likely tokens green, unlikely red, on a log scale from 1e-6 to 1 (hue 0 to 130)."""
+    p = min(max(prob, 1e-6), 1.0)
+    x = 1.0 + math.log10(p) / 6.0  # 0 at 1e-6, 1 at 1
+    return f"hsl({130 * x:.0f}, 75%, 82%)"
+
+
+def token_view_html(scores: Scores) -> str:
+    """The document as it was tokenized, each token on a background coloured by its probability."""
+    spans = []
+    for tok in scores.tokens:
+        title = f"p = {tok.prob:.3g} · rank {tok.rank}" if tok.rank else "first token (nothing before it to predict from)"
+        text = esc(tok.text).replace("\n", "↵\n")
+        spans.append(f'<span class="wwt-tok" style="background:{prob_colour(tok.prob)}" '
+                     f'title="{esc(title)}">{text}</span>')
+    legend = ('<div class="wwt-legend"><span>unlikely</span>'
+              + "".join(f'<i style="background:{prob_colour(10 ** -e)}"></i>' for e in (6, 5, 4, 3, 2, 1, 0))
+              + "<span>likely</span></div>")
+    return f'<div class="wwt-tokens">{"".join(spans)}</div>{legend}'
+
+
+def answer_spans(context: str, answer: Answer) -> list[tuple[str, Optional[str]]]:
+    """The context cut into (text, label) pieces for gr.HighlightedText, the answer labelled."""
+    if answer.generated or answer.start is None or answer.end is None:
+        return [(context, None)]
+    start, end = max(0, answer.start), min(len(context), answer.end)
+    pieces = [(context[:start], None), (context[start:end], "answer"), (context[end:], None)]
+    return [(text, label) for text, label in pieces if text]
+
+
+def compare_html(rows: list[dict]) -> str:
+    """One card per model: its suggestions, latency, tokens/s and size, side by side."""
+    cards = []
+    for row in rows:
+        if row.get("error"):
+            body = error_html(row["error"])
+            facts = ""
+        else:
+            items = "".join(f"<li>{esc(row['prompt_tail'])}<b>{esc(s)}</b></li>" for s in row["suggestions"])
+            body = f"<ol>{items}</ol>"
+            facts = (f'<div class="wwt-facts"><span>{row["ms"]:.0f} ms</span>'
+                     f'<span>{row["tokens_per_s"]:.1f} tokens/s</span>'
+                     f'<span>{human_count(row.get("parameters"))} parameters</span></div>')
+        cards.append(f'<div class="wwt-card"><h3>{esc(row["model"])}</h3>{facts}{body}</div>')
+    return f'<div class="wwt-cards">{"".join(cards)}</div>'

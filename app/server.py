@@ -1,0 +1,82 @@
+"""`wwt serve`: build the backend, make sure the default model is there, launch the page.
+
+The default model is loaded before the server starts, so a missing checkpoint (no
+network, nothing cached) is reported at once, with what to do, instead of on the
+first keystroke.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
+
+from model.errors import WWTError  # noqa: E402
+
+from .settings import env  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+HINT = ("To run without the Hub, point --model at a local folder with config.json and model.safetensors, "
+        "e.g. `wwt make-tiny-model /tmp/tiny && wwt serve --model tiny=/tmp/tiny`.")
+
+
+def model_specs(given: Optional[list]) -> list[str]:
+    """--model flags, else WWT_MODELS (comma-separated)."""
+    specs = given or env("WWT_MODELS").split(",")
+    return [s.strip() for s in specs if s and s.strip()]
+
+
+def prepare_backend(kind: str, specs: list[str], redis_url: Optional[str] = None, device: Optional[str] = None):
+    """The backend with its default model ready (embedded mode loads it now, download shown in the log)."""
+    from .backends import make_backend
+
+    backend = make_backend(kind, specs, redis_url=redis_url, device=device)
+    loader = getattr(backend, "engine", None)
+    if callable(loader):
+        try:
+            default = backend.models()[0]
+            log.info("loading %s", default)
+            loader(default)
+        except WWTError:
+            backend.close()
+            raise
+    return backend
+
+
+def build_app(backend):
+    """The Gradio app with a queue that lets requests run side by side (the engine batches them)."""
+    from .ui import build_ui
+
+    demo = build_ui(backend)
+    demo.queue(default_concurrency_limit=16)
+    return demo
+
+
+def serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    specs = model_specs(getattr(args, "model", None))
+    try:
+        backend = prepare_backend(args.backend, specs, redis_url=getattr(args, "redis_url", None),
+                                  device=getattr(args, "device", None))
+    except WWTError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if args.backend == "local":
+            print(HINT, file=sys.stderr)
+        return 2
+    from .ui import launch_kwargs
+
+    demo = build_app(backend)
+    print(f"Write With Transformer: {', '.join(backend.models())} on the {backend.kind} backend", flush=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=False, quiet=False,
+                    footer_links=["api"], **launch_kwargs())
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        backend.close()
+    return 0

@@ -1,0 +1,283 @@
+"""The page's callbacks, called directly: on a real LocalBackend with the tiny models, and on a
+scripted backend for the failures a person must see as a message (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from app import callbacks, render
+from app.backends import LocalBackend
+from app.documents import FileDocumentStore
+from model.errors import BackendUnavailable, BadRequest, UnknownModel, WWTError
+from model.types import Answer, Scores, ScoreRequest, TokenScore
+from ui_support import ROOT, ScriptedBackend
+
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
+    b = LocalBackend([f"tiny={tiny_gpt2}", f"heads={tiny_gpt2_heads}"], slots=8,
+                     documents=FileDocumentStore(tmp_path_factory.mktemp("docs")))
+    yield b
+    b.close()
+
+
+def settings(**kw):
+    return {"model": "tiny", "n": 3, "max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "top_p": 0.9, **kw}
+
+
+class Warnings(list):
+    def __call__(self, message):
+        self.append(message)
+
+
+# -- Write tab ---------------------------------------------------------------------------------
+
+def test_suggest_gives_continuations_with_model_and_latency(backend):
+    r = callbacks.suggest(backend, settings(before="Once upon a time there was"))
+    assert r["ok"], r
+    assert r["model"] == "tiny" and r["ms"] > 0
+    assert 1 <= len(r["suggestions"]) <= 3
+    texts = [s["text"] for s in r["suggestions"]]
+    assert len(set(texts)) == len(texts) and all(t.strip() for t in texts)
+    assert "tiny" in r["info"] and "ms" in r["info"]
+
+
+def test_suggest_on_an_empty_document(backend):
+    r = callbacks.suggest(backend, settings(before=""))
+    assert r["ok"], r
+    assert r["suggestions"]
+
+
+def test_control_characters_are_dropped_from_context_and_suggestions(backend):
+    r = callbacks.suggest(backend, settings(before="Hello\x00 wor\x07ld\x1b and"))
+    assert r["ok"], r
+    assert not any(CONTROL.search(s["text"]) for s in r["suggestions"])
+    fake = ScriptedBackend(suggestions=["a\x07b", "ab", "\x00", "  "])
+    r = callbacks.suggest(fake, {"before": "x\x01y", "model": "m1"})
+    assert [s["text"] for s in r["suggestions"]] == ["ab"]  # cleaned, de-duplicated, blanks dropped
+    assert fake.requests[0].text == "xy"
+
+
+def test_a_megabyte_of_text_is_refused_with_a_message(backend):
+    r = callbacks.suggest(backend, settings(before="word " * 220_000))
+    assert r == {"ok": False, "error": "the text has 1,100,000 characters; the limit is 1,000,000"}
+
+
+def test_long_document_within_the_limit_still_gets_suggestions(backend):
+    r = callbacks.suggest(backend, settings(before="The cat sat on the mat. " * 2000, n=1))
+    assert r["ok"], r
+
+
+def test_unknown_model_is_a_message(backend):
+    r = callbacks.suggest(backend, settings(model="gpt9", before="Hi"))
+    assert not r["ok"]
+    assert "unknown model 'gpt9'" in r["error"] and "tiny, heads" in r["error"]
+
+
+@pytest.mark.parametrize("name,value", [
+    ("n", 0), ("n", 10), ("n", 2.5), ("max_new_tokens", 0), ("max_new_tokens", 10_000), ("temperature", -1),
+    ("temperature", 9), ("top_k", -1), ("top_p", 0), ("top_p", 1.5), ("n", "lots"), ("temperature", "nan"),
+])
+def test_out_of_range_settings_are_messages(backend, name, value):
+    r = callbacks.suggest(backend, settings(before="Hello", **{name: value}))
+    assert not r["ok"]
+    assert r["error"].startswith(f"{name} must be") and repr(value) in r["error"]
+
+
+def test_settings_reach_the_request_and_temperature_zero_means_greedy():
+    fake = ScriptedBackend()
+    callbacks.suggest(fake, {"before": "Hi", "model": "m2", "n": "2", "max_new_tokens": 5, "temperature": 0,
+                             "top_k": 40, "top_p": 0.5, "fresh": True})
+    req = fake.requests[0]
+    assert (req.model, req.n, req.max_new_tokens, req.greedy, req.top_k, req.top_p, req.fresh) == \
+        ("m2", 2, 5, True, 40, 0.5, True)
+    callbacks.suggest(fake, {"before": "Hi"})
+    req = fake.requests[1]
+    assert (req.model, req.n, req.greedy, req.fresh, req.stop) == ("m1", 3, False, False, "auto")
+
+
+def test_backend_down_is_a_message_not_a_traceback():
+    fake = ScriptedBackend(error=BackendUnavailable("cannot reach Redis at 127.0.0.1:1"))
+    assert callbacks.suggest(fake, {"before": "Hi"}) == {"ok": False, "error": "cannot reach Redis at 127.0.0.1:1"}
+    warns = Warnings()
+    html = callbacks.token_view(fake, "Hello", "m1", warns)
+    assert warns == ["cannot reach Redis at 127.0.0.1:1"] and "cannot reach Redis" in html
+    assert "cannot reach Redis" in callbacks.model_status(fake, "m1")
+
+
+def test_a_bug_in_the_backend_is_reported_plainly(caplog):
+    fake = ScriptedBackend()
+    warns = Warnings()
+    labels, info = callbacks.classify(fake, "some text", "", "m1", warns)
+    assert labels is None
+    assert warns == ["internal error (NotImplementedError); the app is still running, try again"]
+    assert "Traceback" not in info and "internal error" in info
+    assert "Traceback" in caplog.text  # the operator still gets the traceback in the log
+
+
+def test_malformed_suggest_payload_is_a_message():
+    assert callbacks.suggest(ScriptedBackend(), None)["ok"] is True  # defaults: empty text, first model
+    r = callbacks.suggest(ScriptedBackend(), {"before": 42})
+    assert r == {"ok": False, "error": "the text must be text"}
+
+
+def test_share_and_reopen(backend):
+    r = callbacks.share(backend, {"text": "A shared draft\nwith two lines."})
+    assert r["ok"] and re.fullmatch(r"[A-Za-z0-9_-]{16,64}", r["id"])
+    assert callbacks.open_shared(backend, r["id"]) == "A shared draft\nwith two lines."
+    assert callbacks.share(backend, {"text": "   "}) == {"ok": False, "error": "the document is empty"}
+    warns = Warnings()
+    assert callbacks.open_shared(backend, "../../etc/passwd", warns) is None
+    assert warns == ["that is not a valid document link"]
+    assert callbacks.open_shared(backend, "A" * 22, warns) is None and "no shared document" in warns[-1]
+    assert callbacks.open_shared(backend, None, warns) is None
+
+
+def test_token_view_colours_every_token_and_escapes_html(backend):
+    html = callbacks.token_view(backend, "<b>bold</b> & more", "tiny")
+    assert "<b>" not in html and "&lt;" in html and "&gt;" in html and "&amp;" in html
+    scores = backend.score(ScoreRequest(text="<b>bold</b> & more", model="tiny"))
+    assert html.count('class="wwt-tok"') == len(scores.tokens)
+    assert "tiny" in html and "ms" in html
+    warns = Warnings()
+    assert "the document is empty" in callbacks.token_view(backend, "", "tiny", warns) and warns
+
+
+def test_model_status_and_loading_on_first_use(backend):
+    assert "loads on first use" in callbacks.model_status(backend, "heads") or "loaded" in \
+        callbacks.model_status(backend, "heads")
+    html = callbacks.load_model(backend, "heads")
+    assert "heads" in html and "loaded on cpu" in html and "parameters" in html
+    assert "heads" in backend.loaded()
+    assert "unknown model" in callbacks.load_model(backend, "nope")
+
+
+# -- Classify, Question answering, Compare --------------------------------------------------
+
+def test_classify_with_the_head_and_zero_shot(backend):
+    labels, info = callbacks.classify(backend, "What a lovely day.", "", "heads")
+    assert set(labels) == {"NEGATIVE", "POSITIVE"} and abs(sum(labels.values()) - 1) < 1e-4
+    assert "heads" in info and "classification head" in info
+    labels, info = callbacks.classify(backend, "The striker scored twice.", " sports,politics , ", "tiny")
+    assert set(labels) == {"sports", "politics"} and "zero-shot" in info and "tiny" in info
+
+
+def test_classify_bad_input_is_a_message(backend):
+    warns = Warnings()
+    assert callbacks.classify(backend, "  ", "", "heads", warns)[0] is None
+    labels, info = callbacks.classify(backend, "text", "", "tiny", warns)  # no head, no labels
+    assert labels is None and "candidate labels" in info
+    assert len(warns) == 2 and warns[0] == "the text is empty"
+
+
+def test_answer_is_highlighted_in_the_context(backend):
+    context = "Alice went to the market with Bob on Sunday."
+    spans, text, info = callbacks.answer(backend, context, "Who went to the market?", "heads")
+    assert "".join(piece for piece, _ in spans) == context
+    marked = [piece for piece, label in spans if label == "answer"]
+    assert marked == [text] and text in context
+    assert "extracted" in info and "score" in info and "heads" in info
+
+
+def test_generated_answer_is_marked_generated(backend):
+    spans, text, info = callbacks.answer(backend, "Alice went to the market.", "Who?", "tiny")
+    assert spans == [("Alice went to the market.", None)]
+    assert text.endswith("[generated]") and "generated" in info
+
+
+def test_answer_needs_a_question_and_a_context(backend):
+    warns = Warnings()
+    assert callbacks.answer(backend, "ctx", "", "heads", warns)[0] is None
+    assert callbacks.answer(backend, "", "q?", "heads", warns)[0] is None
+    assert warns == ["the question is empty", "the context is empty"]
+
+
+def test_compare_sends_one_prompt_to_each_model(backend):
+    html = callbacks.compare(backend, "The weather today is", ["tiny", "heads"], 5, 2)
+    assert html.count('class="wwt-card"') == 2
+    assert "<h3>tiny</h3>" in html and "<h3>heads</h3>" in html
+    assert html.count("tokens/s") == 2
+    for name in ("tiny", "heads"):
+        assert f"{render.human_count(backend.model_info(name)['parameters'])} parameters" in html
+    assert "ms" in html
+
+
+def test_compare_bad_input(backend):
+    warns = Warnings()
+    assert "choose at least one model" in callbacks.compare(backend, "Hi", [], 5, 1, warns)
+    assert "unknown model" in callbacks.compare(backend, "Hi", ["tiny", "nope"], 5, 1, warns)
+    assert "the prompt is empty" in callbacks.compare(backend, "", ["tiny"], 5, 1, warns)
+    assert len(warns) == 3
+    html = callbacks.compare(ScriptedBackend(error=BackendUnavailable("queue down")), "Hi", ["m1"], 5, 1)
+    assert "queue down" in html
+
+
+# -- API functions ---------------------------------------------------------------------------
+
+def test_api_functions_return_plain_dicts(backend):
+    c = callbacks.api_complete(backend, "Hello", "tiny", n=2, max_new_tokens=4, seed=3)
+    assert c["model"] == "tiny" and 1 <= len(c["suggestions"]) <= 2 and "timings" in c
+    again = callbacks.api_complete(backend, "Hello", "tiny", n=2, max_new_tokens=4, seed=3)
+    assert [s["token_ids"] for s in again["suggestions"]] == [s["token_ids"] for s in c["suggestions"]]  # seeded
+    assert callbacks.api_classify(backend, "Nice.", "a, b", "tiny")["method"] == "zero-shot"
+    assert callbacks.api_classify(backend, "Nice.", ["a", "b"], "tiny")["method"] == "zero-shot"
+    a = callbacks.api_answer(backend, "Who?", "Alice met Bob.", "heads")
+    assert "Alice met Bob."[a["start"]:a["end"]] == a["text"]
+    s = callbacks.api_score(backend, "Hello world", "tiny")
+    assert s["tokens"] and {"text", "prob", "rank", "token_id"} <= set(s["tokens"][0])
+
+
+@pytest.mark.parametrize("call,kind", [
+    (lambda b: callbacks.api_complete(b, "Hi", "nope"), UnknownModel),
+    (lambda b: callbacks.api_complete(b, "Hi", "tiny", n=50), BadRequest),
+    (lambda b: callbacks.api_complete(b, "Hi", "tiny", seed=-2), BadRequest),
+    (lambda b: callbacks.api_classify(b, "", "", "heads"), BadRequest),
+    (lambda b: callbacks.api_answer(b, "", "ctx", "heads"), BadRequest),
+    (lambda b: callbacks.api_score(b, "x" * 1_000_001, "tiny"), BadRequest),
+])
+def test_api_functions_raise_readable_errors(backend, call, kind):
+    with pytest.raises(kind) as info:
+        call(backend)
+    assert isinstance(info.value, WWTError) and info.value.message
+
+
+# -- the page and the server -------------------------------------------------------------------
+
+def test_the_page_has_the_named_endpoints_and_the_editor(backend):
+    from app.ui import build_ui
+
+    demo = build_ui(backend)
+    names = {fn.api_name for fn in demo.fns.values() if fn.api_name}
+    assert {"complete", "classify", "answer", "score"} <= names
+    editor = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "wwt-editor")
+    assert {fn.__name__ for fn in editor.server_fns} == {"suggest", "share"}
+    assert editor.props["settings"]["model"] == "tiny"
+
+
+def test_render_helpers():
+    assert render.human_count(124_439_808) == "124M" and render.human_count(1_557_611_200) == "1.6B"
+    assert render.human_count(None) == "?"
+    hues = [int(render.prob_colour(p).split("(")[1].split(",")[0]) for p in (1e-9, 1e-4, 0.1, 1.0)]
+    assert hues == sorted(hues) and hues[0] == 0 and hues[-1] == 130
+    ans = Answer(model="m", text="Bob", score=0.5, start=15, end=18)
+    assert render.answer_spans("Alice met with Bob.", ans) == [("Alice met with ", None), ("Bob", "answer"), (".", None)]
+    html = render.token_view_html(Scores(model="m", tokens=[TokenScore("a\n", 1, 0.5, 2), TokenScore("<", 2, 1, 0)]))
+    assert "a↵\n" in html and "&lt;" in html and "first token" in html
+
+
+def test_serve_without_weights_fails_at_once_with_what_to_do(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "WWT_MODELS": "gpt2"}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--port", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "not in the local cache" in proc.stderr
+    assert "--model" in proc.stderr and "wwt make-tiny-model" in proc.stderr
+    assert "Traceback" not in proc.stderr
