@@ -146,6 +146,14 @@ def test_gpt2_sequence_classification(tmp_path, labels):
     # The pooled logit is the last real token's: it differs between rows of different length.
     assert max_diff(got[1], got[2]) > 1e-3
 
+    # Left padding: the rightmost real token is still the one pooled.
+    ids, mask = ids.clone(), mask.clone()
+    ids[1] = torch.cat([torch.full((8,), PAD), ids[1, :11]])
+    mask[1] = torch.cat([torch.zeros(8, dtype=torch.long), torch.ones(11, dtype=torch.long)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask).logits,
+                                   atol=ATOL, rtol=0)
+
 
 def test_openai_gpt_sequence_classification(tmp_path):
     ref = save_reference("OpenAIGPTForSequenceClassification", tmp_path, model_type="openai-gpt", seed=15,
@@ -218,6 +226,24 @@ def test_gpt2_double_heads(tmp_path, variant):
     assert mc.shape == ((B, C) if DOUBLE_HEAD_VARIANTS[variant].get("summary_use_proj", True)
                         and DOUBLE_HEAD_VARIANTS[variant].get("summary_proj_to_labels", True) else (B, C, 48))
     torch.testing.assert_close(lm, out.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(mc, out.mc_logits, atol=ATOL, rtol=0)
+
+
+def test_double_heads_with_padding(tmp_path):
+    ref = save_reference("GPT2DoubleHeadsModel", tmp_path, seed=27, summary_activation="tanh")
+    ours = model.load(str(tmp_path), head="double-heads", device="cpu")
+    ids = random_ids((2, 2, 10), seed=28)
+    mask = torch.ones_like(ids)
+    lengths = torch.tensor([[10, 6], [3, 8]])
+    for b in range(2):
+        for c in range(2):
+            mask[b, c, lengths[b, c]:] = 0
+            ids[b, c, lengths[b, c]:] = 0
+    mc_token_ids = lengths - 1  # the classification token ends each choice
+    with torch.no_grad():
+        out = ref(ids, attention_mask=mask, mc_token_ids=mc_token_ids)
+        lm, mc = ours(ids, attention_mask=mask, mc_token_ids=mc_token_ids)
+    assert_close_where(lm, out.logits, mask)
     torch.testing.assert_close(mc, out.mc_logits, atol=ATOL, rtol=0)
 
 
@@ -363,6 +389,20 @@ def test_greedy_40_tokens_match_reference(lm_pair):
     assert len(expected) == 40 and len(got) == 1
     assert got[0] == expected
     assert len(set(expected)) > 3  # a real continuation, not one token repeated
+
+
+def test_n_greedy_continuations_fork_one_prefill(lm_pair):
+    """Greedy continuation i starts from the i-th most likely token, then continues as the reference would."""
+    ours, ref = lm_pair
+    prompt = random_ids((6,), seed=43).tolist()
+    got = generation.generate(ours, prompt, max_new_tokens=12, n=3, greedy=True)
+    assert len(got) == 3 and all(len(c) == 12 for c in got)
+    assert got[0] == generation.generate(ours, prompt, max_new_tokens=12, greedy=True)[0]
+    with torch.no_grad():
+        first = ref(torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist()
+    assert [c[0] for c in got] == first
+    for c in got:
+        assert c[1:] == reference_generate(ref, prompt + c[:1], max_new_tokens=11)
 
 
 def test_greedy_with_repetition_penalty_matches_reference(lm_pair):

@@ -7,6 +7,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model import load_tokenizer
 from model.tokenizer import complete_utf8_prefix, load_tokenizer_folder
 from model.tiny import corpus_lines
 
@@ -98,6 +99,8 @@ def test_eos_token(tiny_gpt2, tokenizers):
     config = json.loads((tiny_gpt2 / "config.json").read_text())
     assert tokenizers["tiny"].eos_token_id == config["eos_token_id"]
     assert tokenizers["vocab_merges"].eos_token_id is not None
+    via_name = load_tokenizer(str(tiny_gpt2))  # the public entry point, given a local folder
+    assert via_name.encode("some text") == tokenizers["tiny"].encode("some text")
 
 
 # -- round trips ----------------------------------------------------------------------------------
