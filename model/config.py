@@ -105,6 +105,15 @@ class GPTConfig:
             summary_activation=get("summary_activation"),
             summary_first_dropout=float(get("summary_first_dropout", 0.1)),
         )
+        from .gpt import ACTIVATIONS  # imported here: gpt.py imports this module
+
+        field_name = "afn" if model_type == "openai-gpt" else "activation_function"
+        if activation not in ACTIVATIONS:
+            raise CheckpointError(f"unsupported {field_name} {get(field_name)!r} in config.json; "
+                                  f"supported: {', '.join(sorted(ACTIVATIONS))}")
+        if cfg.summary_activation and cfg.summary_activation not in ACTIVATIONS:
+            raise CheckpointError(f"unsupported summary_activation {cfg.summary_activation!r} in config.json; "
+                                  f"supported: {', '.join(sorted(ACTIVATIONS))}")
         if cfg.n_embd % cfg.n_head:
             raise CheckpointError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         return cfg

@@ -31,7 +31,7 @@ HUB_FILES = [
     "model.safetensors.index.json",
 ]
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_IGNORED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old checkpoints carry
+_IGNORED = (".attn.bias", ".attn.masked_bias", "position_ids")  # buffers old checkpoints carry
 _OPENAI_RENAMES = {"tokens_embed.": "wte.", "positions_embed.": "wpe."}
 
 
