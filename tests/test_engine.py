@@ -1,0 +1,712 @@
+"""The engine: prefix reuse, forking, batching, eviction, cancellation, healing, odd inputs, threads.
+
+Correctness only: every result is compared with the same request computed another way
+(from scratch, alone, unbatched, on a fresh engine). Nothing here measures speed; where a
+test needs a request to be long-running, the model is slowed down instead of racing it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from model import Engine
+from model.autocomplete import apply_stop, build_prompt, clean_text
+from model.errors import BadRequest, Cancelled, RequestTimeout
+from model.slots import common_prefix
+from model.tiny import corpus_lines
+from model.types import CompletionRequest
+
+STORY = "The weather in the valley turned cold that night. Snow covered the"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def slow_down(engine: Engine, delay: float) -> None:
+    """Make every forward pass take at least `delay` seconds, so a request is reliably still running."""
+    inner = engine.model.transformer.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(delay)
+        return inner(*args, **kwargs)
+
+    engine.model.transformer.forward = forward
+
+
+def prompt_of(engine: Engine, text: str, max_new_tokens: int = 8):
+    return build_prompt(engine.tokenizer, clean_text(text), engine.config.n_positions - max_new_tokens, engine.eos)
+
+
+def ids(suggestions) -> list[list[int]]:
+    return [s.token_ids for s in suggestions]
+
+
+def wait_until(predicate, timeout: float = 30.0) -> bool:
+    """Poll for a state the scheduler thread reaches (a liveness wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def idle(engine: Engine) -> bool:
+    return wait_until(lambda: not any(engine.scheduler.pool.busy))
+
+
+def assert_good_suggestions(suggestions, n: int = None):
+    assert suggestions, "no suggestion at all"
+    if n is not None:
+        assert len(suggestions) <= n
+    keys = [s.text.strip() for s in suggestions]
+    assert all(keys), f"an empty suggestion: {[s.text for s in suggestions]}"
+    assert len(set(keys)) == len(keys), f"duplicate suggestions: {keys}"
+    for s in suggestions:
+        assert s.token_ids and len(s.logprobs) == len(s.token_ids)
+        assert all(lp <= 1e-6 for lp in s.logprobs)
+
+
+def long_document(words: int) -> str:
+    text = " ".join(corpus_lines())
+    while len(text.split()) < words:
+        text = text + " " + text
+    return " ".join(text.split()[:words])
+
+
+@pytest.fixture
+def make_engine(tiny_gpt2):
+    made = []
+
+    def make(path=None, slots: int = 8, delay: float = 0.0) -> Engine:
+        engine = Engine.from_pretrained(str(path or tiny_gpt2), slots=slots)
+        if delay:
+            slow_down(engine, delay)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gpt2):
+    e = Engine.from_pretrained(str(tiny_gpt2), slots=8)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def heads_engine(tiny_gpt2_heads):
+    e = Engine.from_pretrained(str(tiny_gpt2_heads), slots=4)
+    yield e
+    e.close()
+
+
+# -- prefix reuse -------------------------------------------------------------------------------
+def test_reused_prefix_equals_from_scratch(make_engine):
+    warm = make_engine()
+    first = warm.completion(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=8))
+    assert first.timings.tokens_reused == 0
+    assert first.timings.tokens_prefilled == len(prompt_of(warm, STORY).tokens)
+    base = prompt_of(warm, STORY).tokens
+    for text in [STORY + " roads, the river froze",  # typed on
+                 STORY + " roads, the river froze along",  # and on
+                 STORY.replace("cold", "warm") + " roads",  # an edit in the middle
+                 STORY[:-12]]:  # backspace
+        got = warm.completion(CompletionRequest(text, n=3, greedy=True, max_new_tokens=8))
+        prompt = prompt_of(warm, text).tokens
+        t = got.timings
+        assert t.tokens_prefilled + t.tokens_reused == len(prompt)
+        assert t.tokens_reused >= min(common_prefix(base, prompt), len(prompt) - 1)
+        assert t.tokens_reused > 0
+        scratch = make_engine().completion(CompletionRequest(text, n=3, greedy=True, max_new_tokens=8))
+        assert scratch.timings.tokens_reused == 0
+        assert ids(got.suggestions) == ids(scratch.suggestions)
+        assert [s.text for s in got.suggestions] == [s.text for s in scratch.suggestions]
+        for a, b in zip(got.suggestions, scratch.suggestions):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        base = prompt
+    assert warm.stats()["tokens_reused"] > 0
+
+
+def test_forked_suggestions_equal_independent_runs(make_engine):
+    text = "Once upon a time there was a small robot that"
+    seed = 1234
+    engine = make_engine()
+    forked = engine.complete(text, n=3, seed=seed, max_new_tokens=10, stop=None)
+    assert len(forked) == 3
+    again = engine.complete(text, n=3, seed=seed, max_new_tokens=10, stop=None)  # through the prefix cache
+    assert ids(again) == ids(forked)
+    for i in range(3):
+        alone = make_engine().complete(text, n=1, seed=seed + i, max_new_tokens=10, stop=None)
+        assert alone[0].token_ids == forked[i].token_ids
+        assert alone[0].text == forked[i].text
+
+
+def test_greedy_suggestions_start_from_the_most_likely_first_tokens(engine):
+    text = "Hello there! How are you"
+    three = engine.complete(text, n=3, greedy=True, max_new_tokens=6)
+    one = engine.complete(text, n=1, greedy=True, max_new_tokens=6)
+    assert_good_suggestions(three, 3)
+    assert len(three) == 3
+    assert three[0].token_ids == one[0].token_ids
+    firsts = [s.token_ids[0] for s in three]
+    assert len(set(firsts)) == 3
+    # Ranked: the first token of suggestion i is at least as likely as that of suggestion i + 1.
+    assert three[0].logprobs[0] >= three[1].logprobs[0] >= three[2].logprobs[0]
+
+
+# -- batching -----------------------------------------------------------------------------------
+BATCH_TEXTS = ["Hello there! How are", "The market opened early on Monday. Traders",
+               "Scientists measured the speed of sound in water, in air and in steel. The",
+               "Once upon a time", "Questions and answers: Where is the library? The library is",
+               "Numbers and symbols appear in text too: 1, 2, 3,"]
+
+
+def test_batched_decode_equals_unbatched(make_engine):
+    batched = make_engine(slots=12, delay=0.003)
+    handles = [batched.submit(CompletionRequest(t, n=2, greedy=True, max_new_tokens=12, stop=None))
+               for t in BATCH_TEXTS]
+    together = [h.result(timeout=60)[0] for h in handles]
+    assert batched.stats()["max_batch"] > 2, "the requests never shared a decode step"
+    alone = make_engine(slots=12)
+    for text, got in zip(BATCH_TEXTS, together):
+        solo = alone.complete(text, n=2, greedy=True, max_new_tokens=12, stop=None)
+        assert ids(got) == ids(solo), text
+    assert idle(batched)
+
+
+def test_a_long_request_does_not_hold_back_a_short_one(make_engine):
+    engine = make_engine(delay=0.005)
+    long = engine.submit(CompletionRequest("Once upon a time", n=1, greedy=True, max_new_tokens=100, stop=None))
+    assert wait_until(lambda: any(engine.scheduler.pool.busy))
+    short = engine.submit(CompletionRequest("Hello there", n=1, greedy=True, max_new_tokens=3, stop=None))
+    got, _ = short.result(timeout=60)
+    assert got and len(got[0].token_ids) <= 3
+    assert not long.done(), "the short request waited for the long one"
+    done, _ = long.result(timeout=60)
+    assert done[0].finish_reason == "length" and len(done[0].token_ids) == 100
+
+
+def test_chunked_prefill_while_others_decode_equals_one_pass(make_engine, monkeypatch):
+    import model.scheduler as scheduler
+
+    text = long_document(150)
+    alone = make_engine().complete(text, n=2, greedy=True, max_new_tokens=8, stop=None)
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 16)  # a long prompt now takes many steps
+    engine = make_engine(delay=0.002)
+    busy = engine.submit(CompletionRequest("Once upon a time", n=2, greedy=True, max_new_tokens=60, stop=None))
+    assert wait_until(lambda: engine.stats()["tokens_decoded"] > 0)
+    chunked = engine.completion(CompletionRequest(text, n=2, greedy=True, max_new_tokens=8, stop=None))
+    assert chunked.timings.tokens_prefilled > 3 * 16
+    assert ids(chunked.suggestions) == ids(alone)
+    assert not busy.done(), "the prompt was not prefilled alongside a running request"
+    busy.result(timeout=60)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3),
+                                      dict(temperature=1.3, top_p=1.0), dict(greedy=True, repetition_penalty=1.5)])
+def test_engine_matches_the_plain_generation_path(engine, settings):
+    """From an empty document (no healing) the engine's rows are `generate`'s continuations."""
+    from model.generation import generate
+
+    seed = 99
+    got = engine.complete("", n=3, seed=seed, max_new_tokens=10, stop=None, **settings)
+    rows = generate(engine.model, [engine.eos], 10, n=6, seed=seed, eos_token_id=engine.eos,
+                    **{"top_p": 0.9, **settings})
+    want, seen = [], set()  # the engine keeps the first distinct, non-empty rows, in seed order
+    for row in rows:
+        row = row[:-1] if row and row[-1] == engine.eos else row
+        key = engine.tokenizer.decode(row).strip()
+        if key and key not in seen and len(want) < 3:
+            seen.add(key)
+            want.append(row)
+    assert ids(got) == want
+
+
+# -- the pool: eviction and waiting --------------------------------------------------------------
+DOCS = ["Alpha team walked to the park", "Bravo is what they said after", "Charlie wrote a letter to",
+        "Delta of the river froze along", "Echo of the mill under a grey"]
+
+
+def test_eviction_reuses_the_least_recently_used_slot(make_engine):
+    engine = make_engine(slots=4)
+    pool = engine.scheduler.pool
+
+    def run(text):
+        return engine.completion(CompletionRequest(text, n=1, greedy=True, max_new_tokens=6))
+
+    first = {doc: run(doc) for doc in DOCS[:4]}  # fills the four slots
+
+    def holders(doc):
+        p = prompt_of(engine, doc).tokens
+        return [i for i, held in enumerate(pool.tokens) if held[:len(p)] == p]
+
+    assert all(len(holders(doc)) == 1 for doc in DOCS[:4])
+    run(DOCS[4])  # a fifth document: the least recently used slot (Alpha's) goes
+    assert holders(DOCS[0]) == []
+    assert all(len(holders(doc)) == 1 for doc in DOCS[1:])
+    again = run(DOCS[0])  # Alpha again: computed from scratch in Bravo's old slot, and still right
+    assert again.timings.tokens_reused == 0
+    assert ids(again.suggestions) == ids(first[DOCS[0]].suggestions)
+    assert holders(DOCS[1]) == []
+    delta = run(DOCS[3])  # Delta was not evicted: everything but the last prompt token is reused
+    assert delta.timings.tokens_reused == len(prompt_of(engine, DOCS[3]).tokens) - 1
+    assert ids(delta.suggestions) == ids(first[DOCS[3]].suggestions)
+    scratch = make_engine(slots=4)
+    for doc in DOCS:
+        assert ids(run(doc).suggestions) == ids(scratch.completion(
+            CompletionRequest(doc, n=1, greedy=True, max_new_tokens=6)).suggestions)
+    assert not any(pool.busy)
+
+
+def test_a_request_needing_more_slots_than_free_waits_then_completes(make_engine):
+    engine = make_engine(slots=4, delay=0.004)
+    pool = engine.scheduler.pool
+    first = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=30, stop=None))
+    assert wait_until(lambda: sum(pool.busy) == 3)
+    second = engine.submit(CompletionRequest("Hello there! How", n=2, greedy=True, max_new_tokens=5))
+    with pytest.raises(BadRequest):  # more suggestions than the pool has slots can never run
+        engine.submit(CompletionRequest("Hello", n=5))
+    a, a_timings = first.result(timeout=60)
+    b, b_timings = second.result(timeout=60)
+    # The second request was admitted only once the first had released its slots.
+    assert second._job.admitted >= first._job.submitted + a_timings.total_ms / 1000 - 1e-6
+    assert b_timings.queue_ms > 0
+    fresh = make_engine(slots=4)
+    assert ids(a) == ids(fresh.complete(STORY, n=3, greedy=True, max_new_tokens=30, stop=None))
+    assert ids(b) == ids(fresh.complete("Hello there! How", n=2, greedy=True, max_new_tokens=5))
+    assert idle(engine)
+
+
+# -- cancellation and time limits ----------------------------------------------------------------
+def test_cancel_frees_the_slots(make_engine):
+    engine = make_engine(slots=4, delay=0.005)
+    pool = engine.scheduler.pool
+    running = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=100, stop=None))
+    assert wait_until(lambda: sum(pool.busy) == 3)
+    queued = engine.submit(CompletionRequest("Hello there", n=2, max_new_tokens=5))  # waits for slots
+    queued.cancel()
+    running.cancel()
+    with pytest.raises(Cancelled):
+        running.result(timeout=30)
+    with pytest.raises(Cancelled):
+        queued.result(timeout=30)
+    assert idle(engine)
+    # The engine goes on serving.
+    assert_good_suggestions(engine.complete("Hello there", n=2, max_new_tokens=4, seed=1))
+
+
+def test_handle_timeout_raises_and_frees_the_slots(make_engine):
+    engine = make_engine(slots=4, delay=0.005)
+    handle = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=100, stop=None))
+    with pytest.raises(RequestTimeout):
+        handle.result(timeout=0.001)
+    assert idle(engine)
+    with pytest.raises(Cancelled):  # the timed-out request was cancelled, not left running
+        handle.result(timeout=30)
+    with pytest.raises(RequestTimeout):
+        engine.completion(CompletionRequest(STORY, n=1, max_new_tokens=100, stop=None), timeout=0.001)
+    assert idle(engine)
+    assert_good_suggestions(engine.complete(STORY, n=1, max_new_tokens=3, seed=2))
+
+
+def test_max_time_returns_partial_suggestions(make_engine):
+    engine = make_engine(slots=4, delay=0.01)
+    done = engine.completion(CompletionRequest(STORY, n=2, greedy=True, max_new_tokens=120, stop=None,
+                                               max_time=0.15))
+    assert done.suggestions, "max_time returned nothing"
+    for s in done.suggestions:
+        assert s.finish_reason == "time"
+        assert 0 < len(s.token_ids) < 120 and s.text.strip()
+    # What was cut short is the start of the full answer.
+    full = make_engine(slots=4).complete(STORY, n=2, greedy=True, max_new_tokens=120, stop=None)
+    for part, whole in zip(done.suggestions, full):
+        assert whole.token_ids[:len(part.token_ids)] == part.token_ids
+    assert idle(engine)
+
+
+# -- token healing ------------------------------------------------------------------------------
+HEAL_TEXTS = ["Hel", "Hello wor", "The weather in the val", "Once upon a ti", "caf", "Z\u00fcr", "e-mail@exa"]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_token_healing_spells_out_what_was_typed(engine, greedy):
+    tok = engine.tokenizer
+    for text in HEAL_TEXTS:
+        heal = tok.token_bytes(tok.encode(text)[-1])
+        prompt = prompt_of(engine, text, 6)
+        assert prompt.heal == heal
+        done = engine.completion(CompletionRequest(text, n=3, greedy=greedy, seed=7, max_new_tokens=6))
+        assert done.healed == heal.decode("utf-8", errors="replace")
+        assert_good_suggestions(done.suggestions, 3)
+        for s in done.suggestions:
+            generated = tok.decode_bytes(s.token_ids)
+            assert generated.startswith(heal), (text, generated)
+            pending = heal  # each token either finishes the typed bytes or is a piece of them
+            for t in s.token_ids:
+                if not pending:
+                    break
+                b = tok.token_bytes(t)
+                assert b.startswith(pending) or pending.startswith(b), (text, b, pending)
+                pending = b"" if b.startswith(pending) else pending[len(b):]
+            full = tok.decode(prompt.tokens + s.token_ids)
+            assert full.startswith(text + s.text), (text, s.text, full)
+
+
+def test_prompt_start_token_when_nothing_is_left(engine):
+    """A one-token text is all healed: the prompt is end-of-text and the suggestion starts with the text."""
+    done = engine.completion(CompletionRequest("H", n=2, greedy=True, max_new_tokens=4))
+    assert done.healed == "H"
+    for s in done.suggestions:
+        assert engine.tokenizer.decode_bytes(s.token_ids).startswith(b"H")
+
+
+# -- odd texts ----------------------------------------------------------------------------------
+ODD_TEXTS = ["", " ", "   \t ", "\n\n", "😀", "A smile 😀", "e\u0301", "cafe\u0301 au lait", "שלום עולם",
+             "مرحبا بالعالم", "\x00", "a\x00b", "\ud800", "abc\ud800", "\ud83d\ude00", "\ufeff", "🏳️‍🌈",
+             "日本語", "\u200f\u200e"]
+
+
+@pytest.mark.parametrize("text", ODD_TEXTS)
+def test_odd_texts_give_suggestions(engine, text):
+    for greedy in (True, False):
+        try:
+            done = engine.completion(CompletionRequest(text, n=3, greedy=greedy, seed=3, max_new_tokens=5))
+        except BadRequest as e:  # allowed, but only with a message a person can read
+            assert e.message and "Traceback" not in e.message
+            continue
+        assert_good_suggestions(done.suggestions, 3)
+        cleaned = clean_text(text)
+        prompt = prompt_of(engine, cleaned, 5)
+        for s in done.suggestions:
+            full = engine.tokenizer.decode(prompt.tokens + s.token_ids)
+            if prompt.tokens == [engine.eos]:
+                full = engine.tokenizer.decode(s.token_ids)
+            assert full.startswith(cleaned + s.text)
+    assert idle(engine)
+
+
+def test_over_long_document_is_cut_stably(make_engine):
+    engine = make_engine()
+    doc = long_document(3000)
+    max_new = 8
+    first = engine.completion(CompletionRequest(doc, n=2, greedy=True, max_new_tokens=max_new))
+    assert_good_suggestions(first.suggestions, 2)
+    assert first.timings.tokens_prefilled + first.timings.tokens_reused <= engine.config.n_positions - max_new
+    for typed in [doc + " a", doc + " an", doc + " and"]:  # consecutive keystrokes
+        done = engine.completion(CompletionRequest(typed, n=2, greedy=True, max_new_tokens=max_new))
+        prompt = prompt_of(engine, typed, max_new)
+        assert prompt.dropped_tokens > 0
+        assert done.timings.tokens_prefilled + done.timings.tokens_reused == len(prompt.tokens)
+        assert done.timings.tokens_reused >= 0.9 * len(prompt.tokens), "the keystroke missed the cache"
+        assert_good_suggestions(done.suggestions, 2)
+    fresh = make_engine().completion(CompletionRequest(doc + " and", n=2, greedy=True, max_new_tokens=max_new))
+    assert ids(done.suggestions) == ids(fresh.suggestions)
+
+
+# -- settings out of range ------------------------------------------------------------------------
+BAD_SETTINGS = [dict(n=0), dict(n=100), dict(n=-1), dict(n=2.5), dict(n=True), dict(temperature=-1),
+                dict(temperature=0), dict(temperature=float("nan")), dict(top_p=2), dict(top_p=0),
+                dict(top_p=float("nan")), dict(top_k=-1), dict(max_new_tokens=0), dict(max_new_tokens=10000),
+                dict(stop=123), dict(stop="sometimes"), dict(stop=["ok", 5]), dict(seed=-1), dict(seed="x"),
+                dict(repetition_penalty=0), dict(max_time=-1), dict(text="a" * 2_000_000), dict(text=None),
+                dict(text=42)]
+
+
+def test_out_of_range_settings_raise_bad_request_and_change_nothing(engine):
+    engine.complete("Hello", n=1, max_new_tokens=2, seed=0)
+    before = engine.stats()
+    pool_before = [list(t) for t in engine.scheduler.pool.tokens]
+    for bad in BAD_SETTINGS:
+        fields = dict(text="Hello there", n=2, max_new_tokens=4)
+        fields.update(bad)
+        with pytest.raises(BadRequest) as e:
+            engine.completion(CompletionRequest(**fields))
+        assert e.value.message
+        with pytest.raises(BadRequest):
+            engine.submit(CompletionRequest(**fields))
+        text = fields.pop("text")
+        with pytest.raises(BadRequest):
+            engine.complete(text, **fields)
+    assert engine.stats() == before
+    assert [list(t) for t in engine.scheduler.pool.tokens] == pool_before
+    assert not any(engine.scheduler.pool.busy)
+
+
+# -- many threads -------------------------------------------------------------------------------
+def test_many_threads_each_get_their_own_answer(make_engine):
+    shared = make_engine(slots=8)
+    threads, per_thread = 12, 3
+    texts = {(t, j): f"{corpus_lines()[(t + j) % len(corpus_lines())][: 20 + 7 * j + t]}"
+             for t in range(threads) for j in range(per_thread)}
+    answers, errors = {}, []
+    start = threading.Barrier(threads)
+
+    def caller(t):
+        try:
+            start.wait()
+            for j in range(per_thread):
+                answers[(t, j)] = ids(shared.complete(texts[(t, j)], n=2, greedy=True, max_new_tokens=5))
+        except Exception as e:  # reported below, with the thread it happened in
+            errors.append((t, repr(e)))
+
+    pool = [threading.Thread(target=caller, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in pool), "deadlock: a caller never got an answer"
+    assert not errors, errors
+    alone = make_engine(slots=8)
+    for key, text in texts.items():
+        assert answers[key] == ids(alone.complete(text, n=2, greedy=True, max_new_tokens=5)), text
+    assert shared.stats()["requests"] == threads * per_thread
+    assert idle(shared)
+
+
+def test_classify_answer_and_score_alongside_completions(make_engine, tiny_gpt2_heads):
+    shared = make_engine(path=tiny_gpt2_heads, slots=4)
+    alone = make_engine(path=tiny_gpt2_heads, slots=4)
+    context = "The library is next to the park. It opens at nine."
+    jobs = [("complete", t) for t in BATCH_TEXTS] + [("classify", t) for t in BATCH_TEXTS[:3]] + \
+           [("score", t) for t in BATCH_TEXTS[:3]] + [("answer", "When does it open?")]
+
+    def run(e, kind, text):
+        if kind == "complete":
+            return ids(e.complete(text, n=2, greedy=True, max_new_tokens=6))
+        if kind == "classify":
+            return [(l.label, round(l.score, 5)) for l in e.classify(text).labels]
+        if kind == "score":
+            return [(t.token_id, round(t.prob, 5)) for t in e.score(text).tokens]
+        a = e.answer(text, context)
+        return (a.text, a.start, a.end)
+
+    results, errors = {}, []
+
+    def caller(i, kind, text):
+        try:
+            results[i] = run(shared, kind, text)
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=caller, args=(i, k, t)) for i, (k, t) in enumerate(jobs)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads) and not errors, errors
+    for i, (kind, text) in enumerate(jobs):
+        assert results[i] == run(alone, kind, text), (kind, text)
+
+
+def test_close_cancels_what_is_pending(make_engine):
+    engine = make_engine(slots=4, delay=0.005)
+    running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))
+    waiting = engine.submit(CompletionRequest("Hello", n=1, max_new_tokens=4))
+    engine.close()
+    for handle in (running, waiting):
+        with pytest.raises(Cancelled):
+            handle.result(timeout=30)
+    with pytest.raises(Cancelled):
+        engine.submit(CompletionRequest("Hello", n=1))
+
+
+# -- bookkeeping --------------------------------------------------------------------------------
+def test_stats_add_up(make_engine):
+    engine = make_engine()
+    texts = [STORY, STORY + " roads", "Hello there! How are you", "", "Hel"]
+    total = {"tokens_prefilled": 0, "tokens_reused": 0, "tokens_decoded": 0}
+    for i, text in enumerate(texts):
+        done = engine.completion(CompletionRequest(text, n=2, seed=i, max_new_tokens=6))
+        t = done.timings
+        assert t.tokens_prefilled + t.tokens_reused == len(prompt_of(engine, text, 6).tokens)
+        # Every suggestion's tokens but the first came from a decode step (an eos also took one).
+        assert t.tokens_decoded >= sum(len(s.token_ids) - 1 for s in done.suggestions)
+        assert t.total_ms >= t.prefill_ms >= 0 and t.total_ms >= t.decode_ms >= 0 and t.queue_ms >= 0
+        for k in total:
+            total[k] += getattr(t, k)
+    stats = engine.stats()
+    for k, v in total.items():
+        assert stats[k] == v, k
+    assert stats["requests"] == len(texts)
+    assert stats["tokens_reused"] > 0
+    assert stats["slots"] == 8 and stats["memory_bytes"] > stats["cache_bytes"] > 0
+
+
+# -- stop rules ---------------------------------------------------------------------------------
+def test_stop_auto_none_and_list(engine):
+    tok = engine.tokenizer
+    for text in ["The market opened early on Monday", "Hello there! How are you today? I", STORY]:
+        free = engine.complete(text, n=1, greedy=True, max_new_tokens=40, stop=None)[0]
+        assert free.finish_reason in ("length", "eos")
+        if free.finish_reason == "length":
+            assert len(free.token_ids) == 40
+        auto = engine.complete(text, n=1, greedy=True, max_new_tokens=40, stop="auto")[0]
+        assert auto.token_ids == free.token_ids[:len(auto.token_ids)]
+        cut, stopped = apply_stop(free.text, "auto")
+        assert auto.text == cut
+        assert auto.finish_reason == ("stop" if stopped else free.finish_reason)
+        if stopped:
+            assert len(auto.token_ids) < 40
+        # A list of stop strings: cut at the first one, decoding no further than needed.
+        for stops in (["e"], [" ", "\n"], [",", "."]):
+            listed = engine.complete(text, n=1, greedy=True, max_new_tokens=40, stop=stops)
+            if not listed:  # every candidate started with a stop string
+                continue
+            s = listed[0]
+            assert not any(x in s.text for x in stops)
+            assert s.token_ids == free.token_ids[:len(s.token_ids)] or s.token_ids[0] != free.token_ids[0]
+            if s.token_ids == free.token_ids[:len(s.token_ids)]:
+                assert free.text.startswith(s.text)
+                if s.finish_reason == "stop":
+                    rest = free.text[len(s.text):]
+                    assert any(rest.startswith(x) for x in stops)
+                    assert any(x in tok.decode(s.token_ids) for x in stops)
+
+
+def test_stop_list_cuts_sampled_suggestions(engine):
+    for seed in range(4):
+        free = engine.complete(STORY, n=3, seed=seed, max_new_tokens=20, stop=None)
+        listed = engine.complete(STORY, n=3, seed=seed, max_new_tokens=20, stop=["e", "a"])
+        for s in listed:
+            assert "e" not in s.text and "a" not in s.text and s.text.strip()
+        for s, f in zip(listed, free):
+            if s.token_ids == f.token_ids[:len(s.token_ids)] and s.finish_reason == "stop":
+                assert f.text.startswith(s.text) and f.text[len(s.text)] in "ea"
+
+
+@pytest.mark.parametrize("text", ["", "The market opened", "Hello there! How are you today? I hope"])
+def test_suggestions_are_distinct_and_non_empty(engine, text):
+    for seed in range(3):
+        assert_good_suggestions(engine.complete(text, n=5, seed=seed, max_new_tokens=6), 5)
+        assert_good_suggestions(engine.complete(text, n=5, seed=seed, max_new_tokens=6, stop=None), 5)
+    assert_good_suggestions(engine.complete(text, n=5, greedy=True, max_new_tokens=6), 5)
+
+
+# -- classify, answer, score ----------------------------------------------------------------------
+def test_classify_with_a_head(heads_engine):
+    assert "sequence-classification" in heads_engine.heads
+    for text in ["I love this, it is wonderful.", "x", "😀 \ud800"]:
+        c = heads_engine.classify(text)
+        assert c.method == "head"
+        assert {l.label for l in c.labels} == {"NEGATIVE", "POSITIVE"}
+        assert sum(l.score for l in c.labels) == pytest.approx(1.0, abs=1e-5)
+        assert all(0.0 <= l.score <= 1.0 for l in c.labels)
+        assert c.labels[0].score >= c.labels[1].score
+    with pytest.raises(BadRequest):
+        heads_engine.classify("   ")
+
+
+def test_classify_zero_shot(engine):
+    labels = ["weather", "sports", "music"]
+    c = engine.classify(STORY, labels=labels)
+    assert c.method == "zero-shot"
+    assert sorted(l.label for l in c.labels) == sorted(labels)
+    assert sum(l.score for l in c.labels) == pytest.approx(1.0, abs=1e-5)
+    assert [l.score for l in c.labels] == sorted((l.score for l in c.labels), reverse=True)
+    # A different order of candidates gives the same probabilities.
+    c2 = engine.classify(STORY, labels=list(reversed(labels)))
+    assert {l.label: l.score for l in c2.labels} == pytest.approx({l.label: l.score for l in c.labels}, abs=1e-5)
+    with pytest.raises(BadRequest):
+        engine.classify(STORY)  # no head, no labels
+    with pytest.raises(BadRequest):
+        engine.classify(STORY, labels=["only one"])
+    with pytest.raises(BadRequest):
+        engine.classify(STORY, labels=["same", "same"])
+    with pytest.raises(BadRequest):
+        engine.classify("", labels=labels)
+
+
+def test_zero_shot_is_the_mean_label_likelihood(engine):
+    """Labels of different token lengths are padded together; padding must not change their scores."""
+    import torch
+
+    from model.engine import ZERO_SHOT_SUFFIX
+
+    labels = ["snow", "a long winter night", "music"]
+    got = {l.label: l.score for l in engine.classify(STORY, labels=labels).labels}
+    tok = engine.tokenizer
+    prompt = tok.encode(STORY) + tok.encode(ZERO_SHOT_SUFFIX)
+    means = []
+    for label in labels:
+        lab = tok.encode(" " + label)
+        with torch.inference_mode():
+            logp = engine.model(torch.tensor([prompt + lab]))[0].float().log_softmax(-1)
+        means.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(lab)) / len(lab))
+    want = torch.tensor(means).softmax(-1).tolist()
+    assert [got[l] for l in labels] == pytest.approx(want, abs=1e-4)
+
+
+def test_answer_with_a_qa_head(heads_engine):
+    context = "The library is next to the park. It opens at nine in the morning. A teacher wrote the book."
+    for question in ["When does the library open?", "Who wrote the book?", "Where? 😀"]:
+        a = heads_engine.answer(question, context)
+        assert a.generated is False
+        assert a.start is not None and a.end is not None
+        assert 0 <= a.start <= a.end <= len(context)
+        assert context[a.start:a.end] == a.text
+        assert 0.0 <= a.score <= 1.0
+    with pytest.raises(BadRequest):
+        heads_engine.answer("", context)
+    with pytest.raises(BadRequest):
+        heads_engine.answer("Who?", " ")
+
+
+def test_answer_with_a_plain_lm_is_generated(engine):
+    context = "The library is next to the park. It opens at nine in the morning."
+    a = engine.answer("Where is the library?", context)
+    assert a.generated is True
+    assert 0.0 <= a.score <= 1.0
+    if a.start is not None:
+        assert context[a.start:a.end].lower() == a.text.lower()
+    assert not any(engine.scheduler.pool.busy)
+
+
+@pytest.mark.parametrize("text", ["Hello there! How are you today?", "😀 café e\u0301 שלום", "a", " spaces  "])
+def test_score_every_token(engine, text):
+    s = engine.score(text)
+    ids_ = engine.tokenizer.encode(text)
+    assert [t.token_id for t in s.tokens] == ids_
+    assert "".join(t.text for t in s.tokens) == text
+    for t in s.tokens:
+        assert 0.0 < t.prob <= 1.0
+        assert t.rank >= 1
+    with pytest.raises(BadRequest):
+        engine.score("")
+
+
+def test_score_matches_the_model(engine):
+    import torch
+
+    text = "The weather in the valley"
+    s = engine.score(text)
+    ids_ = [engine.eos] + engine.tokenizer.encode(text)
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([ids_]))[0].float()
+    probs = logits.softmax(-1)
+    for i, t in enumerate(s.tokens):
+        assert t.prob == pytest.approx(float(probs[i, t.token_id]), rel=1e-4)
+        assert t.rank == int((probs[i] > probs[i, t.token_id]).sum()) + 1
+
+
+# -- openai-gpt ---------------------------------------------------------------------------------
+def test_openai_gpt_completes_without_healing(tiny_openai):
+    engine = Engine.from_pretrained(str(tiny_openai), slots=4)
+    try:
+        done = engine.completion(CompletionRequest("Once upon a time there was a", n=3, seed=5, max_new_tokens=6))
+        assert done.healed == ""
+        assert_good_suggestions(done.suggestions, 3)
+        greedy = engine.completion(CompletionRequest("The weather in the", n=2, greedy=True, max_new_tokens=6))
+        assert_good_suggestions(greedy.suggestions, 2)
+        again = engine.completion(CompletionRequest("The weather in the valley", n=2, greedy=True,
+                                                    max_new_tokens=6))
+        assert again.timings.tokens_reused > 0
+        with pytest.raises(BadRequest, match="empty"):
+            engine.complete("", n=1)
+        assert not any(engine.scheduler.pool.busy)
+    finally:
+        engine.close()
