@@ -175,15 +175,19 @@ class Scheduler:
                     self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
 
     def _admit(self) -> None:
-        """Give slots to waiting requests, oldest first; drop the cancelled ones."""
+        """Give slots to waiting requests, oldest first; drop the cancelled ones (wherever they wait)."""
+        blocked = False
         for job in list(self._waiting):
             if job.cancelled or job.out_of_time(time.perf_counter()):
                 self._waiting.remove(job)
                 self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
                 continue
+            if blocked:
+                continue  # first come, first served: later requests wait behind the blocked one
             got = self.pool.acquire(job.prompt.tokens, job.n)
             if got is None:
-                break  # first come, first served: later requests wait behind this one
+                blocked = True
+                continue
             self._waiting.remove(job)
             job.slots, job.prefilled = got
             job.admitted = time.perf_counter()

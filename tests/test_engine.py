@@ -300,6 +300,24 @@ def test_cancel_frees_the_slots(make_engine):
     assert_good_suggestions(engine.complete("Hello there", n=2, max_new_tokens=4, seed=1))
 
 
+def test_cancel_behind_a_waiting_request_is_prompt(make_engine):
+    """A cancelled or timed-out request that waits behind another waiting one is answered at once."""
+    engine = make_engine(slots=4, delay=0.005)
+    pool = engine.scheduler.pool
+    running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))
+    assert wait_until(lambda: sum(pool.busy) == 4)
+    blocked = engine.submit(CompletionRequest("Hello there", n=2, greedy=True, max_new_tokens=4))
+    behind = engine.submit(CompletionRequest("Once upon", n=1, greedy=True, max_new_tokens=4))
+    limited = engine.submit(CompletionRequest("Once upon", n=1, greedy=True, max_new_tokens=4, max_time=0.05))
+    behind.cancel()
+    with pytest.raises(Cancelled):
+        behind.result(timeout=30)
+    assert limited.result(timeout=30)[0] == []  # out of time before it ever got a slot
+    assert not running.done(), "the cancelled request waited for the running one to finish"
+    assert running.result(timeout=60)[0] and blocked.result(timeout=60)[0]
+    assert idle(engine)
+
+
 def test_handle_timeout_raises_and_frees_the_slots(make_engine):
     engine = make_engine(slots=4, delay=0.005)
     handle = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=100, stop=None))
