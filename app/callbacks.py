@@ -186,7 +186,8 @@ def model_status(backend: Backend, model: Optional[str]) -> str:
         parts.append(f"loaded on {info.get('device', '?')}" if info["loaded"] else "loads on first use")
     if "served" in info:
         parts.append(f"{len(info.get('workers') or [])} worker(s)" if info["served"] else "no worker serving it")
-    return render.note_html(" · ".join(str(p) for p in parts))
+    ready = bool(info.get("loaded") or info.get("served"))
+    return render.status_html(" · ".join(str(p) for p in parts), ready)
 
 
 def load_model(backend: Backend, model: Optional[str], warn: Warn = None) -> str:
@@ -235,6 +236,12 @@ def answer(backend: Backend, context: str, question: str, model: Optional[str], 
     return render.answer_spans(context, ans), shown, render.info_html(ans.model, ans.timings, extra)
 
 
+def prompt_tail(prompt: str, words: int = 6) -> str:
+    """The last few words of a prompt, to show what each suggestion continues."""
+    parts = prompt.split(" ")
+    return prompt if len(parts) <= words else "…" + " ".join(parts[-words:])
+
+
 def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn: Warn = None) -> str:
     """One prompt to several models at once; their suggestions side by side with speed and size."""
     try:
@@ -260,7 +267,7 @@ def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn:
         decode_s = (t.decode_ms or ms) / 1000
         info, _ = friendly(lambda: backend.model_info(name))
         return {"model": result.model, "ms": ms, "tokens_per_s": t.tokens_decoded / decode_s if decode_s else 0.0,
-                "parameters": (info or {}).get("parameters"), "prompt_tail": prompt[-40:],
+                "parameters": (info or {}).get("parameters"), "prompt_tail": prompt_tail(prompt),
                 "suggestions": [s.text for s in result.suggestions]}
 
     with ThreadPoolExecutor(max_workers=len(models)) as pool:

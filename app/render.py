@@ -48,8 +48,9 @@ def error_html(message: str) -> str:
     return f'<div class="wwt-error-line" role="alert">⚠ {esc(message)}</div>'
 
 
-def note_html(message: str) -> str:
-    return f'<div class="wwt-info">{esc(message)}</div>'
+def status_html(message: str, ready: bool) -> str:
+    """A model's state: a green dot when it answers at once, a grey one when it loads on first use."""
+    return f'<div class="wwt-info wwt-state {"ready" if ready else "idle"}">{esc(message)}</div>'
 
 
 def prob_colour(prob: float) -> str:

@@ -89,8 +89,9 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
         with gr.Row(equal_height=True):
             model = gr.Dropdown(models, value=default_model, label="Model", scale=1, elem_id="wwt-model",
                                 info="used by every tab; loads on first use", allow_custom_value=False)
-            model_status = gr.HTML(callbacks.model_status(backend, default_model), scale=2,
-                                   apply_default_css=False, js_on_load=None, elem_id="wwt-model-status")
+            model_status = gr.HTML(callbacks.model_status(backend, default_model), scale=2, container=True,
+                                   padding=True, apply_default_css=False, js_on_load=None,
+                                   elem_id="wwt-model-status")
 
         with gr.Tabs():
             with gr.Tab("Write", id="write"):

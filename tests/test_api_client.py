@@ -1,0 +1,98 @@
+"""The named endpoints /complete, /classify, /answer and /score, through gradio_client and plain HTTP,
+against `wwt serve` with the tiny models."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from ui_support import Server
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
+    s = Server([f"tiny={tiny_gpt2}", f"heads={tiny_gpt2_heads}"], tmp_path_factory.mktemp("api")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server.url, verbose=False)
+
+
+def test_the_named_endpoints_are_listed(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert {"/complete", "/classify", "/answer", "/score"} <= set(api["named_endpoints"])
+    params = [p["parameter_name"] for p in api["named_endpoints"]["/complete"]["parameters"]]
+    assert params[:3] == ["text", "model", "n"]
+
+
+def test_complete(client):
+    out = client.predict("Once upon a time", api_name="/complete")  # every setting has a default
+    assert out["model"] == "tiny" and 1 <= len(out["suggestions"]) <= 3
+    s = out["suggestions"][0]
+    assert s["text"] and len(s["token_ids"]) == len(s["logprobs"]) >= 1
+    assert out["timings"]["total_ms"] > 0
+    seeded = [client.predict("Once upon a time", model="heads", n=2, max_new_tokens=4, seed=7, api_name="/complete")
+              for _ in range(2)]
+    assert seeded[0]["model"] == "heads" and len(seeded[0]["suggestions"]) <= 2
+    assert [x["token_ids"] for x in seeded[0]["suggestions"]] == [x["token_ids"] for x in seeded[1]["suggestions"]]
+    assert all(len(x["token_ids"]) <= 4 for x in seeded[0]["suggestions"])
+
+
+def test_classify_answer_score(client):
+    head = client.predict("What a lovely day", "", "heads", api_name="/classify")
+    assert head["method"] == "head" and {x["label"] for x in head["labels"]} == {"NEGATIVE", "POSITIVE"}
+    zero = client.predict("The striker scored", labels="sports, politics", model="tiny", api_name="/classify")
+    assert zero["method"] == "zero-shot" and {x["label"] for x in zero["labels"]} == {"sports", "politics"}
+    context = "Alice met Bob at the station."
+    ans = client.predict("Who met Bob?", context, "heads", api_name="/answer")
+    assert ans["generated"] is False and context[ans["start"]:ans["end"]] == ans["text"]
+    gen = client.predict("Who met Bob?", context, "tiny", api_name="/answer")
+    assert gen["generated"] is True and gen["start"] is None
+    scores = client.predict("Hello world", api_name="/score")
+    assert scores["model"] == "tiny" and "".join(t["text"] for t in scores["tokens"]) == "Hello world"
+    assert all(0 <= t["prob"] <= 1 for t in scores["tokens"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(text="Hi", model="gpt9", api_name="/complete"), "unknown model 'gpt9'; this app offers tiny, heads"),
+    (dict(text="Hi", n=99, api_name="/complete"), "n must be a whole number between 1 and 9 (got 99)"),
+    (dict(text="Hi", top_p=3.0, api_name="/complete"), "top_p must be a number between 0.05 and 1.0 (got 3.0)"),
+    (dict(text="   ", api_name="/classify"), "the text is empty"),
+    (dict(question="Who?", context="", api_name="/answer"), "the context is empty"),
+])
+def test_bad_requests_get_the_message_and_the_server_stays_up(client, kwargs, message):
+    with pytest.raises(Exception) as info:
+        client.predict(**kwargs)
+    assert message in str(info.value)
+    assert "Traceback" not in str(info.value)
+    assert client.predict("Still up?", api_name="/score")["tokens"]
+
+
+def _http(server, endpoint: str, data: list) -> tuple[str, object]:
+    """The two-step plain HTTP call: POST the inputs, then read the event stream for the result."""
+    post = urllib.request.Request(f"{server.url}gradio_api/call/{endpoint}", method="POST",
+                                  data=json.dumps({"data": data}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as r:
+        event_id = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{server.url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as r:
+        lines = r.read().decode().splitlines()
+    event = next(line.split(": ", 1)[1] for line in lines if line.startswith("event: "))
+    payload = next(line.split(": ", 1)[1] for line in lines if line.startswith("data: "))
+    return event, json.loads(payload)
+
+
+def test_plain_http(server):
+    event, data = _http(server, "complete", ["Once upon a time", "tiny", 2, 6, 1.0, 0, 0.9, False, None])
+    assert event == "complete" and data[0]["model"] == "tiny" and data[0]["suggestions"]
+    event, data = _http(server, "classify", ["Nice weather", "sunny, rainy", "tiny"])
+    assert event == "complete" and {x["label"] for x in data[0]["labels"]} == {"sunny", "rainy"}
+    event, data = _http(server, "complete", ["Hi", "gpt9", 3, 8, 1.0, 0, 0.9, False, None])
+    assert event == "error" and "unknown model 'gpt9'" in data["error"]
