@@ -158,6 +158,8 @@ class CeleryBackend(Backend):
         # The worker timed its own part; what is left of the round trip is queue and transport.
         t.queue_ms += max(0.0, elapsed - float(value.get("worker_ms", t.total_ms)))
         t.total_ms = elapsed
+        if hasattr(t, "worker"):  # which worker answered, where the result type has room for it
+            t.worker = str(value.get("worker", ""))
         return result
 
     # -- documents ----------------------------------------------------------------------

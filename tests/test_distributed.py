@@ -28,10 +28,10 @@ from dist_support import ROOT, RedisServer, Worker, total_tasks, wait_for, worke
 pytestmark = pytest.mark.redis
 
 FAST_ENV = {"WWT_HEARTBEAT_S": "1"}  # announcements expire within 3 s of a worker's death
-# The slow pair: decoding is cut at 2 s (soft limit), tasks of a dead worker are redelivered
-# after 4 s and swept for every 0.5 s, so a SIGKILLed task is finished elsewhere within seconds.
-SLOW_ENV = {**FAST_ENV, "WWT_TASK_SOFT_TIME_LIMIT": "2", "WWT_TASK_TIME_LIMIT": "3",
-            "WWT_VISIBILITY_TIMEOUT": "4", "WWT_RESTORE_INTERVAL": "0.5"}
+# The slow pair: decoding is cut at 1.5 s (soft limit), tasks of a dead worker are redelivered
+# after 5 s and swept for every 0.5 s, so a SIGKILLed task is finished elsewhere within seconds.
+SLOW_ENV = {**FAST_ENV, "WWT_TASK_SOFT_TIME_LIMIT": "1.5", "WWT_TASK_TIME_LIMIT": "3.5",
+            "WWT_VISIBILITY_TIMEOUT": "5", "WWT_RESTORE_INTERVAL": "0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -298,17 +298,34 @@ def test_a_task_of_a_killed_worker_is_finished_by_another(redis_server, client, 
     try:
         victim = wait_for(lambda: next((n for n in nodes if worker_stats(client, n).get("started")), None),
                           30, "a worker to start the task", every=0.01)
-        nodes[victim].kill()  # mid-task: decoding takes about 2 s
+        nodes[victim].kill()  # mid-task: decoding takes 1.5 s (the soft limit)
         assert worker_stats(client, victim).get("done", 0) == 0, "the task finished before the kill"
         caller.join(90)
         assert "result" in box, f"the request did not complete after its worker was killed: {box}"
+        survivor = next(n for n in nodes if n != victim)
+        assert box["result"].suggestions
+        assert worker_stats(client, survivor).get("done", 0) >= 1
+        assert worker_stats(client, victim).get("done", 0) == 0
+
+        # A worker that stops cleanly leaves the registry at once; a killed one when its
+        # announcement expires. Then the app says so at once instead of waiting.
+        nodes[survivor].stop()
+        assert survivor not in [w["node"] for w in live_workers(client, "slow")]
+        wait_for(lambda: not live_workers(client, "slow"), 15, "the killed worker's announcement to expire")
+        with pytest.raises(NoWorker, match="no worker is serving slow"):
+            backend.complete(request, timeout=300)
     finally:
         caller.join(1)
         backend.close()
-    survivor = next(n for n in nodes if n != victim)
-    assert box["result"].suggestions
-    assert worker_stats(client, survivor).get("done", 0) >= 1
-    assert worker_stats(client, victim).get("done", 0) == 0
+
+
+def test_a_worker_without_redis_says_so(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--model", f"x={tmp_path}",
+                          "--redis-url", "redis://:secret@127.0.0.1:1/0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in out.stderr
+    assert "Traceback" not in out.stderr and "secret" not in out.stderr
 
 
 def test_redis_down_is_a_clear_error_and_the_backend_recovers(redis_server, client, backend, pair):
