@@ -18,7 +18,8 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
 from model.errors import BackendUnavailable, NoWorker, RequestTimeout, UnknownModel, WorkerFailed, error_from_dict
-from model.known import KNOWN_MODELS, parse_model_spec
+from model.config import GPTConfig
+from model.known import KNOWN_MODELS, KNOWN_SHAPES, parse_model_spec
 from model.types import RESULT_TYPES, Completion, CompletionRequest
 from workers.celery_app import make_app
 from workers.config import TASK_NAME, queue_name, redact
@@ -52,29 +53,41 @@ class CeleryBackend(Backend):
         self.cache = SuggestionCache(self.redis) if cache else None
         self.documents = RedisDocumentStore(self.redis)
         self._served_at: dict[str, float] = {}
+        self._served_list: tuple[float, list] = (-1e9, [])
         self._lock = threading.Lock()
 
     # -- models -------------------------------------------------------------------------
     def models(self) -> list[str]:
+        """The configured models, then any other model a worker serves (asked at most once a second)."""
         names = list(self.names)
-        try:
-            names += [m for m in self._redis(served_models, self.redis) if m not in names]
-        except BackendUnavailable:
-            pass  # the configured names are still worth showing; requests will say what is wrong
-        return names
+        now = time.monotonic()
+        served = self._served_list
+        if now - served[0] >= SERVED_CACHE_S:
+            try:
+                served = self._served_list = (now, list(self._redis(served_models, self.redis)))
+            except BackendUnavailable:
+                pass  # the configured names are still worth showing; requests will say what is wrong
+        return names + [m for m in served[1] if m not in names]
 
     def model_info(self, name: str) -> dict:
         name = name or self._default()
-        workers = self._redis(live_workers, self.redis, name)
-        info = {"name": name, "backend": self.kind, "served": bool(workers), "workers": workers}
+        info = {"name": name, "backend": self.kind}
+        try:
+            workers = self._redis(live_workers, self.redis, name)
+        except BackendUnavailable as e:  # a status card should still render, saying why
+            workers, info["error"] = [], e.message
+        info.update(served=bool(workers), workers=workers)
         if workers:
-            for key in ("device", "parameters", "memory_bytes", "heads", "n_layer", "n_embd"):
+            for key in ("device", "dtype", "parameters", "memory_bytes", "heads", "n_layer", "n_embd"):
                 if key in workers[0]:
                     info[key] = workers[0][key]
+        elif name in KNOWN_SHAPES:  # its size is known without a worker
+            model_type = "openai-gpt" if name == "openai-gpt" else "gpt2"
+            info["parameters"] = GPTConfig(**KNOWN_SHAPES[name], model_type=model_type).parameter_count()
         return info
 
     def _default(self) -> str:
-        names = self.models()
+        names = self.names or self.models()
         if not names:
             raise NoWorker("no model is configured and no worker is serving one; start one with "
                            "`wwt worker --model gpt2`")

@@ -107,6 +107,10 @@ def test_complete_classify_answer_through_the_queue(backend, client, local_engin
     assert context[a.start:a.end] == a.text
     assert total_tasks(client) == before + 3
 
+    info = backend.model_info("tiny")
+    assert info["served"] and len(info["workers"]) == 2 and "question-answering" in info["heads"]
+    assert backend.model_info("gpt2")["served"] is False
+
 
 def test_bad_request_comes_back_as_an_error_and_the_worker_keeps_serving(backend, pair):
     with pytest.raises(BadRequest):
@@ -154,6 +158,10 @@ def test_a_cache_hit_makes_no_worker_call(backend, client):
     assert backend.complete(_req("Cache me if you can", seed=7, temperature=0.5), timeout=60).timings.source == "engine"
     assert backend.complete(_req("Cache me if you can", seed=7, fresh=True), timeout=60).timings.source == "engine"
     assert total_tasks(client) == before + 3
+
+    info = backend.model_info("tiny")
+    assert info["served"] and len(info["workers"]) == 2 and "question-answering" in info["heads"]
+    assert backend.model_info("gpt2")["served"] is False
 
 
 def test_typing_along_a_suggestion_is_served_from_the_cache(backend, client):
@@ -339,6 +347,7 @@ def test_redis_down_is_a_clear_error_and_the_backend_recovers(redis_server, clie
         with pytest.raises(BackendUnavailable):
             backend.save_document("hello")
         assert backend.models() == ["tiny"]  # the configured models are still listed
+        assert "cannot reach Redis" in backend.model_info("tiny")["error"]
     finally:
         redis_server.start()  # same port and password; the data is gone
 
