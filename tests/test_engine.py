@@ -7,6 +7,7 @@ test needs a request to be long-running, the model is slowed down instead of rac
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -19,6 +20,8 @@ from model.slots import common_prefix
 from model.tiny import corpus_lines
 from model.types import CompletionRequest
 
+# Token-for-token comparisons hold in float32 on the CPU; set this to try another device.
+DEVICE = os.environ.get("WWT_TEST_DEVICE", "cpu")
 STORY = "The weather in the valley turned cold that night. Snow covered the"
 
 
@@ -80,7 +83,7 @@ def make_engine(tiny_gpt2):
     made = []
 
     def make(path=None, slots: int = 8, delay: float = 0.0) -> Engine:
-        engine = Engine.from_pretrained(str(path or tiny_gpt2), slots=slots)
+        engine = Engine.from_pretrained(str(path or tiny_gpt2), slots=slots, device=DEVICE)
         if delay:
             slow_down(engine, delay)
         made.append(engine)
@@ -93,14 +96,14 @@ def make_engine(tiny_gpt2):
 
 @pytest.fixture(scope="module")
 def engine(tiny_gpt2):
-    e = Engine.from_pretrained(str(tiny_gpt2), slots=8)
+    e = Engine.from_pretrained(str(tiny_gpt2), slots=8, device=DEVICE)
     yield e
     e.close()
 
 
 @pytest.fixture(scope="module")
 def heads_engine(tiny_gpt2_heads):
-    e = Engine.from_pretrained(str(tiny_gpt2_heads), slots=4)
+    e = Engine.from_pretrained(str(tiny_gpt2_heads), slots=4, device=DEVICE)
     yield e
     e.close()
 
@@ -653,7 +656,7 @@ def test_zero_shot_is_the_mean_label_likelihood(engine):
     for label in labels:
         lab = tok.encode(" " + label)
         with torch.inference_mode():
-            logp = engine.model(torch.tensor([prompt + lab]))[0].float().log_softmax(-1)
+            logp = engine.model(torch.tensor([prompt + lab], device=engine.device))[0].float().log_softmax(-1)
         means.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(lab)) / len(lab))
     want = torch.tensor(means).softmax(-1).tolist()
     assert [got[l] for l in labels] == pytest.approx(want, abs=1e-4)
@@ -704,7 +707,7 @@ def test_score_matches_the_model(engine):
     s = engine.score(text)
     ids_ = [engine.eos] + engine.tokenizer.encode(text)
     with torch.inference_mode():
-        logits = engine.model(torch.tensor([ids_]))[0].float()
+        logits = engine.model(torch.tensor([ids_], device=engine.device))[0].float().cpu()
     probs = logits.softmax(-1)
     for i, t in enumerate(s.tokens):
         assert t.prob == pytest.approx(float(probs[i, t.token_id]), rel=1e-4)
@@ -713,7 +716,7 @@ def test_score_matches_the_model(engine):
 
 # -- openai-gpt ---------------------------------------------------------------------------------
 def test_openai_gpt_completes_without_healing(tiny_openai):
-    engine = Engine.from_pretrained(str(tiny_openai), slots=4)
+    engine = Engine.from_pretrained(str(tiny_openai), slots=4, device=DEVICE)
     try:
         done = engine.completion(CompletionRequest("Once upon a time there was a", n=3, seed=5, max_new_tokens=6))
         assert done.healed == ""
