@@ -9,11 +9,12 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app.server import HINT, build_app, model_specs, prepare_backend  # noqa: E402  (the app/ package)
+from app.server import HINT, build_app, model_specs, prepare_backend, setup_logging  # noqa: E402
 from app.settings import env  # noqa: E402
 from app.ui import launch_kwargs  # noqa: E402
 from model.errors import WWTError  # noqa: E402
 
+setup_logging()
 try:
     backend = prepare_backend(env("WWT_BACKEND"), model_specs(None), redis_url=env("WWT_REDIS_URL"),
                               device=env("WWT_DEVICE") or None)

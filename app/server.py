@@ -24,6 +24,12 @@ HINT = ("To run without the Hub, point --model at a local folder with config.jso
         "e.g. `wwt make-tiny-model /tmp/tiny && wwt serve --model tiny=/tmp/tiny`.")
 
 
+def setup_logging() -> None:
+    """Our INFO lines (model loading) in the log, without every HTTP request Gradio makes to itself."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def model_specs(given: Optional[list]) -> list[str]:
     """--model flags, else WWT_MODELS (comma-separated)."""
     specs = given or env("WWT_MODELS").split(",")
@@ -57,7 +63,7 @@ def build_app(backend):
 
 
 def serve(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     specs = model_specs(getattr(args, "model", None))
     try:
         backend = prepare_backend(args.backend, specs, redis_url=getattr(args, "redis_url", None),

@@ -88,7 +88,8 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                 apply_default_css=False, js_on_load=None)
         with gr.Row(equal_height=True):
             model = gr.Dropdown(models, value=default_model, label="Model", scale=1, elem_id="wwt-model",
-                                info="used by every tab; loads on first use", allow_custom_value=False)
+                                info="used by every tab" + ("; loads on first use" if backend.kind == "local" else ""),
+                                allow_custom_value=False)
             model_status = gr.HTML(callbacks.model_status(backend, default_model), scale=2, container=True,
                                    padding=True, apply_default_css=False, js_on_load=None,
                                    elem_id="wwt-model-status")
@@ -196,9 +197,9 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
             text = callbacks.open_shared(backend, doc_id, warn)
             offered = backend.models() or models
             return (gr.skip() if text is None else text), gr.Dropdown(choices=offered), \
-                gr.CheckboxGroup(choices=offered)
+                gr.CheckboxGroup(choices=offered), callbacks.model_status(backend, default_model)
 
-        demo.load(on_load, None, [editor, model, cmp_models], api_visibility="private")
+        demo.load(on_load, None, [editor, model, cmp_models, model_status], api_visibility="private")
 
         # -- named API endpoints ------------------------------------------------------------
         def complete(text: str, model: str = "", n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0,

@@ -12,7 +12,7 @@ import urllib.parse
 
 import pytest
 
-from ui_support import ARTIFACTS, Server
+from ui_support import ARTIFACTS, Server, free_port
 
 pytestmark = pytest.mark.browser
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -201,6 +201,58 @@ def test_suggest_as_i_type(app):
     app.page.locator("#wwt-auto input").uncheck()
 
 
+def test_settings_panel_reaches_the_editor(app):
+    app.choose_model("heads")
+    number = app.page.locator("#wwt-n input[type=number]")
+    number.fill("1")
+    number.press("Enter")
+    app.page.wait_for_function("window.wwtSettings && window.wwtSettings.n == 1 && window.wwtSettings.model == 'heads'")
+    app.editor.click()
+    app.page.keyboard.press("Control+End")
+    app.page.keyboard.press("Tab")
+    app.shown()
+    assert app.items.count() == 1
+    assert app.items.locator(".wwt-meta").first.text_content().startswith("heads · ")
+    sent = json.loads(app.suggest_calls()[-1].post_data)["data"]
+    assert (sent["model"], sent["n"]) == ("heads", 1)
+    app.page.keyboard.press("Escape")
+    number.fill("3")
+    number.press("Enter")
+    app.choose_model("tiny")
+    app.page.wait_for_function("window.wwtSettings.n == 3 && window.wwtSettings.model == 'tiny'")
+
+
+def test_a_megabyte_document_still_gets_suggestions_but_is_too_big_to_share(app):
+    app.page.evaluate("""() => {
+        const ta = document.querySelector('#wwt-editor textarea');
+        ta.value = 'All work and no play makes Jack a dull boy. '.repeat(24000);
+        ta.dispatchEvent(new Event('input', {bubbles: true}));
+        ta.focus();
+        ta.setSelectionRange(ta.value.length, ta.value.length);
+    }""")
+    assert len(app.editor.input_value()) > 1_000_000
+    app.page.keyboard.press("Tab")
+    assert app.shown()  # only a stable tail of the text travels to the model
+    sent = json.loads(app.suggest_calls()[-1].post_data)["data"]["before"]
+    assert 0 < len(sent) <= 65536
+    app.page.keyboard.press("Escape")
+    app.page.locator("#wwt-editor .wwt-share").click()
+    error = app.page.locator("#wwt-editor .wwt-error")
+    error.wait_for(timeout=WAIT_MS)
+    assert "the document has 1,056,000 characters; the limit is 1,000,000" in error.text_content()
+    app.page.evaluate("""() => {
+        const ta = document.querySelector('#wwt-editor textarea');
+        ta.value = 'Tabs\tand\u0007 bells';
+        ta.dispatchEvent(new Event('input', {bubbles: true}));
+    }""")
+    app.editor.click()
+    app.page.keyboard.press("Control+End")
+    app.page.keyboard.press("Tab")
+    assert app.shown()
+    assert error.is_hidden()  # a new request clears the old message
+    app.page.keyboard.press("Escape")
+
+
 def test_classify_tab(app):
     app.tab("Classify")
     app.page.locator("#wwt-cls-text textarea").fill("The striker scored twice in the final.")
@@ -246,3 +298,25 @@ def test_compare_tab(app):
 
 def test_the_page_made_no_request_beyond_the_server(app):
     assert app.external() == []
+
+
+def test_backend_down_shows_a_message_in_the_editor(browser, tmp_path_factory):
+    """The queue backend pointed at a Redis that is not there: the page says so and keeps working."""
+    s = Server(["tiny"], tmp_path_factory.mktemp("down"), backend="celery", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    s.start()
+    try:
+        page = Page(browser, s.url)
+        page.editor.click()
+        page.page.keyboard.type("Hello")
+        page.page.keyboard.press("Tab")
+        error = page.page.locator("#wwt-editor .wwt-error")
+        error.wait_for(timeout=WAIT_MS)
+        assert "Redis" in error.text_content() and "Traceback" not in error.text_content()
+        assert page.menu.is_hidden()
+        page.page.keyboard.press("Tab")  # still answering
+        page.page.wait_for_function("document.querySelector('#wwt-editor .wwt-status').textContent === ''")
+        assert not error.is_hidden()
+        page.screenshot("backend-down")
+        page.page.close()
+    finally:
+        s.stop()

@@ -27,14 +27,17 @@ def free_port() -> int:
 class Server:
     """`wwt serve --model ... --port P` in a subprocess; its log goes to a file for failure messages."""
 
-    def __init__(self, models: list[str], folder: Path, extra_env: Optional[dict] = None):
+    def __init__(self, models: list[str], folder: Path, extra_env: Optional[dict] = None, backend: str = "local",
+                 redis_url: Optional[str] = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = Path(folder) / f"serve-{self.port}.log"
         self.env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
                     "WWT_DATA_DIR": str(Path(folder) / "data"), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.args = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                     "--backend", "local"]
+                     "--backend", backend]
+        if redis_url:
+            self.args += ["--redis-url", redis_url]
         for m in models:
             self.args += ["--model", m]
         self.proc: Optional[subprocess.Popen] = None
