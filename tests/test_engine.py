@@ -25,7 +25,7 @@ DEVICE = os.environ.get("WWT_TEST_DEVICE", "cpu")
 STORY = "The weather in the valley turned cold that night. Snow covered the"
 
 
-# -- helpers ------------------------------------------------------------------------------------
+# -- utilities ----------------------------------------------------------------------------------
 def slow_down(engine: Engine, delay: float) -> None:
     """Make every forward pass take at least `delay` seconds, so a request is reliably still running."""
     inner = engine.model.transformer.forward
