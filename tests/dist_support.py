@@ -110,7 +110,7 @@ class Worker:
 
     def node(self) -> str:
         """The Celery node name the worker picks (<queue>-<pid>@<host>)."""
-        from workers.worker import queue_name
+        from workers.config import queue_name
 
         model = self.spec.split("=", 1)[0]
         return f"{queue_name(model)}-{self.pid}@{socket.gethostname()}"
