@@ -107,7 +107,7 @@ class Engine:
         if r.seed is not None:
             _check_range("seed", r.seed, 0, 2**62, int)
         if r.max_time is not None:
-            _check_range("max_time", r.max_time, 0.0, 3600.0)
+            _check_range("max_time", r.max_time, 0.01, 3600.0)
         stop = r.stop
         if not (stop is None or stop == "auto" or (isinstance(stop, (list, tuple))
                                                     and all(isinstance(s, str) for s in stop))):
@@ -227,6 +227,8 @@ class Engine:
         start, end = spans[s][0] - offset, spans[e][1] - offset
         while start < end and context[start].isspace():
             start += 1
+        while end > start and context[end - 1].isspace():
+            end -= 1
         return Answer(model=self.name, text=context[start:end], score=float(joint[s, e]), start=start, end=end,
                       generated=False, timings=Timings())
 

@@ -48,6 +48,8 @@ class GPTTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, byte_level: bool, eos_token_id: Optional[int]):
         self.tokenizer = tokenizer
+        # A person typing "<|endoftext|>" means the characters, not the end-of-text token.
+        tokenizer.encode_special_tokens = True
         self.byte_level = byte_level
         self.eos_token_id = eos_token_id
         self.vocab_size = tokenizer.get_vocab_size()

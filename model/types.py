@@ -136,6 +136,9 @@ class ScoreRequest(_JSON):
 
 @dataclass
 class TokenScore(_JSON):
+    """One token of a scored text. rank 1 is the model's first choice; rank 0 marks a first
+    token that could not be scored (a model with no start-of-text token)."""
+
     text: str
     token_id: int
     prob: float

@@ -731,3 +731,16 @@ def test_openai_gpt_completes_without_healing(tiny_openai):
         assert not any(engine.scheduler.pool.busy)
     finally:
         engine.close()
+
+
+def test_typed_end_of_text_marker_is_plain_text(engine):
+    """A person typing "<|endoftext|>" means those characters, not the model's end-of-text token."""
+    ids = engine.tokenizer.encode("Hello<|endoftext|>")
+    assert engine.eos not in ids
+    assert engine.tokenizer.decode(ids) == "Hello<|endoftext|>"
+    assert_good_suggestions(engine.complete("Hello<|endoftext|>", n=2, max_new_tokens=5, seed=0))
+
+
+def test_zero_max_time_is_rejected(engine):
+    with pytest.raises(BadRequest, match="max_time"):
+        engine.complete("Hello", max_time=0)
