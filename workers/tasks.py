@@ -81,7 +81,8 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
         if soft_limit:
             # The threads pool cannot interrupt a thread, so the soft time limit is enforced
             # by the engine itself: decoding stops at max_time and returns what it has.
-            max_time = min(request.max_time, soft_limit) if request.max_time else soft_limit
+            limit = request.max_time
+            max_time = min(limit, soft_limit) if isinstance(limit, (int, float)) and limit > 0 else soft_limit
             request = dataclasses.replace(request, max_time=max_time)
         # ...and the hard limit bounds the whole wait (queued inside the engine included).
         return engine.completion(request, timeout=hard_limit)
