@@ -117,6 +117,8 @@ def test_bad_request_comes_back_as_an_error_and_the_worker_keeps_serving(backend
         backend.complete(_req("Hello", temperature=-1.0, fresh=True), timeout=60)
     with pytest.raises(BadRequest):
         backend.complete(_req("Hello", n=0, fresh=True), timeout=60)
+    with pytest.raises(BadRequest, match="max_time"):
+        backend.complete(_req("Hello", max_time=-1.0, fresh=True), timeout=60)
     assert all(w.alive() for w in pair)
     assert backend.complete(_req("Hello there", fresh=True), timeout=60).suggestions
 

@@ -82,8 +82,9 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
             # The threads pool cannot interrupt a thread, so the soft time limit is enforced
             # by the engine itself: decoding stops at max_time and returns what it has.
             limit = request.max_time
-            max_time = min(limit, soft_limit) if isinstance(limit, (int, float)) and limit > 0 else soft_limit
-            request = dataclasses.replace(request, max_time=max_time)
+            if limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0):
+                request = dataclasses.replace(request, max_time=min(limit or soft_limit, soft_limit))
+            # any other max_time is left for the engine to reject with a clear message
         # ...and the hard limit bounds the whole wait (queued inside the engine included).
         return engine.completion(request, timeout=hard_limit)
     if kind == "classify":
