@@ -62,6 +62,8 @@ class Engine:
         self.heads = {"lm", *heads}
         self.device = lm.transformer.wte.weight.device
         self.dtype = lm.transformer.wte.weight.dtype
+        # CPU float32: matmul weights in oneDNN's layout (WWT_CPU_PACK=0 keeps the plain one).
+        self.packed = os.environ.get("WWT_CPU_PACK", "1") != "0" and lm.pack_for_cpu()
         slots = slots or default_slots(self.config, self.device, self.dtype)
         self.cache = KVCache(self.config, slots, dtype=self.dtype, device=self.device)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
@@ -284,7 +286,7 @@ class Engine:
                 "cache_bytes": self.cache.nbytes(), "memory_bytes": self.memory_bytes()}
 
     def memory_bytes(self) -> int:
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters()) + self.model.packed_bytes()
         params += sum(p.numel() * p.element_size() for h in self.extra_heads.values()
                       for n, p in h.named_parameters() if not n.startswith("transformer."))
         return params + self.cache.nbytes()

@@ -131,15 +131,34 @@ class AllSlotsView:
         return F.scaled_dot_product_attention(q, ck, cv, attn_mask=self.mask, scale=scale).to(q.dtype)
 
 
+def cpu_packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _packed_linear(x, packed, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class Conv1D(nn.Module):
-    """A linear layer whose weight is stored [in, out], as the Hub's GPT checkpoints store it."""
+    """A linear layer whose weight is stored [in, out], as the Hub's GPT checkpoints store it.
+
+    `pack()` trades the weight for oneDNN's own layout (CPU, float32, inference): the few
+    rows a decode step multiplies run about twice as fast as through the plain BLAS call.
+    """
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
+        self.packed = None
+
+    def pack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().t().contiguous())
+        del self.weight  # the packed copy replaces it
 
     def forward(self, x):
+        if self.packed is not None:
+            return _packed_linear(x, self.packed, self.bias)
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
@@ -259,10 +278,19 @@ class LMHead(nn.Module):
         super().__init__()
         self.body = [body]  # a list, so the embedding is not registered twice
         self.untied = None if weight is None else nn.Parameter(weight)
+        self.packed = None
+
+    def weight(self) -> torch.Tensor:
+        return self.untied if self.untied is not None else self.body[0].wte.weight
+
+    def pack(self) -> None:
+        """A oneDNN copy of the (tied) weight; the embedding lookup keeps the original."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().detach().contiguous())
 
     def forward(self, hidden):
-        w = self.untied if self.untied is not None else self.body[0].wte.weight
-        return hidden @ w.t()
+        if self.packed is not None:
+            return _packed_linear(hidden, self.packed, None)
+        return hidden @ self.weight().t()
 
 
 class SequenceSummary(nn.Module):
@@ -322,6 +350,20 @@ HEAD_PREFIXES = {
 
 class GPTModel(nn.Module):
     """The body with one head: what `model.load(name, head=...)` returns."""
+
+    def pack_for_cpu(self) -> bool:
+        """Repack the matmul weights in oneDNN's layout for CPU float32 inference (see Conv1D)."""
+        weight = self.transformer.wte.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_packing_available():
+            return False
+        for module in self.modules():
+            if isinstance(module, (Conv1D, LMHead)) and module.packed is None:
+                module.pack()
+        return True
+
+    def packed_bytes(self) -> int:
+        return sum(m.packed.numel() * m.packed.element_size() for m in self.modules()
+                   if isinstance(m, (Conv1D, LMHead)) and m.packed is not None)
 
     def __init__(self, config: GPTConfig, head: str = "lm"):
         super().__init__()
