@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import statistics
 import tempfile
 import threading
@@ -205,7 +206,9 @@ def _print(results: dict) -> None:
               f"{m['reference_weights_mb']:.0f} MB; process peak RSS {m['process_peak_rss_mb']:.0f} MB")
     q = results.get("queue")
     if q:
-        print(f"6. queue path: {json.dumps(q)}")
+        from .bench_queue import format_report
+
+        print("6. queue path over the embedded path:\n" + format_report(q))
 
 
 def run_bench(args) -> int:
@@ -228,10 +231,11 @@ def run_bench(args) -> int:
             results["batching"] = bench.batching()
         if want("memory"):
             results["memory"] = bench.memory()
-        if want("queue") and getattr(args, "redis_url", None):
+        if want("queue") and (getattr(args, "redis_url", None) or shutil.which("redis-server")):
             from .bench_queue import bench_queue
 
-            results["queue"] = bench_queue(args.redis_url, str(folder), bench.repeats)
+            # Without a URL it starts a throwaway redis-server; the worker gets the same 2 threads.
+            results["queue"] = bench_queue(args.redis_url, str(folder), bench.repeats, threads=2)
         bench.engine.close()
     if args.json:
         print(json.dumps(results, indent=2))

@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="start a Celery worker serving one model")
     p.add_argument("--model", required=True)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=int(env("WWT_CONCURRENCY")),
+                   help="tasks one worker runs at once (threads sharing its one engine)")
     p.add_argument("--redis-url", default=env("WWT_REDIS_URL"))
     p.add_argument("--device", default=env("WWT_DEVICE") or None)
-    p.add_argument("--slots", type=int, default=None)
+    p.add_argument("--slots", type=int, default=int(env("WWT_SLOTS")) if env("WWT_SLOTS") else None,
+                   help="KV-cache slots of the worker's engine")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("bench", help="benchmark the engine against the reference implementation")

@@ -10,6 +10,7 @@ ENV = {
     "WWT_MODELS": ("gpt2", "comma-separated models the app offers (short name, Hub id, folder, or name=source)"),
     "WWT_DEVICE": ("", "cpu, cuda or cuda:N; empty picks CUDA when present"),
     "WWT_SLOTS": ("", "KV-cache slots per engine (sequences held at once); empty picks by device"),
+    "WWT_CONCURRENCY": ("8", "celery worker: tasks run at once, all batched by its one engine"),
     "WWT_MEMORY_BUDGET_GB": ("8", "embedded mode: unload the least recently used model beyond this much"),
     "WWT_REQUEST_TIMEOUT": ("60", "seconds the app waits for any answer before it gives up"),
     "WWT_DATA_DIR": ("~/.cache/write-with-transformer", "embedded mode: where shared documents are kept"),

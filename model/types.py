@@ -79,6 +79,7 @@ class Timings(_JSON):
     tokens_reused: int = 0
     tokens_decoded: int = 0
     source: str = "engine"  # engine | cache | cache-incremental
+    worker: str = ""  # the Celery worker that answered, in the distributed mode
 
 
 @dataclass
