@@ -64,7 +64,7 @@ def token_view_html(scores: Scores) -> str:
     """The document as it was tokenized, each token on a background coloured by its probability."""
     spans = []
     for tok in scores.tokens:
-        title = f"p = {tok.prob:.3g} · rank {tok.rank}" if tok.rank else "first token (nothing before it to predict from)"
+        title = f"p = {tok.prob:.3g} · rank {tok.rank}" if tok.rank else "first token (nothing to predict it from)"
         text = esc(tok.text).replace("\n", "↵\n")
         spans.append(f'<span class="wwt-tok" style="background:{prob_colour(tok.prob)}" '
                      f'title="{esc(title)}">{text}</span>')

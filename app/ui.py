@@ -87,10 +87,11 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                 f'the model would write next. GPT-2 family, served by a <b>{backend.kind}</b> backend.</p></div>',
                 apply_default_css=False, js_on_load=None)
         with gr.Row(equal_height=True):
-            model = gr.Dropdown(models, value=default_model, label="Model", scale=1, elem_id="wwt-model",
+            model = gr.Dropdown(models, value=default_model, label="Model", scale=1, min_width=260, elem_id="wwt-model",
                                 info="used by every tab" + ("; loads on first use" if backend.kind == "local" else ""),
                                 allow_custom_value=False)
-            model_status = gr.HTML(callbacks.model_status(backend, default_model), scale=2, container=True,
+            model_status = gr.HTML(callbacks.model_status(backend, default_model), scale=2, min_width=260,
+                                   container=True,
                                    padding=True, apply_default_css=False, js_on_load=None,
                                    elem_id="wwt-model-status")
 

@@ -267,7 +267,8 @@ def test_render_helpers():
     hues = [int(render.prob_colour(p).split("(")[1].split(",")[0]) for p in (1e-9, 1e-4, 0.1, 1.0)]
     assert hues == sorted(hues) and hues[0] == 0 and hues[-1] == 130
     ans = Answer(model="m", text="Bob", score=0.5, start=15, end=18)
-    assert render.answer_spans("Alice met with Bob.", ans) == [("Alice met with ", None), ("Bob", "answer"), (".", None)]
+    assert render.answer_spans("Alice met with Bob.", ans) == \
+        [("Alice met with ", None), ("Bob", "answer"), (".", None)]
     html = render.token_view_html(Scores(model="m", tokens=[TokenScore("a\n", 1, 0.5, 2), TokenScore("<", 2, 1, 0)]))
     assert "a↵\n" in html and "&lt;" in html and "first token" in html
 
