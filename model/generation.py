@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .gpt import GPTModel, KVCache
-from .sampling import SamplingSettings, apply_repetition_penalty, choose
+from .sampling import SamplingSettings, apply_repetition_penalty, sample_rows
 
 
 @torch.inference_mode()
@@ -51,11 +51,12 @@ def generate(module: GPTModel, prompt_ids: list[int], max_new_tokens: int, n: in
     logits = last.expand(n, -1)
     step = 0
     while live and step < max_new_tokens:
-        chosen = []
+        scores = logits.clone()
         for row, i in enumerate(live):
             history = torch.tensor(prompt_ids + outputs[i], dtype=torch.long)
-            row_logits = apply_repetition_penalty(logits[row], history, repetition_penalty)
-            chosen.append(choose(row_logits, settings, gens[i], rank=i if step == 0 else 0))
+            scores[row] = apply_repetition_penalty(scores[row], history, repetition_penalty)
+        chosen = sample_rows(scores, [settings] * len(live), [gens[i] for i in live],
+                             [i if step == 0 else 0 for i in live])
         for i, tok in zip(live, chosen):
             outputs[i].append(tok)
         step += 1

@@ -23,7 +23,7 @@ from .autocomplete import HealingMasks, Prompt, apply_stop, continuation
 from .decode_graph import FixedShapeDecoder
 from .errors import Cancelled, RequestTimeout, WWTError
 from .gpt import GPTModel, KVCache
-from .sampling import SamplingSettings, apply_repetition_penalty, choose
+from .sampling import SamplingSettings, apply_repetition_penalty, sample_rows
 from .slots import SlotPool, common_prefix
 from .tokenizer import GPTTokenizer
 from .types import Suggestion, Timings
@@ -253,8 +253,9 @@ class Scheduler:
             if not job.settings.greedy:
                 gen = torch.Generator().manual_seed(job.seed + index)
             job.rows.append(Row(index=index, slot=slot, generator=gen, pending=job.prompt.heal))
-        for row in job.rows[-count:]:
-            self._take(job, row, job.last_logits)
+        started = job.rows[-count:]
+        if started:
+            self._take([(job, row) for row in started], job.last_logits.expand(len(started), -1))
 
     def _decode_one(self) -> None:
         rows = [(job, row) for job in self._running for row in job.live_rows() if row.tokens]
@@ -272,29 +273,35 @@ class Scheduler:
             logits = self.model.lm_head(hidden[:, -1]).float().cpu()
         self.counters["tokens_decoded"] += len(rows)
         self.counters["max_batch"] = max(self.counters["max_batch"], len(rows))
-        for (job, row), row_logits in zip(rows, logits):
+        for job, row in rows:
             self.pool.tokens[row.slot].append(row.tokens[-1])
             job.timings.tokens_decoded += 1
-            self._take(job, row, row_logits)
+        self._take(rows, logits)
         for job in {job for job, _ in rows}:
             if not job.live_rows():
                 self._complete_round(job)
 
-    def _take(self, job: Job, row: Row, logits: torch.Tensor) -> None:
-        """Choose the row's next token from its logits and decide whether the row is done."""
-        first = not row.tokens
-        scores = logits
-        if job.settings.repetition_penalty != 1.0:
-            seen = torch.tensor(job.prompt.tokens + row.tokens, dtype=torch.long)
-            scores = apply_repetition_penalty(scores, seen, job.settings.repetition_penalty)
-        if row.pending and self.healing is not None:
-            scores = scores.masked_fill(~self.healing.mask(row.pending), float("-inf"))
-        if first and job.stop == "auto" and job.eos is not None:
-            scores = scores.clone()
-            scores[job.eos] = float("-inf")  # a suggestion is never empty
-        token = choose(scores, job.settings, row.generator, rank=row.index if first else 0)
+    def _take(self, rows: list, logits: torch.Tensor) -> None:
+        """Choose each row's next token from its logits [B, V] (one sampling pass for the batch)."""
+        scores = logits.clone()
+        for b, (job, row) in enumerate(rows):
+            if job.settings.repetition_penalty != 1.0:
+                seen = torch.tensor(job.prompt.tokens + row.tokens, dtype=torch.long)
+                scores[b] = apply_repetition_penalty(scores[b], seen, job.settings.repetition_penalty)
+            if row.pending and self.healing is not None:
+                scores[b] = scores[b].masked_fill(~self.healing.mask(row.pending), float("-inf"))
+            if not row.tokens and job.stop == "auto" and job.eos is not None:
+                scores[b, job.eos] = float("-inf")  # a suggestion is never empty
+        tokens = sample_rows(scores, [job.settings for job, _ in rows], [row.generator for _, row in rows],
+                             [row.index if not row.tokens else 0 for _, row in rows])
+        logprobs = torch.log_softmax(logits, -1)[torch.arange(len(rows)), torch.tensor(tokens)].tolist()
+        for (job, row), token, logprob in zip(rows, tokens, logprobs):
+            self._accept(job, row, token, logprob)
+
+    def _accept(self, job: Job, row: Row, token: int, logprob: float) -> None:
+        """Append the chosen token and decide whether the row is done."""
         row.tokens.append(token)
-        row.logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        row.logprobs.append(logprob)
         if row.pending:
             b = self.tokenizer.token_bytes(token)
             row.pending = b"" if b.startswith(row.pending) else row.pending[len(b):]
