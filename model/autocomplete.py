@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -85,17 +86,32 @@ def build_prompt(tokenizer: GPTTokenizer, text: str, budget: int, bos: Optional[
 
 
 class HealingMasks:
-    """Which tokens may come next while the typed characters of a healed token are spelled out."""
+    """Which tokens may come next while the typed characters of a healed token are spelled out.
+
+    Allowed: tokens that start with the pending bytes (a contiguous run of the sorted token
+    bytes, found by bisection) and tokens that are a prefix of them (looked up directly).
+    """
 
     def __init__(self, tokenizer: GPTTokenizer, vocab_size: int):
-        self.table = tokenizer.all_token_bytes()
-        self.vocab_size = max(vocab_size, len(self.table))  # a model may pad its vocabulary
+        table = tokenizer.all_token_bytes()
+        self.vocab_size = max(vocab_size, len(table))  # a model may pad its vocabulary
+        entries = sorted((b, i) for i, b in enumerate(table) if b)
+        self.sorted_bytes = [b for b, _ in entries]
+        self.sorted_ids = [i for _, i in entries]
+        self.by_bytes: dict[bytes, list[int]] = {}
+        for b, i in entries:
+            self.by_bytes.setdefault(b, []).append(i)
         self.mask = lru_cache(maxsize=512)(self._mask)
 
     def _mask(self, pending: bytes) -> torch.Tensor:
+        start = bisect.bisect_left(self.sorted_bytes, pending)
+        end = start
+        while end < len(self.sorted_bytes) and self.sorted_bytes[end].startswith(pending):
+            end += 1
+        idx = self.sorted_ids[start:end]
+        for cut in range(1, len(pending)):
+            idx += self.by_bytes.get(pending[:cut], [])
         allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-        idx = [i for i, b in enumerate(self.table)
-               if b and (b.startswith(pending) or pending.startswith(b))]
         allowed[idx] = True
         return allowed
 

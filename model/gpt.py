@@ -70,6 +70,10 @@ class KVCache(nn.Module):
             self.v[:, dst, :, start:length].copy_(self.v[:, src, :, start:length])
 
 
+GATHER_MIN_ROWS = 4
+GATHER_MAX_POSITIONS = 8192  # rows x longest row: the size of the copy a gathered read makes
+
+
 class CacheView:
     """Where one forward pass reads and writes in a KVCache: slots [B], positions [B, T].
 
@@ -86,19 +90,38 @@ class CacheView:
             raise ValueError(f"position {max(self.lengths) - 1} is past the cache's context of {cache.context}")
         self.slot_index = torch.tensor(self.slots, device=positions.device)[:, None]
         T = positions.shape[1]
+        # Each row reads a view of its own slot (no copy) unless the rows are many and short:
+        # then one attention call over a gathered copy costs less than a call per row.
+        self.gather_mask = None
+        if T == 1 and len(self.slots) >= GATHER_MIN_ROWS and \
+                len(self.slots) * max(self.lengths) <= GATHER_MAX_POSITIONS:
+            keys = torch.arange(max(self.lengths), device=positions.device)
+            self.gather_mask = keys[None, None, None, :] <= positions[:, None, :, None]
         self.masks = [None] * len(self.slots)
         if T > 1:  # several new tokens: each sees the slot's earlier positions and the ones before it
             for b, length in enumerate(self.lengths):
                 keys = torch.arange(length, device=positions.device)
                 self.masks[b] = keys[None, None, None, :] <= positions[b][None, None, :, None]
 
+    def _rows(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Positions [0, longest) of this pass's slots: a view when they are consecutive."""
+        first, n, longest = self.slots[0], len(self.slots), max(self.lengths)
+        if self.slots == list(range(first, first + n)):
+            return buffer[first:first + n, :, :longest]
+        return buffer[:, :, :longest].index_select(0, self.slot_index[:, 0])
+
     def attend(self, layer: int, q, k, v, scale: float, upcast: bool) -> torch.Tensor:
         """Write this step's k, v ([B, H, T, D]) into the cache; attention output [B, H, T, D]."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]
         ck[self.slot_index, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
         cv[self.slot_index, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
+        if self.gather_mask is not None:  # many short rows: one call over a gathered copy
+            kb, vb = self._rows(ck), self._rows(cv)
+            if upcast:
+                q, kb, vb = q.float(), kb.float(), vb.float()
+            return F.scaled_dot_product_attention(q, kb, vb, attn_mask=self.gather_mask, scale=scale).to(k.dtype)
         out = []
-        for b, (slot, length) in enumerate(zip(self.slots, self.lengths)):
+        for b, (slot, length) in enumerate(zip(self.slots, self.lengths)):  # a view per row: no copy
             qb, kb, vb = q[b:b + 1], ck[slot:slot + 1, :, :length], cv[slot:slot + 1, :, :length]
             if upcast:
                 qb, kb, vb = qb.float(), kb.float(), vb.float()

@@ -60,9 +60,9 @@ def sample_rows(logits: torch.Tensor, settings: list, generators: list, ranks: l
             sampled.append(row)
     if not sampled:
         return tokens
-    x = logits[sampled]
+    x = logits if len(sampled) == len(settings) else logits[sampled]
     temps = torch.tensor([settings[r].temperature for r in sampled], dtype=x.dtype)
-    x = x / temps[:, None]
+    x = x / temps[:, None]  # a new tensor: the caller's logits stay as they were
     for j, r in enumerate(sampled):
         k = settings[r].top_k
         if k and k < x.shape[-1]:
@@ -74,10 +74,12 @@ def sample_rows(logits: torch.Tensor, settings: list, generators: list, ranks: l
     for _ in range(MAX_DRAWS):
         u = torch.tensor([float(torch.rand(1, generator=generators[sampled[j]])) for j in pending], dtype=cdf.dtype)
         rows = torch.tensor(pending)
-        picks = torch.searchsorted(cdf[rows], (u * cdf[rows, -1])[:, None], right=True).squeeze(1)
+        all_rows = len(pending) == probs.shape[0]
+        p_rows, c_rows = (probs, cdf) if all_rows else (probs[rows], cdf[rows])
+        picks = torch.searchsorted(c_rows, (u * c_rows[:, -1])[:, None], right=True).squeeze(1)
         picks = picks.clamp(max=probs.shape[-1] - 1)
-        p_pick = probs[rows, picks]
-        above = torch.where(probs[rows] > p_pick[:, None], probs[rows], 0.0).sum(-1)
+        p_pick = p_rows[torch.arange(len(pending)), picks]
+        above = torch.where(p_rows > p_pick[:, None], p_rows, 0.0).sum(-1)
         accepted = (above < top_p[rows]) & (p_pick > 0)
         still = []
         for j, pick, ok in zip(pending, picks.tolist(), accepted.tolist()):

@@ -49,3 +49,29 @@ def test_step_logits_match_full_forward(tiny_gpt2):
             full = model(torch.tensor([ids]))[0, -1]
             torch.testing.assert_close(logits[row], full, atol=1e-4, rtol=0)
     assert step.positions.shape == (5, 1) and int(step.positions[0]) == cache.context - 1
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3, 4], [4, 0, 3, 1, 2]])
+def test_gathered_read_of_many_rows_equals_a_view_per_row(tiny_gpt2, monkeypatch, slots):
+    """Many short rows are read in one gathered attention call; the result is the per-row one."""
+    import model.gpt as gpt
+
+    model = load(str(tiny_gpt2))
+    seqs = [[5 + i, 9, 11 + i, 20, 33][: 2 + i % 3] for i in range(5)]
+
+    def decode(gather: bool):
+        monkeypatch.setattr(gpt, "GATHER_MIN_ROWS", 4 if gather else 10**9)
+        cache = KVCache(model.config, 5)
+        with torch.inference_mode():
+            for slot, ids in zip(slots, seqs):
+                model.transformer(torch.tensor([ids[:-1]]), cache=cache, slots=[slot],
+                                  positions=torch.arange(len(ids) - 1)[None])
+            ids = torch.tensor([[s[-1]] for s in seqs])
+            pos = torch.tensor([[len(s) - 1] for s in seqs])
+            return model.lm_head(model.transformer(ids, cache=cache, slots=slots, positions=pos))[:, -1]
+
+    gathered, per_row = decode(True), decode(False)
+    torch.testing.assert_close(gathered, per_row, atol=1e-5, rtol=0)
+    for row, ids in enumerate(seqs):
+        with torch.inference_mode():
+            torch.testing.assert_close(gathered[row], model(torch.tensor([ids]))[0, -1], atol=1e-4, rtol=0)
