@@ -36,6 +36,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def greedy_choice(logits: torch.Tensor, rank: int = 0) -> int:
     """The `rank`-th most likely token, never past the allowed (finite) ones."""
+    if rank == 0:
+        return int(torch.argmax(logits))
     # A masked (-inf) token would break the healing constraint.
     rank = max(0, min(rank, int(torch.isfinite(logits).sum()) - 1))
     if rank == 0:

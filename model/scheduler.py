@@ -157,6 +157,7 @@ class Scheduler:
     # -- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP team as configured
         while True:
             with self._cond:
                 while not self._closed and not self._waiting and not self._running:
@@ -283,8 +284,11 @@ class Scheduler:
 
     def _take(self, rows: list, logits: torch.Tensor) -> None:
         """Choose each row's next token from its logits [B, V] (one sampling pass for the batch)."""
-        scores = logits.clone()
+        adjust = any(job.settings.repetition_penalty != 1.0 or row.pending or not row.tokens for job, row in rows)
+        scores = logits.clone() if adjust else logits
         for b, (job, row) in enumerate(rows):
+            if not adjust:
+                break
             if job.settings.repetition_penalty != 1.0:
                 seen = torch.tensor(job.prompt.tokens + row.tokens, dtype=torch.long)
                 scores[b] = apply_repetition_penalty(scores[b], seen, job.settings.repetition_penalty)
