@@ -27,7 +27,10 @@ class Backend(ABC):
         """What is known about a model without running it (parameters, loaded, device...)."""
 
     @abstractmethod
-    def complete(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion: ...
+    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                 supersede: Optional[str] = None) -> Completion:
+        """Suggestions for `request`. With `supersede` (say, one editor's id), a newer request with
+        the same key cancels this one if it is still running: its answer would be stale."""
 
     @abstractmethod
     def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification: ...

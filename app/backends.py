@@ -51,6 +51,7 @@ class LocalBackend(Backend):
         self._engines: "OrderedDict[str, object]" = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {name: threading.Lock() for name in self.specs}
+        self._latest: dict[str, object] = {}  # supersede key -> the request still running for it
         if engine_factory is None:
             from model.engine import Engine
 
@@ -112,8 +113,27 @@ class LocalBackend(Backend):
                                            ).parameter_count()
         return info
 
-    def complete(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion:
-        return _guarded(lambda: self.engine(request.model).completion(request, timeout))
+    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                 supersede: Optional[str] = None) -> Completion:
+        if supersede is None:
+            return _guarded(lambda: self.engine(request.model).completion(request, timeout))
+
+        def run():
+            engine = self.engine(request.model)
+            handle = engine.submit(request)
+            with self._lock:
+                older = self._latest.get(supersede)
+                self._latest[supersede] = handle
+            if older is not None:
+                older.cancel()  # its answer would be stale: free its slots now
+            try:
+                return engine.completion_from(handle, timeout)
+            finally:
+                with self._lock:
+                    if self._latest.get(supersede) is handle:
+                        del self._latest[supersede]
+
+        return _guarded(run)
 
     def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification:
         return _guarded(lambda: self.engine(request.model).classify(request.text, request.labels))

@@ -128,7 +128,8 @@ def suggest(backend: Backend, data: dict) -> dict:
         request = completion_request(backend, data.get("before", ""), data.get("model"),
                                      fresh=data.get("fresh", False),
                                      **{name: data.get(name) for name in LIMITS})
-        return backend.complete(request, timeout())
+        client = data.get("client")  # one editor: its newer request cancels its older one
+        return backend.complete(request, timeout(), supersede=client if isinstance(client, str) and client else None)
 
     result, error = friendly(run)
     if error:

@@ -21,6 +21,7 @@ from model.errors import BackendUnavailable, NoWorker, RequestTimeout, UnknownMo
 from model.config import GPTConfig
 from model.known import KNOWN_MODELS, KNOWN_SHAPES, parse_model_spec
 from model.types import RESULT_TYPES, Completion, CompletionRequest
+from workers import cancel
 from workers.celery_app import make_app
 from workers.config import TASK_NAME, queue_name, redact
 from workers.config import redis_url as default_redis_url
@@ -108,7 +109,8 @@ class CeleryBackend(Backend):
                            f"({', '.join(KNOWN_MODELS)}) and no worker is serving it")
 
     # -- requests -----------------------------------------------------------------------
-    def complete(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion:
+    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                 supersede: Optional[str] = None) -> Completion:
         started = time.perf_counter()
         request = dataclasses.replace(request, model=request.model or self._default())
         if self.cache is not None and not request.fresh:
@@ -116,7 +118,7 @@ class CeleryBackend(Backend):
             if hit is not None:
                 hit.timings.total_ms = (time.perf_counter() - started) * 1000
                 return hit
-        completion = self._call("complete", request, timeout, started)
+        completion = self._call("complete", request, timeout, started, supersede)
         if self.cache is not None:
             try:
                 self.cache.store(request, completion)
@@ -133,7 +135,7 @@ class CeleryBackend(Backend):
     def score(self, request, timeout=None):
         return self._call("score", request, timeout, time.perf_counter())
 
-    def _call(self, kind: str, request, timeout: Optional[float], started: float):
+    def _call(self, kind: str, request, timeout: Optional[float], started: float, supersede: Optional[str] = None):
         """Send one task to the model's queue and wait for its answer, within `timeout`."""
         timeout = self.timeout if timeout is None else timeout
         name = self._resolve(request.model)
@@ -143,6 +145,8 @@ class CeleryBackend(Backend):
                                             expires=timeout)  # nobody waits for it after that: skip it
         except _REDIS_ERRORS as e:
             raise self._unavailable(e) from None
+        if supersede is not None:  # the task this one replaces stops on its worker
+            self._redis(cancel.supersede, self.redis, supersede, pending.id)
         last_check = [time.monotonic()]
 
         def still_served():

@@ -124,10 +124,13 @@ class Engine:
         return self.scheduler.submit(self._job(request))
 
     def completion(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion:
-        job = self._job(request)
-        suggestions, timings = self.scheduler.submit(job).result(timeout)
+        return self.completion_from(self.submit(request), timeout)
+
+    def completion_from(self, handle: Handle, timeout: Optional[float] = None) -> Completion:
+        """Wait for a submitted request (cancelling it if `timeout` passes) and package its answer."""
+        suggestions, timings = handle.result(timeout)
         return Completion(model=self.name, suggestions=suggestions, timings=timings,
-                          healed=job.prompt.heal.decode("utf-8", errors="replace"))
+                          healed=handle.job.prompt.heal.decode("utf-8", errors="replace"))
 
     def complete(self, text: str, n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 0.9, repetition_penalty: float = 1.0, greedy: bool = False,

@@ -97,6 +97,14 @@ class Handle:
         self._job = job
         self._wake = wake
 
+    @property
+    def job(self) -> Job:
+        return self._job
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Whether the request finished within `timeout` (it keeps running if not)."""
+        return self._job.done.wait(timeout)
+
     def result(self, timeout: Optional[float] = None) -> tuple[list[Suggestion], Timings]:
         if not self._job.done.wait(timeout):
             self.cancel()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from app.celery_backend import CeleryBackend
-from model.errors import BackendUnavailable, BadRequest, NoWorker, UnknownModel
+from model.errors import Cancelled, BackendUnavailable, BadRequest, NoWorker, UnknownModel
 from model.tiny import make_tiny_model
 from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, Suggestion
 from workers.config import queue_name, redact
@@ -290,9 +290,45 @@ def slow_pair(redis_server, client, tmp_path_factory):
             w.stop()
 
 
+def test_a_newer_request_from_the_same_editor_cancels_the_older_task(redis_server, client, slow_pair):
+    """The worker running a superseded task stops it (Cancelled) instead of finishing a stale answer."""
+    backend = CeleryBackend(["slow"], redis_url=redis_server.url)
+    before = {w.node(): worker_stats(client, w.node()).get("started", 0) for w in slow_pair}
+    old = CompletionRequest(text="Once upon a time", model="slow", n=4, max_new_tokens=256, stop=None,
+                            seed=1, fresh=True)
+    box = {}
+
+    def call():
+        try:
+            box["result"] = backend.complete(old, timeout=90, supersede="editor-1")
+        except Exception as e:
+            box["error"] = e
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        wait_for(lambda: any(worker_stats(client, n).get("started", 0) > c for n, c in before.items()),
+                 30, "a worker to start the older task", every=0.01)
+        newer = CompletionRequest(text="Once upon a time there", model="slow", n=1, max_new_tokens=8,
+                                  stop=None, seed=2, fresh=True)
+        assert backend.complete(newer, timeout=90, supersede="editor-1").suggestions
+        caller.join(90)
+        assert isinstance(box.get("error"), Cancelled), f"the older request was not cancelled: {box}"
+        other = CompletionRequest(text="Another editor", model="slow", n=1, max_new_tokens=8, stop=None,
+                                  seed=3, fresh=True)
+        assert backend.complete(other, timeout=90, supersede="editor-2").suggestions  # other keys untouched
+    finally:
+        caller.join(1)
+        backend.close()
+
+
 def test_a_task_of_a_killed_worker_is_finished_by_another(redis_server, client, slow_pair):
     backend = CeleryBackend(["slow"], redis_url=redis_server.url)
     nodes = {w.node(): w for w in slow_pair}
+    base = {n: worker_stats(client, n) for n in nodes}  # earlier tests may have used these workers
+
+    def count(node, field):
+        return worker_stats(client, node).get(field, 0) - base[node].get(field, 0)
     request = CompletionRequest(text="Once upon a time", model="slow", n=10, max_new_tokens=256, stop=None,
                                 seed=5, fresh=True)
     box = {}
@@ -306,16 +342,16 @@ def test_a_task_of_a_killed_worker_is_finished_by_another(redis_server, client, 
     caller = threading.Thread(target=call)
     caller.start()
     try:
-        victim = wait_for(lambda: next((n for n in nodes if worker_stats(client, n).get("started")), None),
+        victim = wait_for(lambda: next((n for n in nodes if count(n, "started")), None),
                           30, "a worker to start the task", every=0.01)
         nodes[victim].kill()  # mid-task: decoding takes 1.5 s (the soft limit)
-        assert worker_stats(client, victim).get("done", 0) == 0, "the task finished before the kill"
+        assert count(victim, "done") == 0, "the task finished before the kill"
         caller.join(90)
         assert "result" in box, f"the request did not complete after its worker was killed: {box}"
         survivor = next(n for n in nodes if n != victim)
         assert box["result"].suggestions
-        assert worker_stats(client, survivor).get("done", 0) >= 1
-        assert worker_stats(client, victim).get("done", 0) == 0
+        assert count(survivor, "done") >= 1
+        assert count(victim, "done") == 0
 
         # A worker that stops cleanly leaves the registry at once; a killed one when its
         # announcement expires. Then the app says so at once instead of waiting.

@@ -100,7 +100,7 @@ class ScriptedBackend(Backend):
             raise self.error
         return {"name": name, "parameters": 124_439_808, "loaded": True, "device": "cpu"}
 
-    def complete(self, request, timeout=None):
+    def complete(self, request, timeout=None, supersede=None):
         self._maybe_fail(request)
         return Completion(model=request.model, suggestions=[Suggestion(text=t) for t in self.suggestions],
                           timings=Timings(total_ms=12.0, decode_ms=10.0, tokens_decoded=8))

@@ -12,9 +12,10 @@ import threading
 import time
 from typing import Optional
 
-from model.errors import BadRequest, UnknownModel, WWTError
+from model.errors import BadRequest, Cancelled, UnknownModel, WWTError
 from model.types import REQUEST_TYPES
 
+from . import cancel
 from .config import TASK_NAME
 
 log = logging.getLogger("wwt.worker")
@@ -70,7 +71,29 @@ def _request(kind: str, data: dict):
         raise BadRequest(f"malformed {kind} request: {e}") from None
 
 
-def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: Optional[float] = None):
+CANCEL_POLL_S = 0.2  # how often a running completion looks for a cancellation mark
+
+
+def _complete(engine, request, hard_limit: Optional[float], task_id: Optional[str]):
+    """A completion that stops early when the app marks its task stale (see cancel.py)."""
+    client = _stats_client
+    if client is None or task_id is None:
+        return engine.completion(request, timeout=hard_limit)
+    handle = engine.submit(request)
+    deadline = None if hard_limit is None else time.monotonic() + hard_limit
+    while not handle.wait(CANCEL_POLL_S):
+        try:
+            stale = cancel.is_cancelled(client, task_id)
+        except Exception:  # Redis trouble must not fail the request itself
+            stale = False
+        if stale or (deadline is not None and time.monotonic() >= deadline):
+            handle.cancel()
+            break
+    return engine.completion_from(handle, timeout=hard_limit)
+
+
+def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: Optional[float] = None,
+        task_id: Optional[str] = None):
     """Answer one request with the engine of its model; returns the result dataclass."""
     request = _request(kind, data)
     engine = _engines.get(request.model) if request.model else (next(iter(_engines.values()), None)
@@ -86,7 +109,7 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
                 request = dataclasses.replace(request, max_time=min(limit or soft_limit, soft_limit))
             # any other max_time is left for the engine to reject with a clear message
         # ...and the hard limit bounds the whole wait (queued inside the engine included).
-        return engine.completion(request, timeout=hard_limit)
+        return _complete(engine, request, hard_limit, task_id)
     if kind == "classify":
         return engine.classify(request.text, labels=request.labels)
     if kind == "answer":
@@ -102,7 +125,10 @@ def infer(task, kind: str, request: dict) -> dict:
     _count(hostname, "started")
     started = time.perf_counter()
     try:
-        result = run(kind, request, soft_limit=soft_limit, hard_limit=hard_limit).to_dict()
+        task_id = getattr(task.request, "id", None)
+        if kind == "complete" and task_id and _stats_client is not None and cancel.is_cancelled(_stats_client, task_id):
+            raise Cancelled("a newer request from the same editor replaced this one")
+        result = run(kind, request, soft_limit=soft_limit, hard_limit=hard_limit, task_id=task_id).to_dict()
         _count(hostname, "done")
     except WWTError as e:
         result = {"error": e.to_dict()}

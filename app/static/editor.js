@@ -15,6 +15,8 @@ const linkUrl = element.querySelector(".wwt-link-url");
 const MAX_SEND = 65536; // the model sees far less; cut long documents at a boundary that stays put
 
 let counter = 0;        // the newest request (or edit); answers for older numbers are dropped
+// This editor's id: the server cancels its older request when a newer one arrives.
+const CLIENT = Math.random().toString(36).slice(2) + Date.now().toString(36);
 let shown = null;       // {before, items, model, ms}: suggestions on screen, anchored after `before`
 let selected = 0;
 let lastBefore = null;  // the context of the last request: asking again there means fresh samples
@@ -163,7 +165,7 @@ async function ask(fresh) {
   setStatus("asking " + (s.model || "the model") + "…", true);
   let r;
   try {
-    r = await server.suggest(Object.assign({}, s, {before: stableTail(before), fresh: fresh}));
+    r = await server.suggest(Object.assign({}, s, {before: stableTail(before), fresh: fresh, client: CLIENT}));
   } catch (e) {
     r = {ok: false, error: "the server did not answer (" + (e && e.message ? e.message : e) + ")"};
   }
