@@ -282,3 +282,11 @@ def test_serve_without_weights_fails_at_once_with_what_to_do(tmp_path):
     assert "not in the local cache" in proc.stderr
     assert "--model" in proc.stderr and "wwt make-tiny-model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_suggest_passes_the_editor_id_so_a_newer_request_cancels_the_older():
+    fake = ScriptedBackend(suggestions=["one", "two"])
+    callbacks.suggest(fake, {"before": "Hello", "model": "m1", "client": "editor-7"})
+    callbacks.suggest(fake, {"before": "Hello", "model": "m1"})
+    callbacks.suggest(fake, {"before": "Hello", "model": "m1", "client": 42})  # not an id: ignored
+    assert fake.supersede_keys == ["editor-7", None, None]

@@ -85,6 +85,7 @@ class ScriptedBackend(Backend):
         self.suggestions = list(suggestions)
         self.error = error
         self.requests: list = []
+        self.supersede_keys: list = []
         self.documents: dict[str, str] = {}
 
     def _maybe_fail(self, request):
@@ -101,6 +102,7 @@ class ScriptedBackend(Backend):
         return {"name": name, "parameters": 124_439_808, "loaded": True, "device": "cpu"}
 
     def complete(self, request, timeout=None, supersede=None):
+        self.supersede_keys.append(supersede)
         self._maybe_fail(request)
         return Completion(model=request.model, suggestions=[Suggestion(text=t) for t in self.suggestions],
                           timings=Timings(total_ms=12.0, decode_ms=10.0, tokens_decoded=8))
