@@ -6,7 +6,6 @@ without renaming (Conv1D weights stay [in, out]).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

@@ -132,7 +132,7 @@ def test_escape_dismisses_and_tab_again_asks_for_fresh_ones(app):
     app.page.keyboard.press("Tab")
     app.shown()
     app.page.keyboard.press("Tab")
-    app.page.wait_for_function(f"document.querySelectorAll('#wwt-editor .wwt-item').length > 0")
+    app.page.wait_for_function("document.querySelectorAll('#wwt-editor .wwt-item').length > 0")
     calls = app.suggest_calls()[before:]
     assert len(calls) == 3
     freshness = [json.loads(c.post_data)["data"]["fresh"] for c in calls]
