@@ -170,8 +170,7 @@ class Bench:
 
     def memory(self) -> dict:
         """(5) the engine's weights and cache pool, and this process's peak resident memory."""
-        weights = sum(p.numel() * p.element_size() for p in self.engine.model.parameters())
-        weights += self.engine.model.packed_bytes()
+        weights = self.engine.memory_bytes() - self.engine.cache.nbytes()
         ref = sum(p.numel() * p.element_size() for p in self.ref.parameters())
         return {"engine_weights_mb": weights / 2**20, "cache_pool_mb": self.engine.cache.nbytes() / 2**20,
                 "slots": self.engine.cache.slots, "engine_total_mb": self.engine.memory_bytes() / 2**20,

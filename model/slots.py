@@ -54,6 +54,3 @@ class SlotPool:
         for i in slots:
             self.busy[i] = False
             self.last_used[i] = next(self._clock)
-
-    def touch(self, slot: int) -> None:
-        self.last_used[slot] = next(self._clock)

@@ -107,9 +107,6 @@ class GPTTokenizer:
             data = complete_utf8_prefix(data)
         return data.decode("utf-8", errors="replace")
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.tokenizer.id_to_token(token_id) or ""
-
 
 def _byte_level_bpe(vocab: Path, merges: Path) -> Tokenizer:
     tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
