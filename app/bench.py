@@ -2,6 +2,9 @@
 
 A report, not a test: it prints figures and ratios. Random weights at the real gpt2 size
 (124M parameters, float32), a byte-level tokenizer with gpt2's vocabulary size, 2 threads.
+The reference runs on the engine's model thread (`Engine.run`), so both share one OpenMP
+pool and neither pays for the other's idle threads (see model/threads.py); this thread only
+tokenizes, submits and times.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from model.threads import in_fresh_thread
 
 TARGETS = {
     "decode_speedup": 1.5,
@@ -66,7 +71,7 @@ class Bench:
         self.quick = quick
         self.repeats = 3 if quick else 5
         self.engine = Engine.from_pretrained(str(folder), device="cpu", dtype=torch.float32, slots=24)
-        self.ref = GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+        self.ref = self.engine.run(lambda: GPT2LMHeadModel.from_pretrained(str(folder)).eval())
         self.tok = self.engine.tokenizer
         self.results: dict = {}
 
@@ -84,10 +89,14 @@ class Bench:
                       pad_token_id=0, eos_token_id=None, num_return_sequences=n)
         if not greedy:
             kwargs.update(top_p=0.9, top_k=0)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            self.ref.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        return time.perf_counter() - t0
+
+        def timed():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                self.ref.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            return time.perf_counter() - t0
+
+        return self.engine.run(timed)
 
     def ours(self, text: str, n: int, new_tokens: int, greedy: bool, seed: int = 0):
         t0 = time.perf_counter()
@@ -216,7 +225,7 @@ def run_bench(args) -> int:
     want = lambda name: not only or name in only  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        make_checkpoint(folder)
+        in_fresh_thread(make_checkpoint, folder)  # leaves no OpenMP pool behind in this thread
         bench = Bench(folder, args.quick)
         results = {"threads": torch.get_num_threads(), "quick": bool(args.quick)}
         if want("decode"):
@@ -230,12 +239,12 @@ def run_bench(args) -> int:
             results["batching"] = bench.batching()
         if want("memory"):
             results["memory"] = bench.memory()
+        bench.engine.close()  # its thread and OpenMP pool go; the queue section makes its own engine
         if want("queue") and (getattr(args, "redis_url", None) or shutil.which("redis-server")):
             from .bench_queue import bench_queue
 
             # Without a URL it starts a throwaway redis-server; the worker gets the same 2 threads.
             results["queue"] = bench_queue(args.redis_url, str(folder), bench.repeats, threads=2)
-        bench.engine.close()
     if args.json:
         print(json.dumps(results, indent=2))
     else:

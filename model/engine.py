@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,7 @@ from .gpt import KVCache
 from .known import parse_model_spec
 from .sampling import SamplingSettings
 from .scheduler import Handle, Job, Scheduler
+from .threads import in_fresh_thread
 from .tokenizer import complete_utf8_prefix, load_tokenizer_folder
 from .types import (Answer, Classification, Completion, CompletionRequest, LabelScore, Scores, Suggestion,
                     Timings, TokenScore)
@@ -62,16 +62,16 @@ class Engine:
         self.heads = {"lm", *heads}
         self.device = lm.transformer.wte.weight.device
         self.dtype = lm.transformer.wte.weight.dtype
-        # CPU float32: matmul weights in oneDNN's layout (WWT_CPU_PACK=0 keeps the plain one).
-        self.packed = os.environ.get("WWT_CPU_PACK", "1") != "0" and lm.pack_for_cpu()
+        # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (WWT_CPU_PACK=0: plain only).
+        # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
+        self.packed = in_fresh_thread(lm.prepare_for_cpu, os.environ.get("WWT_CPU_PACK", "1") != "0")
         slots = slots or default_slots(self.config, self.device, self.dtype)
-        self.cache = KVCache(self.config, slots, dtype=self.dtype, device=self.device)
+        self.cache = in_fresh_thread(KVCache, self.config, slots, dtype=self.dtype, device=self.device)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda" and os.environ.get("WWT_CUDA_GRAPH", "1") != "0"
         fixed = FixedShapeDecoder(lm, self.cache, capture=self.device.type == "cuda") if cuda_graph else None
         self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed)
-        self._forward_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device=None, dtype=None, slots: Optional[int] = None,
@@ -91,7 +91,7 @@ class Engine:
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         folder = resolve_checkpoint(spec.source, revision, cache_dir, offline)
-        lm, heads = load_with_heads(Path(folder), dtype=dtype, device=device)
+        lm, heads = in_fresh_thread(load_with_heads, Path(folder), dtype=dtype, device=device)
         tokenizer = load_tokenizer_folder(Path(folder), lm.config.model_type)
         return cls(lm, heads, tokenizer, name or spec.name, slots, cuda_graph)
 
@@ -140,7 +140,15 @@ class Engine:
                                     greedy=greedy, seed=seed, max_time=max_time, stop=stop)
         return self.completion(request).suggestions
 
-    # -- single forward passes -----------------------------------------------------------
+    def run(self, fn):
+        """fn() on the engine's model thread, between batching steps: its result, or its exception.
+
+        Torch work that shares the engine's thread shares its OpenMP pool (see threads.py);
+        the benchmark runs the reference model this way too.
+        """
+        return self.scheduler.call(fn)
+
+    # -- single forward passes (on the model thread) -------------------------------------
     def _forward(self, module, ids: list[list[int]], attention_mask=None):
         x = torch.tensor(ids, device=self.device)
         mask = None if attention_mask is None else torch.tensor(attention_mask, device=self.device)
@@ -155,6 +163,9 @@ class Engine:
 
     def classify(self, text: str, labels: Optional[list] = None) -> Classification:
         """Label probabilities: the checkpoint's classifier, or zero-shot over `labels` with the LM."""
+        return self.run(lambda: self._classify(text, labels))
+
+    def _classify(self, text: str, labels: Optional[list]) -> Classification:
         t0 = time.perf_counter()
         labels = [str(l).strip() for l in (labels or []) if str(l).strip()]
         if len(labels) > MAX_LABELS:
@@ -205,7 +216,7 @@ class Engine:
         if not context.strip():
             raise BadRequest("the context is empty")
         if "question-answering" in self.extra_heads:
-            result = self._extract(question, context)
+            result = self.run(lambda: self._extract(question, context))
         else:
             result = self._generate_answer(question, context)
         result.timings.total_ms = (time.perf_counter() - t0) * 1000
@@ -250,6 +261,9 @@ class Engine:
 
     def score(self, text: str) -> Scores:
         """Each token of `text` with the probability and rank the model gave it."""
+        return self.run(lambda: self._score(text))
+
+    def _score(self, text: str) -> Scores:
         t0 = time.perf_counter()
         budget = self.config.n_positions - (1 if self.eos is not None else 0)
         ids = self._text_ids(text, budget)

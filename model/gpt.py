@@ -161,11 +161,47 @@ def _packed_linear(x, packed, bias):
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def _pieces(n: int) -> int:
+    """One piece per thread: the largest count up to the thread count that divides n."""
+    for parts in range(min(torch.get_num_threads(), n), 1, -1):
+        if n % parts == 0:
+            return parts
+    return 1
+
+
+def one_row_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, I] @ weight [I, O], cut along I so that each thread streams its own block of rows.
+
+    A decode step with one row is a matrix-vector product that only reads memory. As a batch
+    of one slab per thread (then summed) it runs about 1.5x faster on CPU than through BLAS
+    or oneDNN, which split the matrix across threads in strided blocks.
+    """
+    I, O = weight.shape
+    parts = _pieces(I)
+    if parts == 1:
+        return x @ weight
+    return torch.bmm(x.view(parts, 1, I // parts), weight.view(parts, I // parts, O)).sum(0)
+
+
+def one_row_matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, I] @ weight[O, I].t(), cut along O (one contiguous block of outputs per thread)."""
+    O, I = weight.shape
+    parts = min(torch.get_num_threads(), O)
+    even = O - O % parts
+    # x as a transposed row (strides 0, 1, I): BLAS takes its matrix-vector kernel; a plain
+    # [I, 1] column goes through the general product at a quarter of the speed.
+    y = torch.bmm(weight[:even].view(parts, even // parts, I), x.t().expand(parts, I, 1)).view(1, even)
+    if even < O:  # the few rows left over (an odd vocabulary size)
+        y = torch.cat([y, x @ weight[even:].t()], dim=1)
+    return y
+
+
 class Conv1D(nn.Module):
     """A linear layer whose weight is stored [in, out], as the Hub's GPT checkpoints store it.
 
-    `pack()` trades the weight for oneDNN's own layout (CPU, float32, inference): the few
-    rows a decode step multiplies run about twice as fast as through the plain BLAS call.
+    On CPU (`prepare_for_cpu`) a one-row input takes `one_row_matmul`, and several rows take
+    a oneDNN-packed copy of the weight when there is one (`pack`): those few rows of a
+    batched decode step run two to three times faster than through the plain BLAS call.
     """
 
     def __init__(self, n_in: int, n_out: int):
@@ -173,12 +209,14 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
         self.packed = None
+        self.split_one_row = False
 
     def pack(self) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().t().contiguous())
-        del self.weight  # the packed copy replaces it
 
     def forward(self, x):
+        if self.split_one_row and x.numel() == x.shape[-1]:
+            return one_row_matmul(x.reshape(1, -1), self.weight).add_(self.bias).view(*x.shape[:-1], -1)
         if self.packed is not None:
             return _packed_linear(x, self.packed, self.bias)
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
@@ -301,6 +339,7 @@ class LMHead(nn.Module):
         self.body = [body]  # a list, so the embedding is not registered twice
         self.untied = None if weight is None else nn.Parameter(weight)
         self.packed = None
+        self.split_one_row = False
 
     def weight(self) -> torch.Tensor:
         return self.untied if self.untied is not None else self.body[0].wte.weight
@@ -310,6 +349,8 @@ class LMHead(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().detach().contiguous())
 
     def forward(self, hidden):
+        if self.split_one_row and hidden.numel() == hidden.shape[-1]:
+            return one_row_matmul_t(hidden.reshape(1, -1), self.weight()).view(*hidden.shape[:-1], -1)
         if self.packed is not None:
             return _packed_linear(hidden, self.packed, None)
         return hidden @ self.weight().t()
@@ -373,15 +414,19 @@ HEAD_PREFIXES = {
 class GPTModel(nn.Module):
     """The body with one head: what `model.load(name, head=...)` returns."""
 
-    def pack_for_cpu(self) -> bool:
-        """Repack the matmul weights in oneDNN's layout for CPU float32 inference (see Conv1D)."""
+    def prepare_for_cpu(self, pack: bool = True) -> bool:
+        """CPU float32 inference: one-row products split per thread, and (`pack`) a oneDNN copy
+        of each matrix for several rows (see Conv1D). Whether the model packed its weights."""
         weight = self.transformer.wte.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_packing_available():
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
             return False
+        pack = pack and cpu_packing_available()
         for module in self.modules():
-            if isinstance(module, (Conv1D, LMHead)) and module.packed is None:
-                module.pack()
-        return True
+            if isinstance(module, (Conv1D, LMHead)):
+                module.split_one_row = True
+                if pack and module.packed is None:
+                    module.pack()
+        return pack
 
     def packed_bytes(self) -> int:
         return sum(m.packed.numel() * m.packed.element_size() for m in self.modules()

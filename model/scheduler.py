@@ -121,6 +121,23 @@ class Handle:
         return self._job.done.is_set()
 
 
+class Call:
+    """A function to run on the scheduler's thread between steps (see threads.py for why)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except Exception as e:  # the caller re-raises it
+            self.error = e
+        self.done.set()
+
+
 class Scheduler:
     def __init__(self, model: GPTModel, tokenizer: GPTTokenizer, cache: KVCache,
                  fixed_shape: Optional[FixedShapeDecoder] = None):
@@ -137,6 +154,7 @@ class Scheduler:
                          "steps": 0, "max_batch": 0}
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
+        self._calls: deque[Call] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="wwt-scheduler", daemon=True)
@@ -151,6 +169,25 @@ class Scheduler:
             self.counters["requests"] += 1
             self._cond.notify()
         return Handle(job, self._wake)
+
+    def call(self, fn):
+        """Run fn() on the scheduler's thread between two steps; return its result or raise its error.
+
+        All model work of an engine goes through here or the steps, so the process keeps one
+        OpenMP thread pool however many threads call the engine.
+        """
+        if threading.current_thread() is self._thread:
+            return fn()
+        call = Call(fn)
+        with self._cond:
+            if self._closed:
+                raise Cancelled("the engine is shut down")
+            self._calls.append(call)
+            self._cond.notify()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     def _wake(self) -> None:
         with self._cond:
@@ -168,13 +205,21 @@ class Scheduler:
         torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP team as configured
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._waiting and not self._running and not self._calls:
                     self._cond.wait()
                 if self._closed:
                     for job in list(self._waiting) + self._running:
                         self._finish(job, error=Cancelled("the engine is shut down"))
+                    for call in self._calls:
+                        call.error = Cancelled("the engine is shut down")
+                        call.done.set()
                     return
+                calls, self._calls = list(self._calls), deque()
                 self._admit()
+            for call in calls:
+                call.run()
+            if not self._running:
+                continue
             try:
                 with torch.inference_mode():
                     self._step()

@@ -524,6 +524,40 @@ def test_classify_answer_and_score_alongside_completions(make_engine, tiny_gpt2_
         assert results[i] == run(alone, kind, text), (kind, text)
 
 
+def test_all_model_work_runs_on_the_scheduler_thread(make_engine, tiny_gpt2_heads):
+    """Completions, classification (head and zero-shot), scores and extracted answers: one thread
+    does every forward pass, so the process keeps one OpenMP pool (model/threads.py)."""
+    engine = make_engine(path=tiny_gpt2_heads, slots=4)
+    seen = []
+    for module in [engine.model.transformer, *engine.extra_heads.values()]:
+        inner = module.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            seen.append(threading.current_thread())
+            return _inner(*args, **kwargs)
+
+        module.forward = forward
+    engine.complete(STORY, n=2, max_new_tokens=4)
+    engine.classify(STORY)
+    engine.classify(STORY, labels=["weather", "sport"])
+    engine.score(STORY)
+    engine.answer("What covered the valley?", STORY)
+    assert len(seen) >= 5
+    assert set(seen) == {engine.scheduler._thread}
+
+
+def test_run_returns_results_and_raises_errors_on_the_model_thread(make_engine):
+    engine = make_engine(slots=2)
+    assert engine.run(threading.current_thread) is engine.scheduler._thread
+    with pytest.raises(ZeroDivisionError):
+        engine.run(lambda: 1 / 0)
+    assert engine.run(lambda: 6 * 7) == 42  # the loop survives a failing call
+    assert engine.complete("Hello", n=1, greedy=True, max_new_tokens=3)
+    engine.close()
+    with pytest.raises(Cancelled):
+        engine.run(lambda: 1)
+
+
 def test_close_cancels_what_is_pending(make_engine):
     engine = make_engine(slots=4, delay=0.005)
     running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))

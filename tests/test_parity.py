@@ -437,3 +437,71 @@ def test_generation_stops_at_eos(lm_pair):
     stopped = generation.generate(ours, prompt, max_new_tokens=10, greedy=True, eos_token_id=eos)[0]
     cut = free.index(eos) + 1
     assert stopped == free[:cut]
+
+
+# -- the CPU layouts: one-row products split per thread, oneDNN-packed copies -------------------
+
+@pytest.fixture(scope="module", params=[("gpt2", True), ("gpt2", False), ("openai-gpt", True)],
+                ids=["gpt2-packed", "gpt2-plain", "openai-gpt-packed"])
+def cpu_pair(request, tmp_path_factory):
+    """(our LM prepared for CPU inference, the reference LM): the layout the engine decodes with."""
+    model_type, pack = request.param
+    folder = tmp_path_factory.mktemp(f"cpu-{model_type}")
+    cls = "OpenAIGPTLMHeadModel" if model_type == "openai-gpt" else "GPT2LMHeadModel"
+    ref = save_reference(cls, folder, model_type=model_type, seed=41)
+    ours = model.load(str(folder), device="cpu")
+    packed = ours.prepare_for_cpu(pack=pack)
+    assert packed == (pack and model.gpt.cpu_packing_available())
+    linears = [m for m in ours.modules() if isinstance(m, (model.gpt.Conv1D, model.gpt.LMHead))]
+    assert linears and all(m.split_one_row for m in linears)
+    assert all((m.packed is not None) == packed for m in linears)
+    return ours, ref
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_layout_decode_matches_reference(cpu_pair, threads):
+    """Prefill, then one-row steps (the split products), then a three-row step (packed / BLAS)."""
+    ours, ref = cpu_pair
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seqs = [random_ids((14,), seed=42 + i).tolist() for i in range(3)]
+        cache = KVCache(ours.config, slots=3)
+        got = [[step(ours, cache, [s[:8]], [b], [0])[0]] for b, s in enumerate(seqs)]
+        for t in range(8, 12):
+            for b, s in enumerate(seqs):
+                got[b].append(step(ours, cache, [[s[t]]], [b], [t])[0])
+        for t in range(12, 14):
+            out = step(ours, cache, [[s[t]] for s in seqs], [0, 1, 2], [t] * 3)
+            for b in range(3):
+                got[b].append(out[b])
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        expected = ref(torch.tensor(seqs)).logits
+    for b in range(3):
+        torch.testing.assert_close(torch.cat(got[b]), expected[b], atol=ATOL, rtol=0)
+
+
+def test_cpu_layout_greedy_40_tokens_match_reference(cpu_pair):
+    ours, ref = cpu_pair
+    prompt = random_ids((7,), seed=45).tolist()
+    expected = reference_generate(ref, prompt, max_new_tokens=40)
+    assert generation.generate(ours, prompt, max_new_tokens=40, greedy=True) == [expected]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("I,O", [(48, 211), (48, 144), (45, 7), (7, 5), (1, 3)])
+def test_one_row_products_equal_matmul(threads, I, O):
+    """Every cut (thread counts that do and do not divide the sizes, an odd vocabulary) gives x @ W."""
+    gen = torch.Generator().manual_seed(I * O + threads)
+    x, w = torch.randn(1, I, generator=gen), torch.randn(I, O, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        split_in = model.gpt.one_row_matmul(x, w)
+        split_out = model.gpt.one_row_matmul_t(x, w.t().contiguous())
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(split_in, x @ w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split_out, x @ w, atol=1e-5, rtol=1e-5)
