@@ -71,6 +71,7 @@ class KVCache(nn.Module):
 
 GATHER_MIN_ROWS = 4
 GATHER_MAX_POSITIONS = 8192  # rows x longest row: the size of the copy a gathered read makes
+SHARED_PREFIX_MIN = 64  # shorter shared prompts are cheaper to read once per row
 
 
 class CacheView:
@@ -78,9 +79,15 @@ class CacheView:
 
     Each row attends to its own slot's positions [0, its last position] read as a view of
     the buffers, so a decode step copies no cache memory whichever slots it uses.
+
+    `shared` lists groups of decode rows whose slots hold the same first `prefix` positions
+    (the n suggestions forked from one prompt): such a group reads that prefix once for all
+    its rows instead of once per row, so n suggestions on a long document cost about what
+    one does.
     """
 
-    def __init__(self, cache: KVCache, slots: Sequence[int], positions: torch.Tensor):
+    def __init__(self, cache: KVCache, slots: Sequence[int], positions: torch.Tensor,
+                 shared: Sequence[tuple[Sequence[int], int]] = ()):
         self.cache = cache
         self.positions = positions
         self.slots = list(slots)
@@ -89,10 +96,20 @@ class CacheView:
             raise ValueError(f"position {max(self.lengths) - 1} is past the cache's context of {cache.context}")
         self.slot_index = torch.tensor(self.slots, device=positions.device)[:, None]
         T = positions.shape[1]
+        self.shared = []
+        if T == 1:
+            for rows, prefix in shared:
+                rows = list(rows)
+                if len(rows) > 1 and prefix >= SHARED_PREFIX_MIN:
+                    if any(self.lengths[b] <= prefix for b in rows):
+                        raise ValueError("a row of a shared group must decode past its shared prefix")
+                    self.shared.append((rows, prefix))
+        grouped = {b for rows, _ in self.shared for b in rows}
+        self.solo = [b for b in range(len(self.slots)) if b not in grouped]
         # Each row reads a view of its own slot (no copy) unless the rows are many and short:
         # then one attention call over a gathered copy costs less than a call per row.
         self.gather_mask = None
-        if T == 1 and len(self.slots) >= GATHER_MIN_ROWS and \
+        if T == 1 and not self.shared and len(self.slots) >= GATHER_MIN_ROWS and \
                 len(self.slots) * max(self.lengths) <= GATHER_MAX_POSITIONS:
             keys = torch.arange(max(self.lengths), device=positions.device)
             self.gather_mask = keys[None, None, None, :] <= positions[:, None, :, None]
@@ -119,13 +136,34 @@ class CacheView:
             if upcast:
                 q, kb, vb = q.float(), kb.float(), vb.float()
             return F.scaled_dot_product_attention(q, kb, vb, attn_mask=self.gather_mask, scale=scale).to(k.dtype)
-        out = []
-        for b, (slot, length) in enumerate(zip(self.slots, self.lengths)):  # a view per row: no copy
+        out = torch.empty_like(q)
+        for rows, prefix in self.shared:
+            out[rows] = self._attend_shared(ck, cv, q[rows], rows, prefix, scale, upcast).to(q.dtype)
+        for b in self.solo:  # a view per row: no copy
+            slot, length = self.slots[b], self.lengths[b]
             qb, kb, vb = q[b:b + 1], ck[slot:slot + 1, :, :length], cv[slot:slot + 1, :, :length]
             if upcast:
                 qb, kb, vb = qb.float(), kb.float(), vb.float()
-            out.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.masks[b], scale=scale).to(q.dtype))
-        return out[0] if len(out) == 1 else torch.cat(out)
+            out[b:b + 1] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.masks[b], scale=scale)
+        return out
+
+    def _attend_shared(self, ck, cv, q, rows, prefix: int, scale: float, upcast: bool) -> torch.Tensor:
+        """One decode token for each of `rows`: the shared prefix from the first row's slot,
+        read once, then each row's own later positions; one softmax over both. [n, H, 1, D]."""
+        first = self.slots[rows[0]]
+        own = max(self.lengths[b] for b in rows) - prefix
+        qg = q[:, :, 0].transpose(0, 1)  # [H, n, D]
+        kp, vp = ck[first, :, :prefix], cv[first, :, :prefix]  # [H, P, D]
+        ks = torch.stack([ck[self.slots[b], :, prefix:prefix + own] for b in rows])  # [n, H, own, D]
+        vs = torch.stack([cv[self.slots[b], :, prefix:prefix + own] for b in rows])
+        if upcast:
+            qg, kp, vp, ks, vs = qg.float(), kp.float(), vp.float(), ks.float(), vs.float()
+        scores = torch.cat([qg @ kp.transpose(1, 2), torch.einsum("hnd,nhsd->hns", qg, ks)], dim=-1) * scale
+        ends = torch.tensor([self.lengths[b] for b in rows], device=q.device)
+        past_end = torch.arange(prefix + own, device=q.device)[None, :] >= ends[:, None]  # [n, P + own]
+        probs = scores.masked_fill(past_end, float("-inf")).softmax(dim=-1)
+        out = probs[..., :prefix] @ vp + torch.einsum("hns,nhsd->hnd", probs[..., prefix:], vs)
+        return out.transpose(0, 1)[:, :, None]
 
 
 class AllSlotsView:
@@ -301,14 +339,16 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 cache: Optional[KVCache] = None, slots: Optional[Sequence[int]] = None,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                positions: Optional[torch.Tensor] = None,
+                shared: Sequence[tuple[Sequence[int], int]] = ()) -> torch.Tensor:
         """Hidden states [B, T, C].
 
         Without a cache: an ordinary causal forward over the whole input (with optional
         padding mask). With a cache: row b writes its tokens at `positions[b]` of slot
         `slots[b]` and attends to everything its slot holds up to that position, so a
         prefill and a one-token decode step are the same call. `slots="all"` decodes one
-        token in every slot at fixed shapes (AllSlotsView), for CUDA graphs.
+        token in every slot at fixed shapes (AllSlotsView), for CUDA graphs. `shared`: groups of
+        decode rows whose slots hold the same prefix, as (row indices, prefix length); see CacheView.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -319,7 +359,7 @@ class GPT(nn.Module):
         elif int(positions.max()) >= self.config.n_positions:
             raise ValueError(f"position {int(positions.max())} is past the model's context of {self.config.n_positions}")
         elif cache is not None:
-            view = CacheView(cache, slots if slots is not None else range(B), positions)
+            view = CacheView(cache, slots if slots is not None else range(B), positions, shared)
         x = self.wte(input_ids) + self.wpe(positions)
         if view is None and attention_mask is not None:
             keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]

@@ -323,7 +323,8 @@ class Scheduler:
         else:
             ids = torch.tensor([[t] for t in tokens], device=self.device)
             pos = torch.tensor([[p] for p in positions], device=self.device)
-            hidden = self.model.transformer(ids, cache=self.cache, slots=slots, positions=pos)
+            hidden = self.model.transformer(ids, cache=self.cache, slots=slots, positions=pos,
+                                            shared=self._shared_prompts(rows))
             logits = self.model.lm_head(hidden[:, -1]).float().cpu()
         self.counters["tokens_decoded"] += len(rows)
         self.counters["max_batch"] = max(self.counters["max_batch"], len(rows))
@@ -334,6 +335,14 @@ class Scheduler:
         for job in {job for job, _ in rows}:
             if not job.live_rows():
                 self._complete_round(job)
+
+    @staticmethod
+    def _shared_prompts(rows: list) -> list[tuple[list[int], int]]:
+        """The rows of each request, with its prompt length: their slots all hold that prompt."""
+        by_job: dict[int, list[int]] = {}
+        for b, (job, _) in enumerate(rows):
+            by_job.setdefault(id(job), []).append(b)
+        return [(group, len(rows[group[0]][0].prompt.tokens)) for group in by_job.values() if len(group) > 1]
 
     def _take(self, rows: list, logits: torch.Tensor) -> None:
         """Choose each row's next token from its logits [B, V] (one sampling pass for the batch)."""

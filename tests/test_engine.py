@@ -149,6 +149,24 @@ def test_forked_suggestions_equal_independent_runs(make_engine):
         assert alone[0].text == forked[i].text
 
 
+def test_suggestions_reading_their_shared_prompt_once_equal_independent_runs(make_engine, monkeypatch):
+    """The tiny model's prompts are short, so the threshold for sharing is lowered to reach them."""
+    import model.gpt
+
+    text = "Once upon a time there was a small robot that"
+    seed = 99
+    monkeypatch.setattr(model.gpt, "SHARED_PREFIX_MIN", 4)
+    groups = []
+    inner = model.gpt.CacheView._attend_shared
+    monkeypatch.setattr(model.gpt.CacheView, "_attend_shared",
+                        lambda self, *a, **kw: groups.append(len(a[3])) or inner(self, *a, **kw))
+    shared = make_engine().complete(text, n=3, seed=seed, max_new_tokens=10, stop=None)
+    assert groups and max(groups) == 3
+    for i in range(3):
+        alone = make_engine().complete(text, n=1, seed=seed + i, max_new_tokens=10, stop=None)
+        assert alone[0].token_ids == shared[i].token_ids
+
+
 def test_greedy_suggestions_start_from_the_most_likely_first_tokens(engine):
     text = "Hello there! How are you"
     three = engine.complete(text, n=3, greedy=True, max_new_tokens=6)

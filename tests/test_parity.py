@@ -505,3 +505,56 @@ def test_one_row_products_equal_matmul(threads, I, O):
         torch.set_num_threads(before)
     torch.testing.assert_close(split_in, x @ w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(split_out, x @ w, atol=1e-5, rtol=1e-5)
+
+
+# -- shared prompts: the rows forked from one prompt read it once -------------------------------
+
+def test_shared_prefix_attention_equals_per_row_reads(lm_pair, monkeypatch):
+    """Three rows forked from one prompt (one starts later, as a replacement row does) plus an
+    unrelated row: reading the prompt once for the group gives the per-row logits."""
+    ours, _ = lm_pair
+    monkeypatch.setattr(model.gpt, "SHARED_PREFIX_MIN", 4)
+    prompt = random_ids((20,), seed=50).tolist()
+    other = random_ids((9,), seed=51).tolist()
+    own = [random_ids((6,), seed=52 + i).tolist() for i in range(3)]
+    cache = KVCache(ours.config, slots=5)
+    with torch.no_grad():
+        cache.k.normal_()  # stale garbage past each row's end must never count
+        cache.v.normal_()
+    step(ours, cache, [prompt], [4], [0])
+    for slot in (1, 2):
+        cache.copy_slot(4, slot, len(prompt))
+    step(ours, cache, [other], [0], [0])
+    ends = [6, 6, 3]  # the third row has decoded fewer tokens of its own
+    for b, slot in enumerate((4, 1, 2)):
+        if ends[b] > 1:
+            step(ours, cache, [own[b][:ends[b] - 1]], [slot], [len(prompt)])
+    ids = torch.tensor([[own[0][5]], [other[0]], [own[1][5]], [own[2][2]]])
+    positions = torch.tensor([[len(prompt) + 5], [len(other)], [len(prompt) + 5], [len(prompt) + 2]])
+    slots = [4, 0, 1, 2]
+    before = (cache.k.clone(), cache.v.clone())
+    calls = []
+    inner = model.gpt.CacheView._attend_shared
+    monkeypatch.setattr(model.gpt.CacheView, "_attend_shared",
+                        lambda self, *a, **kw: calls.append(a[3]) or inner(self, *a, **kw))
+    with torch.no_grad():
+        shared = ours.lm_head(ours.transformer(ids, cache=cache, slots=slots, positions=positions,
+                                               shared=[([0, 2, 3], len(prompt))]))
+        cache.k.copy_(before[0])
+        cache.v.copy_(before[1])
+        alone = ours.lm_head(ours.transformer(ids, cache=cache, slots=slots, positions=positions))
+    assert calls == [[0, 2, 3]] * ours.config.n_layer
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
+    expected = full_logits(ours, prompt + own[2][:3])[-1]
+    torch.testing.assert_close(shared[3, -1], expected, atol=ATOL, rtol=0)
+
+
+def test_shared_prefix_needs_a_row_past_it(lm_pair, monkeypatch):
+    ours, _ = lm_pair
+    monkeypatch.setattr(model.gpt, "SHARED_PREFIX_MIN", 4)
+    cache = KVCache(ours.config, slots=2)
+    positions = torch.tensor([[10], [10]])
+    with pytest.raises(ValueError):
+        model.gpt.CacheView(cache, [0, 1], positions, shared=[([0, 1], 11)])
+    view = model.gpt.CacheView(cache, [0, 1], positions, shared=[([0, 1], 3)])  # too short to share
+    assert view.shared == [] and view.solo == [0, 1]
