@@ -1,7 +1,7 @@
 """Continuous batching over the static KV cache.
 
-One thread owns the model's cache. Each step it prefills a bounded chunk of the waiting
-prompts and then decodes one token for every live row of every running request in a
+The model thread (threads.py) owns the cache: each turn it runs the calls that wait for
+it, then takes one step, which prefills a bounded chunk of the waiting prompts and decodes one token for every live row of every running request in a
 single forward pass. A request that arrives mid-way joins at the next step; a long
 request never holds a short one back; a cancelled or timed-out request frees its slots
 at the next step.
@@ -25,6 +25,7 @@ from .errors import Cancelled, RequestTimeout, WWTError
 from .gpt import GPTModel, KVCache
 from .sampling import SamplingSettings, apply_repetition_penalty, sample_rows
 from .slots import SlotPool, common_prefix
+from .threads import model_thread
 from .tokenizer import GPTTokenizer
 from .types import Suggestion, Timings
 
@@ -155,10 +156,12 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._calls: deque[Call] = deque()
-        self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="wwt-scheduler", daemon=True)
-        self._thread.start()
+        self._gone = threading.Event()
+        self._worker = model_thread(self.device)
+        self._cond = self._worker.cond  # one lock for the thread and all its schedulers
+        self._thread = self._worker.thread
+        self._worker.add(self)
 
     # -- the callers' side ---------------------------------------------------------------
     def submit(self, job: Job) -> Handle:
@@ -167,14 +170,14 @@ class Scheduler:
                 raise Cancelled("the engine is shut down")
             self._waiting.append(job)
             self.counters["requests"] += 1
-            self._cond.notify()
+            self._cond.notify_all()
         return Handle(job, self._wake)
 
     def call(self, fn):
-        """Run fn() on the scheduler's thread between two steps; return its result or raise its error.
+        """Run fn() on the model thread between two steps; return its result or raise its error.
 
         All model work of an engine goes through here or the steps, so the process keeps one
-        OpenMP thread pool however many threads call the engine.
+        OpenMP thread pool however many threads call the engine (see threads.py).
         """
         if threading.current_thread() is self._thread:
             return fn()
@@ -183,7 +186,7 @@ class Scheduler:
             if self._closed:
                 raise Cancelled("the engine is shut down")
             self._calls.append(call)
-            self._cond.notify()
+            self._cond.notify_all()
         call.done.wait()
         if call.error is not None:
             raise call.error
@@ -191,42 +194,45 @@ class Scheduler:
 
     def _wake(self) -> None:
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=10)
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._gone.wait(timeout=10)
 
-    # -- the loop ------------------------------------------------------------------------
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP team as configured
-        while True:
-            with self._cond:
-                while not self._closed and not self._waiting and not self._running and not self._calls:
-                    self._cond.wait()
-                if self._closed:
-                    for job in list(self._waiting) + self._running:
-                        self._finish(job, error=Cancelled("the engine is shut down"))
-                    for call in self._calls:
-                        call.error = Cancelled("the engine is shut down")
-                        call.done.set()
-                    return
-                calls, self._calls = list(self._calls), deque()
-                self._admit()
-            for call in calls:
-                call.run()
-            if not self._running:
-                continue
-            try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception as e:  # a bug must fail the requests, never kill the loop
-                log.exception("scheduler step failed")
-                for job in list(self._running):
-                    self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
+    # -- the model thread's side ---------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._closed or self._waiting or self._running or self._calls)
+
+    def turn(self) -> None:
+        """Run waiting calls, admit waiting requests and take one batching step."""
+        with self._cond:
+            if self._closed:
+                for job in list(self._waiting) + self._running:
+                    self._finish(job, error=Cancelled("the engine is shut down"))
+                for call in self._calls:
+                    call.error = Cancelled("the engine is shut down")
+                    call.done.set()
+                self._calls.clear()
+                self._worker.remove(self)
+                self._gone.set()
+                return
+            calls, self._calls = list(self._calls), deque()
+            self._admit()
+        for call in calls:
+            call.run()
+        if not self._running:
+            return
+        try:
+            with torch.inference_mode():
+                self._step()
+        except Exception as e:  # a bug must fail the requests, never kill the loop
+            log.exception("scheduler step failed")
+            for job in list(self._running):
+                self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
 
     def _admit(self) -> None:
         """Give slots to waiting requests, oldest first; drop the cancelled ones (wherever they wait)."""
@@ -430,4 +436,4 @@ class Scheduler:
         job.result = list(job.accepted)
         job.done.set()
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()

@@ -4,14 +4,72 @@ With the OpenMP runtime of PyTorch's CPU builds, every thread that runs a parall
 gets its own pool of worker threads, kept until that thread exits. Once a process holds
 more pool threads than cores, every pool stops spinning between parallel regions and
 sleeps instead, and a decode step (hundreds of short parallel regions) pays a wake-up
-for each: on a 2-core machine that made each step a quarter slower. So the scheduler's
-thread runs all of an engine's model work (`Scheduler.call`), and one-off setup such as
-loading and packing runs in a thread that exits when it is done, taking its pool along.
+for each: on a 2-core machine that made each step a quarter slower. So one ModelThread
+runs the batching loops of all CPU engines of a process in turn, and all of their model
+work (`Scheduler.call`); one-off setup such as loading and packing runs in a thread that
+exits when it is done, taking its pool along.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ModelThread:
+    """A thread that gives each of its schedulers a turn (one batching step) while any has work."""
+
+    def __init__(self, name: str = "wwt-model"):
+        self.cond = threading.Condition()
+        self.schedulers: list = []
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def add(self, scheduler) -> None:
+        with self.cond:
+            self.schedulers.append(scheduler)
+            self.cond.notify_all()
+
+    def remove(self, scheduler) -> None:
+        with self.cond:
+            if scheduler in self.schedulers:
+                self.schedulers.remove(scheduler)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP pool as configured
+        while True:
+            with self.cond:
+                ready = [s for s in self.schedulers if s.has_work()]
+                while not ready:
+                    self.cond.wait()
+                    ready = [s for s in self.schedulers if s.has_work()]
+            for scheduler in ready:
+                try:
+                    scheduler.turn()
+                except Exception:  # a scheduler handles its own errors; this is the last guard
+                    log.exception("a scheduler's turn failed")
+
+
+_shared: Optional[ModelThread] = None
+_shared_lock = threading.Lock()
+
+
+def model_thread(device: torch.device) -> ModelThread:
+    """The process's one CPU model thread (made on first use); a GPU engine gets a thread of its own,
+    so engines on different GPUs keep overlapping."""
+    global _shared
+    if device.type != "cpu":
+        return ModelThread(f"wwt-model-{device}")
+    with _shared_lock:
+        if _shared is None:
+            _shared = ModelThread()
+        return _shared
 
 
 def in_fresh_thread(fn, *args, **kwargs):

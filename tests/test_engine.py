@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from model import Engine
 from model.autocomplete import apply_stop, build_prompt, clean_text
@@ -574,6 +575,42 @@ def test_run_returns_results_and_raises_errors_on_the_model_thread(make_engine):
     engine.close()
     with pytest.raises(Cancelled):
         engine.run(lambda: 1)
+
+
+def test_engines_of_a_process_share_one_model_thread(make_engine, tiny_openai):
+    """Two models at once (the Compare tab): one thread takes turns; each answers as it would alone;
+    one failing or closing leaves the other working."""
+    from model.threads import model_thread
+
+    a, b = make_engine(slots=4), make_engine(path=tiny_openai, slots=4)
+    assert a.scheduler._thread is b.scheduler._thread is model_thread(torch.device("cpu")).thread
+    assert model_thread(torch.device("cuda")) is not model_thread(torch.device("cpu"))  # GPUs keep their own
+    expected = {e: ids(e.complete(STORY, n=2, greedy=True, max_new_tokens=8, stop=None)) for e in (a, b)}
+    results, errors = {}, []
+
+    def caller(engine, i):
+        try:
+            results[(engine, i)] = ids(engine.complete(STORY, n=2, greedy=True, max_new_tokens=8, stop=None))
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=caller, args=(e, i)) for e in (a, b) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors and len(results) == 6
+    assert all(got == expected[engine] for (engine, _), got in results.items())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    a.model.transformer.forward = broken
+    with pytest.raises(Exception, match="internal error"):
+        a.complete("Something new entirely", n=1, max_new_tokens=3)
+    assert ids(b.complete(STORY, n=2, greedy=True, max_new_tokens=8, stop=None)) == expected[b]
+    a.close()
+    assert ids(b.complete(STORY, n=2, greedy=True, max_new_tokens=8, stop=None)) == expected[b]
 
 
 def test_close_cancels_what_is_pending(make_engine):
