@@ -63,8 +63,9 @@ def sample_rows(logits: torch.Tensor, settings: list, generators: list, ranks: l
     if not sampled:
         return tokens
     x = logits if len(sampled) == len(settings) else logits[sampled]
-    temps = torch.tensor([settings[r].temperature for r in sampled], dtype=x.dtype)
-    x = x / temps[:, None]  # a new tensor: the caller's logits stay as they were
+    temps = [settings[r].temperature for r in sampled]
+    if any(t != 1.0 for t in temps) or any(settings[r].top_k for r in sampled):
+        x = x / torch.tensor(temps, dtype=x.dtype)[:, None]  # a new tensor: the caller's logits stay as they were
     for j, r in enumerate(sampled):
         k = settings[r].top_k
         if k and k < x.shape[-1]:

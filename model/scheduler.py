@@ -366,7 +366,8 @@ class Scheduler:
                 scores[b, job.eos] = float("-inf")  # a suggestion is never empty
         tokens = sample_rows(scores, [job.settings for job, _ in rows], [row.generator for _, row in rows],
                              [row.index if not row.tokens else 0 for _, row in rows])
-        logprobs = torch.log_softmax(logits, -1)[torch.arange(len(rows)), torch.tensor(tokens)].tolist()
+        chosen = logits[torch.arange(len(rows)), torch.tensor(tokens)]
+        logprobs = (chosen - torch.logsumexp(logits, -1)).tolist()  # log-softmax of the chosen tokens only
         for (job, row), token, logprob in zip(rows, tokens, logprobs):
             self._accept(job, row, token, logprob)
 
