@@ -272,30 +272,40 @@ class Scheduler:
         self.counters["steps"] += 1
 
     def _prefill_some(self) -> None:
-        budget = PREFILL_CHUNK
-        for job in list(self._running):
+        """Prefill the next chunks of the prompts still to prefill, PREFILL_CHUNK tokens a step in all.
+
+        Chunks of the same length go through the model together, so requests that arrive at
+        once read the weights once between them.
+        """
+        budget, groups = PREFILL_CHUNK, {}
+        for job in self._running:
             if job.last_logits is not None or budget <= 0:
                 continue
-            t0 = time.perf_counter()
-            prompt = job.prompt.tokens
-            end = min(len(prompt), job.prefilled + budget)
-            ids = torch.tensor([prompt[job.prefilled:end]], device=self.device)
-            pos = torch.arange(job.prefilled, end, device=self.device)[None]
-            hidden = self.model.transformer(ids, cache=self.cache, slots=[job.base], positions=pos)
+            end = min(len(job.prompt.tokens), job.prefilled + budget)
             budget -= end - job.prefilled
-            self.counters["tokens_prefilled"] += end - job.prefilled
-            job.timings.tokens_prefilled += end - job.prefilled
-            job.prefilled = end
-            self.pool.tokens[job.base] = list(prompt[:end])
-            if end == len(prompt):
-                job.last_logits = self.model.lm_head(hidden[0, -1]).float().cpu()
-                job.timings.prefill_ms += (time.perf_counter() - t0) * 1000
+            groups.setdefault(end - job.prefilled, []).append((job, job.prefilled, end))
+        for group in groups.values():
+            t0 = time.perf_counter()
+            ids = torch.tensor([job.prompt.tokens[start:end] for job, start, end in group], device=self.device)
+            pos = torch.tensor([list(range(start, end)) for _, start, end in group], device=self.device)
+            hidden = self.model.transformer(ids, cache=self.cache, slots=[job.base for job, _, _ in group],
+                                            positions=pos)
+            done = [b for b, (job, _, end) in enumerate(group) if end == len(job.prompt.tokens)]
+            logits = self.model.lm_head(hidden[done, -1]).float().cpu() if done else None
+            elapsed_ms = (time.perf_counter() - t0) * 1000
+            for job, start, end in group:
+                self.counters["tokens_prefilled"] += end - start
+                job.timings.tokens_prefilled += end - start
+                job.timings.prefill_ms += elapsed_ms
+                job.prefilled = end
+                self.pool.tokens[job.base] = list(job.prompt.tokens[:end])
+            for i, b in enumerate(done):
+                job = group[b][0]
+                job.last_logits = logits[i]
                 job.decode_started = time.perf_counter()
                 self._start_rows(job, job.n)
                 if not job.live_rows():
                     self._complete_round(job)
-            else:
-                job.timings.prefill_ms += (time.perf_counter() - t0) * 1000
 
     def _start_rows(self, job: Job, count: int) -> None:
         """Fork `count` new rows from the prefilled prompt and pick their first tokens."""

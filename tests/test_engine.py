@@ -201,6 +201,37 @@ def test_batched_decode_equals_unbatched(make_engine):
     assert idle(batched)
 
 
+def test_prompts_of_equal_length_prefill_together_and_equal_alone(make_engine):
+    engine = make_engine(slots=12)
+    by_length: dict = {}
+    words = STORY.split()
+    for i in range(len(words)):  # three different prompts of one length in tokens
+        line = " ".join(words[i:] + words[:i])
+        by_length.setdefault(len(prompt_of(engine, line, 6).tokens), []).append(line)
+    texts = max(by_length.values(), key=len)[:3]
+    lengths = {len(prompt_of(engine, t, 6).tokens) for t in texts}
+    assert len(texts) == 3 and len(set(texts)) == 3 and len(lengths) == 1
+    shapes = []
+    inner = engine.model.transformer.forward
+
+    def forward(ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return inner(ids, *args, **kwargs)
+
+    engine.model.transformer.forward = forward
+    started = threading.Event()
+    hold = threading.Thread(target=engine.run, args=(lambda: started.set() or time.sleep(0.5),))
+    hold.start()  # keeps the model thread busy, so the three requests arrive in one turn
+    assert started.wait(30)
+    handles = [engine.submit(CompletionRequest(t, n=2, greedy=True, max_new_tokens=6, stop=None)) for t in texts]
+    together = [h.result(timeout=60)[0] for h in handles]
+    hold.join(30)
+    assert (3, lengths.pop()) in shapes, shapes
+    alone = make_engine(slots=12)
+    for text, got in zip(texts, together):
+        assert ids(got) == ids(alone.complete(text, n=2, greedy=True, max_new_tokens=6, stop=None)), text
+
+
 def test_a_long_request_does_not_hold_back_a_short_one(make_engine):
     engine = make_engine(delay=0.005)
     long = engine.submit(CompletionRequest("Once upon a time", n=1, greedy=True, max_new_tokens=100, stop=None))
