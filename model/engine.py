@@ -62,9 +62,11 @@ class Engine:
         self.heads = {"lm", *heads}
         self.device = lm.transformer.wte.weight.device
         self.dtype = lm.transformer.wte.weight.dtype
-        # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (WWT_CPU_PACK=0: plain only).
+        # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (WWT_CPU_PACK=0: plain only),
+        # and the one-row kernel timed fastest on this machine (WWT_CPU_ONE_ROW names one instead).
         # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
-        self.packed = in_fresh_thread(lm.prepare_for_cpu, os.environ.get("WWT_CPU_PACK", "1") != "0")
+        self.packed = in_fresh_thread(lm.prepare_for_cpu, os.environ.get("WWT_CPU_PACK", "1") != "0",
+                                      os.environ.get("WWT_CPU_ONE_ROW", "auto"))
         slots = slots or default_slots(self.config, self.device, self.dtype)
         self.cache = in_fresh_thread(KVCache, self.config, slots, dtype=self.dtype, device=self.device)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
@@ -300,7 +302,8 @@ class Engine:
     # -- bookkeeping ---------------------------------------------------------------------
     def stats(self) -> dict:
         return {**self.scheduler.counters, "slots": self.cache.slots,
-                "cache_bytes": self.cache.nbytes(), "memory_bytes": self.memory_bytes()}
+                "cache_bytes": self.cache.nbytes(), "memory_bytes": self.memory_bytes(),
+                "one_row_kernels": dict(self.model.one_row_kernels)}
 
     def memory_bytes(self) -> int:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters()) + self.model.packed_bytes()

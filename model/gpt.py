@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernel_choice
 from .config import GPTConfig
 
 
@@ -235,29 +236,38 @@ def one_row_matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Conv1D(nn.Module):
-    """A linear layer whose weight is stored [in, out], as the Hub's GPT checkpoints store it.
+    """GPT-2's linear layer: y = x @ W + b with W stored [in, out], as in the checkpoints.
 
-    On CPU (`prepare_for_cpu`) a one-row input takes `one_row_matmul`, and several rows take
-    a oneDNN-packed copy of the weight when there is one (`pack`): those few rows of a
-    batched decode step run two to three times faster than through the plain BLAS call.
+    On CPU (`prepare_for_cpu`) a one-row input takes the `one_row` kernel timed fastest on
+    this machine (kernel_choice.py): "split" (`one_row_matmul`), "plain" (BLAS) or "packed".
+    Several rows take a oneDNN-packed copy of the weight when there is one (`pack`): those
+    few rows of a batched decode step run two to three times faster than through BLAS.
     """
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
+        self.n_in = n_in
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
         self.packed = None
-        self.split_one_row = False
+        self.one_row: Optional[str] = None
 
     def pack(self) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().t().contiguous())
 
     def forward(self, x):
-        if self.split_one_row and x.numel() == x.shape[-1]:
-            return one_row_matmul(x.reshape(1, -1), self.weight).add_(self.bias).view(*x.shape[:-1], -1)
+        if self.one_row is not None and x.numel() == x.shape[-1]:
+            return self._one_row(x.reshape(1, -1)).view(*x.shape[:-1], -1)
         if self.packed is not None:
             return _packed_linear(x, self.packed, self.bias)
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+    def _one_row(self, x):
+        if self.one_row == "split":
+            return one_row_matmul(x, self.weight).add_(self.bias)
+        if self.one_row == "packed" and self.packed is not None:
+            return _packed_linear(x, self.packed, self.bias)
+        return torch.addmm(self.bias, x, self.weight)
 
 
 class Attention(nn.Module):
@@ -372,14 +382,17 @@ class GPT(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Next-token logits, tied to the token embedding unless the checkpoint unties them."""
+    """Next-token logits, tied to the token embedding unless the checkpoint unties them.
+
+    One-row inputs take the `one_row` kernel, as in Conv1D."""
 
     def __init__(self, body: GPT, weight: Optional[torch.Tensor] = None):
         super().__init__()
         self.body = [body]  # a list, so the embedding is not registered twice
         self.untied = None if weight is None else nn.Parameter(weight)
+        self.n_in = body.config.n_embd
         self.packed = None
-        self.split_one_row = False
+        self.one_row: Optional[str] = None
 
     def weight(self) -> torch.Tensor:
         return self.untied if self.untied is not None else self.body[0].wte.weight
@@ -389,11 +402,18 @@ class LMHead(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().detach().contiguous())
 
     def forward(self, hidden):
-        if self.split_one_row and hidden.numel() == hidden.shape[-1]:
-            return one_row_matmul_t(hidden.reshape(1, -1), self.weight()).view(*hidden.shape[:-1], -1)
+        if self.one_row is not None and hidden.numel() == hidden.shape[-1]:
+            return self._one_row(hidden.reshape(1, -1)).view(*hidden.shape[:-1], -1)
         if self.packed is not None:
             return _packed_linear(hidden, self.packed, None)
         return hidden @ self.weight().t()
+
+    def _one_row(self, x):
+        if self.one_row == "split":
+            return one_row_matmul_t(x, self.weight())
+        if self.one_row == "packed" and self.packed is not None:
+            return _packed_linear(x, self.packed, None)
+        return x @ self.weight().t()
 
 
 class SequenceSummary(nn.Module):
@@ -454,18 +474,20 @@ HEAD_PREFIXES = {
 class GPTModel(nn.Module):
     """The body with one head: what `model.load(name, head=...)` returns."""
 
-    def prepare_for_cpu(self, pack: bool = True) -> bool:
-        """CPU float32 inference: one-row products split per thread, and (`pack`) a oneDNN copy
-        of each matrix for several rows (see Conv1D). Whether the model packed its weights."""
+    def prepare_for_cpu(self, pack: bool = True, one_row: str = "auto") -> bool:
+        """CPU float32 inference: (`pack`) a oneDNN copy of each matrix for several rows, and
+        for one row the kernel `one_row` ("auto": the fastest here, see kernel_choice.py).
+        Whether the model packed its weights; the kernels chosen are in `one_row_kernels`."""
         weight = self.transformer.wte.weight
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             return False
         pack = pack and cpu_packing_available()
-        for module in self.modules():
-            if isinstance(module, (Conv1D, LMHead)):
-                module.split_one_row = True
-                if pack and module.packed is None:
-                    module.pack()
+        layers = [m for m in self.transformer.modules() if isinstance(m, Conv1D)]
+        head = getattr(self, "lm_head", None)
+        for module in layers + ([head] if head is not None else []):
+            if pack and module.packed is None:
+                module.pack()
+        self.one_row_kernels = kernel_choice.apply(layers, head, one_row)
         return pack
 
     def packed_bytes(self) -> int:
@@ -478,6 +500,7 @@ class GPTModel(nn.Module):
             raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
         self.config = config
         self.head = head
+        self.one_row_kernels: dict[str, str] = {}  # set by prepare_for_cpu
         self.transformer = GPT(config)
         if head in ("lm", "double-heads"):
             self.lm_head = LMHead(self.transformer)

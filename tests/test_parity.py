@@ -441,26 +441,35 @@ def test_generation_stops_at_eos(lm_pair):
 
 # -- the CPU layouts: one-row products split per thread, oneDNN-packed copies -------------------
 
-@pytest.fixture(scope="module", params=[("gpt2", True), ("gpt2", False), ("openai-gpt", True)],
-                ids=["gpt2-packed", "gpt2-plain", "openai-gpt-packed"])
+@pytest.fixture(scope="module", params=[("gpt2", True, "split"), ("gpt2", True, "packed"), ("gpt2", False, "plain"),
+                                        ("gpt2", True, "auto"), ("openai-gpt", True, "split")],
+                ids=["gpt2-split", "gpt2-packed", "gpt2-plain", "gpt2-auto", "openai-gpt-split"])
 def cpu_pair(request, tmp_path_factory):
-    """(our LM prepared for CPU inference, the reference LM): the layout the engine decodes with."""
-    model_type, pack = request.param
+    """(our LM prepared for CPU inference, the reference LM): the layout the engine decodes with,
+    with each one-row kernel in turn."""
+    model_type, pack, one_row = request.param
     folder = tmp_path_factory.mktemp(f"cpu-{model_type}")
     cls = "OpenAIGPTLMHeadModel" if model_type == "openai-gpt" else "GPT2LMHeadModel"
     ref = save_reference(cls, folder, model_type=model_type, seed=41)
     ours = model.load(str(folder), device="cpu")
-    packed = ours.prepare_for_cpu(pack=pack)
+    packed = ours.prepare_for_cpu(pack=pack, one_row=one_row)
     assert packed == (pack and model.gpt.cpu_packing_available())
     linears = [m for m in ours.modules() if isinstance(m, (model.gpt.Conv1D, model.gpt.LMHead))]
-    assert linears and all(m.split_one_row for m in linears)
+    assert linears and all(m.one_row in model.kernel_choice.KERNELS for m in linears)
     assert all((m.packed is not None) == packed for m in linears)
+    possible = model.kernel_choice.candidates(linears)
+    assert set(ours.one_row_kernels) == {"layers", "head"}
+    if one_row == "auto":
+        assert set(ours.one_row_kernels.values()) <= set(possible)
+    else:
+        expected = one_row if one_row in possible else "plain"
+        assert ours.one_row_kernels == {"layers": expected, "head": expected}
     return ours, ref
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_cpu_layout_decode_matches_reference(cpu_pair, threads):
-    """Prefill, then one-row steps (the split products), then a three-row step (packed / BLAS)."""
+    """Prefill, then one-row steps (the one-row kernel), then a three-row step (packed / BLAS)."""
     ours, ref = cpu_pair
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -1,0 +1,114 @@
+"""The one-row kernel is chosen by timing the candidates, and a named one is used as named."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import model
+from model import kernel_choice
+
+
+class Timed(torch.nn.Module):
+    """A stand-in linear whose one-row product takes the time `costs` gives its current kernel."""
+
+    def __init__(self, costs: dict[str, float], packed: bool = True):
+        super().__init__()
+        self.n_in = 4
+        self.costs = costs
+        self.packed = torch.zeros(1) if packed else None
+        self.one_row = None
+        self.seen: list[str] = []
+
+    def forward(self, x):
+        self.seen.append(self.one_row)
+        time.sleep(self.costs[self.one_row])
+        return x
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fastest", kernel_choice.KERNELS)
+def test_the_fastest_kernel_is_chosen_for_layers_and_head(two_threads, fastest):
+    slow, fast = 0.004, 0.0
+    layers = [Timed({k: fast if k == fastest else slow for k in kernel_choice.KERNELS}) for _ in range(3)]
+    head_fastest = kernel_choice.KERNELS[(kernel_choice.KERNELS.index(fastest) + 1) % 3]
+    head = Timed({k: fast if k == head_fastest else slow for k in kernel_choice.KERNELS})
+    chosen = kernel_choice.choose(layers, head)
+    assert chosen == {"layers": fastest, "head": head_fastest}
+    assert all(m.one_row == fastest for m in layers) and head.one_row == head_fastest
+    assert set(layers[0].seen) == set(kernel_choice.KERNELS), "every candidate was timed"
+
+
+def test_only_kernels_a_module_can_run_are_candidates(two_threads):
+    """No packed copy: "packed" is never timed, however fast it would be."""
+    unpacked = [Timed({"split": 0.004, "plain": 0.0, "packed": 0.0}, packed=False)]
+    assert kernel_choice.choose(unpacked, None) == {"layers": "plain"}
+    assert set(unpacked[0].seen) == {"split", "plain"}
+    torch.set_num_threads(1)  # one thread: nothing to split over
+    assert kernel_choice.candidates(unpacked) == ["plain"]
+
+
+def test_a_named_kernel_is_used_and_an_unknown_one_refused(two_threads):
+    layers, head = [Timed({}), Timed({})], Timed({}, packed=False)
+    assert kernel_choice.apply(layers, head, "packed") == {"layers": "packed", "head": "plain"}
+    assert [m.one_row for m in layers] == ["packed", "packed"] and head.one_row == "plain"
+    assert not layers[0].seen, "a named kernel is not timed"
+    with pytest.raises(ValueError, match="unknown one-row kernel 'fast'"):
+        kernel_choice.apply(layers, head, "fast")
+
+
+def test_engine_takes_the_kernel_from_its_setting(tiny_gpt2, monkeypatch):
+    monkeypatch.setenv("WWT_CPU_ONE_ROW", "plain")
+    engine = model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32, slots=2)
+    try:
+        assert engine.stats()["one_row_kernels"] == {"layers": "plain", "head": "plain"}
+        assert engine.complete("Hello", n=1, max_new_tokens=3, greedy=True, stop=None)[0].token_ids
+    finally:
+        engine.close()
+    monkeypatch.setenv("WWT_CPU_ONE_ROW", "fastest")
+    with pytest.raises(ValueError, match="unknown one-row kernel"):
+        model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32, slots=2)
+
+
+@pytest.mark.parametrize("kernel", kernel_choice.KERNELS)
+def test_each_kernel_takes_its_own_path_and_gives_x_at_w(two_threads, monkeypatch, kernel):
+    """A one-row product with the kernel named runs that kernel (and only it) and equals x @ W + b."""
+    if kernel == "packed" and not model.gpt.cpu_packing_available():
+        pytest.skip("this torch build has no oneDNN packing")  # the other kernels still run
+    calls = []
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls.append(name)
+            return fn(*args)
+        monkeypatch.setattr(model.gpt, name, wrapper)
+
+    counted("one_row_matmul", model.gpt.one_row_matmul)
+    counted("one_row_matmul_t", model.gpt.one_row_matmul_t)
+    counted("_packed_linear", model.gpt._packed_linear)
+    gen = torch.Generator().manual_seed(3)
+    linear = model.gpt.Conv1D(8, 6)
+    torch.nn.init.normal_(linear.weight, generator=gen)
+    torch.nn.init.normal_(linear.bias, generator=gen)
+    body = model.gpt.GPT(model.config.GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    head = model.gpt.LMHead(body)
+    for module in (linear, head):
+        module.pack()
+        module.one_row = kernel
+    x = torch.randn(1, 1, 8, generator=gen)
+    with torch.no_grad():
+        got_linear, got_head = linear(x), head(x)
+        torch.testing.assert_close(got_linear, x @ linear.weight + linear.bias, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_head, x @ body.wte.weight.t(), atol=1e-5, rtol=1e-5)
+    expected = {"split": ["one_row_matmul", "one_row_matmul_t"], "plain": [],
+                "packed": ["_packed_linear", "_packed_linear"]}[kernel]
+    assert calls == expected
