@@ -10,16 +10,16 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from app.server import HINT, build_app, model_specs, prepare_backend, setup_logging  # noqa: E402
-from app.settings import env  # noqa: E402
-from app.ui import launch_kwargs  # noqa: E402
+from app.web.ui import launch_kwargs  # noqa: E402
+from model import settings  # noqa: E402
 from model.errors import WWTError  # noqa: E402
 
 setup_logging()
 try:
-    backend = prepare_backend(env("WWT_BACKEND"), model_specs(None), redis_url=env("WWT_REDIS_URL"),
-                              device=env("WWT_DEVICE") or None)
-except WWTError as e:
-    sys.exit(f"error: {e.message}\n{HINT}")
+    backend = prepare_backend(settings.get("WWT_BACKEND"), model_specs(None),
+                              redis_url=settings.get("WWT_REDIS_URL"), device=settings.get("WWT_DEVICE") or None)
+except (WWTError, settings.SettingError) as e:
+    sys.exit(f"error: {getattr(e, 'message', e)}\n{HINT}")
 
 demo = build_app(backend)
 

@@ -6,18 +6,18 @@ import argparse
 import json
 import sys
 
-from .settings import env
+from model import settings
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: bool = True) -> None:
-    p.add_argument("--backend", choices=["local", "celery"], default=env("WWT_BACKEND"),
+    p.add_argument("--backend", choices=["local", "celery"], default=settings.get("WWT_BACKEND"),
                    help="local: engine in this process (default); celery: through Redis and workers")
-    p.add_argument("--redis-url", default=env("WWT_REDIS_URL"), help="Redis URL for the celery backend")
-    p.add_argument("--device", default=env("WWT_DEVICE") or None, help="cpu, cuda or cuda:N")
+    p.add_argument("--redis-url", default=settings.get("WWT_REDIS_URL"), help="Redis URL for the celery backend")
+    p.add_argument("--device", default=settings.get("WWT_DEVICE") or None, help="cpu, cuda or cuda:N")
 
 
 def cmd_make_tiny_model(args) -> int:
-    from model.tiny import make_tiny_model
+    from model.network.tiny import make_tiny_model
 
     heads = [h for h in (args.heads or "").split(",") if h]
     out = make_tiny_model(args.dir, model_type=args.model_type, seed=args.seed, heads=heads)
@@ -65,7 +65,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench.engine import run_bench
 
     return run_bench(args)
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("complete", help="print continuations of TEXT")
     p.add_argument("text")
-    p.add_argument("--model", default=env("WWT_MODELS").split(",")[0])
+    p.add_argument("--model", default=settings.get("WWT_MODELS").split(",")[0])
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--num", type=int, default=3)
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop-auto", action="store_true", help="stop at the end of a sentence or line")
-    p.add_argument("--timeout", type=float, default=float(env("WWT_REQUEST_TIMEOUT")))
+    p.add_argument("--timeout", type=float, default=settings.get_float("WWT_REQUEST_TIMEOUT"))
     p.add_argument("--json", action="store_true", help="print one JSON object with suggestions and timings")
     _add_model_args(p)
     p.set_defaults(func=cmd_complete)
@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="start a Celery worker serving one model")
     p.add_argument("--model", required=True)
-    p.add_argument("--concurrency", type=int, default=int(env("WWT_CONCURRENCY")),
+    p.add_argument("--concurrency", type=int, default=settings.get_int("WWT_CONCURRENCY"),
                    help="tasks one worker runs at once (threads sharing its one engine)")
-    p.add_argument("--redis-url", default=env("WWT_REDIS_URL"))
-    p.add_argument("--device", default=env("WWT_DEVICE") or None)
-    p.add_argument("--slots", type=int, default=int(env("WWT_SLOTS")) if env("WWT_SLOTS") else None,
+    p.add_argument("--redis-url", default=settings.get("WWT_REDIS_URL"))
+    p.add_argument("--device", default=settings.get("WWT_DEVICE") or None)
+    p.add_argument("--slots", type=int, default=settings.get_int("WWT_SLOTS", default=None),
                    help="KV-cache slots of the worker's engine")
     p.set_defaults(func=cmd_worker)
 
@@ -126,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except settings.SettingError as e:  # a WWT_* variable that cannot be used: say which, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

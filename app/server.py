@@ -14,9 +14,8 @@ from typing import Optional
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
 
+from model import settings  # noqa: E402
 from model.errors import WWTError  # noqa: E402
-
-from .settings import env  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def setup_logging() -> None:
 
 def model_specs(given: Optional[list]) -> list[str]:
     """--model flags, else WWT_MODELS (comma-separated)."""
-    specs = given or env("WWT_MODELS").split(",")
+    specs = given or settings.get("WWT_MODELS").split(",")
     return [s.strip() for s in specs if s and s.strip()]
 
 
@@ -55,7 +54,7 @@ def prepare_backend(kind: str, specs: list[str], redis_url: Optional[str] = None
 
 def build_app(backend):
     """The Gradio app with a queue that lets requests run side by side (the engine batches them)."""
-    from .ui import build_ui
+    from .web.ui import build_ui
 
     demo = build_ui(backend)
     demo.queue(default_concurrency_limit=16)
@@ -73,7 +72,7 @@ def serve(args) -> int:
         if args.backend == "local":
             print(HINT, file=sys.stderr)
         return 2
-    from .ui import launch_kwargs
+    from .web.ui import launch_kwargs
 
     demo = build_app(backend)
     print(f"Write With Transformer: {', '.join(backend.models())} on the {backend.kind} backend", flush=True)

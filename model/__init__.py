@@ -1,15 +1,45 @@
-"""The GPT-2 / OpenAI GPT family in plain PyTorch: model, tokenizer, generation and engine."""
+"""The GPT-2 / OpenAI GPT family in plain PyTorch.
 
-from .config import GPTConfig
-from .errors import BadRequest, CheckpointError, UnknownModel, WWTError
-from .engine import Engine
-from .gpt import GPT, HEADS, GPTModel, KVCache
-from .known import KNOWN_MODELS, ModelSpec, parse_model_spec
-from .tokenizer import GPTTokenizer, load_tokenizer
-from .weights import load, resolve_checkpoint
+- `model.network`: the transformer and its heads, config, weights, tokenizer, known models.
+- `model.serving`: the engine that serves it (scheduling, KV-cache slots, autocomplete
+  rules, sampling, CPU kernels, the fixed-shape decode step).
+- `model.types`, `model.errors`, `model.contract`, `model.settings`: what crosses the queue
+  and what every caller agrees on. They import no torch, so the app and the workers can
+  use them without loading the engine.
 
-__all__ = [
-    "Engine", "GPT", "GPTConfig", "GPTModel", "GPTTokenizer", "HEADS", "KNOWN_MODELS", "KVCache", "ModelSpec",
-    "BadRequest", "CheckpointError", "UnknownModel", "WWTError",
-    "load", "load_tokenizer", "parse_model_spec", "resolve_checkpoint",
-]
+Names below are imported on first use, so `import model` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Engine": "model.serving.engine",
+    "GPT": "model.network.gpt",
+    "GPTModel": "model.network.gpt",
+    "HEADS": "model.network.gpt",
+    "GPTConfig": "model.network.config",
+    "GPTTokenizer": "model.network.tokenizer",
+    "load_tokenizer": "model.network.tokenizer",
+    "KNOWN_MODELS": "model.network.known",
+    "ModelSpec": "model.network.known",
+    "parse_model_spec": "model.network.known",
+    "load": "model.network.weights",
+    "resolve_checkpoint": "model.network.weights",
+    "KVCache": "model.serving.kv_cache",
+    "BadRequest": "model.errors",
+    "CheckpointError": "model.errors",
+    "UnknownModel": "model.errors",
+    "WWTError": "model.errors",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

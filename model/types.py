@@ -1,12 +1,14 @@
 """Request and result types shared by the engine, the queue and the app.
 
 Plain dataclasses, defined once, that cross the Celery queue as JSON
-(`to_dict` / `from_dict`).
+(`to_dict` / `from_dict`); nested results are typed by their annotations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -14,26 +16,39 @@ StopSetting = Union[str, list, None]  # "auto", None, or a list of strings
 
 
 class _JSON:
-    """Mixin: to/from plain dicts, recursing into nested dataclasses."""
+    """Mixin: to and from plain JSON-able dicts. Nested types come from the field annotations."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict):
-        kwargs = {}
-        hints = {f.name: f for f in dataclasses.fields(cls)}
-        for name, value in data.items():
-            if name not in hints:
-                continue
-            nested = _NESTED.get((cls.__name__, name))
-            if nested is not None and value is not None:
-                if isinstance(value, list):
-                    value = [nested.from_dict(v) for v in value]
-                else:
-                    value = nested.from_dict(value)
-            kwargs[name] = value
-        return cls(**kwargs)
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__} must come as a JSON object")
+        hints = _hints(cls)
+        return cls(**{name: _decode(hints[name], value) for name, value in data.items() if name in hints})
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: tp for name, tp in typing.get_type_hints(cls).items() if name in names}
+
+
+def _decode(tp, value):
+    """`value` (plain JSON) as type `tp`: dataclasses and lists of them are rebuilt."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _decode(inner[0], value) if len(inner) == 1 else value
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_decode(item, v) for v in value]
+    if isinstance(tp, type) and issubclass(tp, _JSON) and isinstance(value, dict):
+        return tp.from_dict(value)
+    return value
 
 
 @dataclass
@@ -64,8 +79,8 @@ class CompletionRequest(_JSON):
 @dataclass
 class Suggestion(_JSON):
     text: str
-    token_ids: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"  # length | stop | eos | time | cancelled
 
 
@@ -85,7 +100,7 @@ class Timings(_JSON):
 @dataclass
 class Completion(_JSON):
     model: str
-    suggestions: list
+    suggestions: list[Suggestion]
     timings: Timings = field(default_factory=Timings)
     healed: str = ""  # characters of the text that suggestions were constrained to start with
 
@@ -94,7 +109,7 @@ class Completion(_JSON):
 class ClassifyRequest(_JSON):
     text: str
     model: str = ""
-    labels: Optional[list] = None
+    labels: Optional[list[str]] = None
 
 
 @dataclass
@@ -106,7 +121,7 @@ class LabelScore(_JSON):
 @dataclass
 class Classification(_JSON):
     model: str
-    labels: list
+    labels: list[LabelScore]
     method: str = "head"  # head | zero-shot
     timings: Timings = field(default_factory=Timings)
 
@@ -149,19 +164,9 @@ class TokenScore(_JSON):
 @dataclass
 class Scores(_JSON):
     model: str
-    tokens: list
+    tokens: list[TokenScore]
     timings: Timings = field(default_factory=Timings)
 
-
-_NESTED: dict[tuple[str, str], Any] = {
-    ("Completion", "suggestions"): Suggestion,
-    ("Completion", "timings"): Timings,
-    ("Classification", "labels"): LabelScore,
-    ("Classification", "timings"): Timings,
-    ("Answer", "timings"): Timings,
-    ("Scores", "tokens"): TokenScore,
-    ("Scores", "timings"): Timings,
-}
 
 REQUEST_TYPES = {
     "complete": CompletionRequest,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.tiny import make_tiny_model
+from model.network.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")

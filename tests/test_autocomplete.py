@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.autocomplete import (AUTO_MAX_WORDS, MAX_TEXT_CHARS, HealingMasks, Prompt, apply_stop, build_prompt,
-                                clean_text, continuation, stable_tail)
+from model.contract import MAX_TEXT_CHARS, clean_text, stable_tail
+from model.serving.autocomplete import AUTO_MAX_WORDS, HealingMasks, Prompt, apply_stop, build_prompt, continuation
 from model.errors import BadRequest
-from model.sampling import SamplingSettings, choose
-from model.slots import SlotPool, common_prefix
-from model.tiny import corpus_lines
-from model.tokenizer import load_tokenizer_folder
+from model.serving.sampling import SamplingSettings, choose
+from model.serving.slots import SlotPool, common_prefix
+from model.network.tiny import corpus_lines
+from model.network.tokenizer import load_tokenizer_folder
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,15 @@ def test_clean_text_replaces_lone_surrogates_and_keeps_the_rest():
     assert clean_text("\ud800") == "\ufffd"
     assert clean_text("x\udfff") == "x\ufffd"
     assert clean_text("\ud83d\ude00!") == "😀!"  # a pair sent as two code units joins
-    for s in ["", " ", "😀 café e\u0301 שלום \x00", "🏳️‍🌈"]:
+    for s in ["", " ", "😀 café e\u0301 שלום \t\n", "🏳️‍🌈"]:
         assert clean_text(s) == s
 
 
-@pytest.mark.parametrize("bad", [None, 5, b"bytes", ["a"]])
+def test_clean_text_drops_control_characters_but_keeps_tabs_and_line_ends():
+    assert clean_text("a\x00b\x1bc\x7f\td\r\ne") == "abc\td\r\ne"
+
+
+@pytest.mark.parametrize("bad", [5, b"bytes", ["a"], True])
 def test_clean_text_rejects_non_strings(bad):
     with pytest.raises(BadRequest):
         clean_text(bad)
@@ -217,18 +221,22 @@ def test_common_prefix():
     assert common_prefix([5], [6]) == 0
 
 
+def _filled(pool: SlotPool, docs: list) -> SlotPool:
+    for i, doc in enumerate(docs):
+        pool.wrote(i, doc)
+    return pool
+
+
 def test_pool_prefers_the_longest_shared_prefix():
-    pool = SlotPool(4)
-    pool.tokens = [[1, 2, 3], [1, 2, 3, 4, 5, 6], [9, 9], []]
+    pool = _filled(SlotPool(4), [[1, 2, 3], [1, 2, 3, 4, 5, 6], [9, 9], []])
     slots, reuse = pool.acquire([1, 2, 3, 4, 5, 7], 1)
     assert slots == [1] and reuse == 5
-    assert pool.tokens[1] == [1, 2, 3, 4, 5]  # what is past the shared prefix is stale
-    assert pool.busy == [False, True, False, False]
+    assert pool.held(1) == [1, 2, 3, 4, 5]  # what is past the shared prefix is stale
+    assert pool.busy() == [1]
 
 
 def test_pool_always_leaves_one_token_to_prefill():
-    pool = SlotPool(2)
-    pool.tokens[0] = [1, 2, 3, 4]
+    pool = _filled(SlotPool(2), [[1, 2, 3, 4]])
     slots, reuse = pool.acquire([1, 2, 3], 1)
     assert slots == [0] and reuse == 2  # the last prompt token gives the next-token logits
 
@@ -238,16 +246,55 @@ def test_pool_evicts_least_recently_used_first():
     for i, doc in enumerate([[10, 1], [20, 1], [30, 1]]):
         slots, _ = pool.acquire(doc, 1)
         assert slots == [i]  # never-used slots first
-        pool.tokens[i] = doc
+        pool.wrote(i, doc)
         pool.release(slots)
     slots, reuse = pool.acquire([20, 1, 5], 1)  # shares a prefix: reuses slot 1, evicts nothing
     assert slots == [1] and reuse == 2
     pool.release(slots)
     slots, reuse = pool.acquire([40, 1], 1)  # shares nothing: the least recently used is slot 0
-    assert slots == [0] and reuse == 0 and pool.tokens[0] == []
+    assert slots == [0] and reuse == 0 and pool.held(0) == []
+    pool.wrote(0, [40, 1])
     pool.release(slots)
     slots, _ = pool.acquire([50, 1], 1)
     assert slots == [2]
+
+
+def test_pool_keeps_documents_that_share_only_their_first_tokens():
+    """A slot holding another document that shares a first word is not taken while an empty one is free."""
+    pool = SlotPool(4)
+    docs = [[7, 1, 2, 3, 4, 5], [7, 8, 9, 10, 11], [7, 1, 2, 30, 31, 32, 33, 34]]
+    for doc in docs:
+        slots, reuse = pool.acquire(doc, 1)
+        assert reuse == 0
+        pool.wrote(slots[0], doc)
+        pool.release(slots)
+    assert sorted(tuple(pool.held(i)) for i in range(3)) == sorted(map(tuple, docs))
+    for doc in docs:  # the next keystroke of each finds its own slot whole
+        slots, reuse = pool.acquire(doc + [99], 1)
+        assert reuse == len(doc) and pool.held(slots[0]) == doc
+        pool.wrote(slots[0], doc + [99])
+        pool.release(slots)
+
+
+def test_pool_copies_of_a_prompt_are_spares_given_away_before_documents():
+    pool = SlotPool(4)
+    slots, _ = pool.acquire([5, 6, 7], 3)  # three suggestions: three copies of one prompt
+    for s in slots:
+        pool.wrote(s, [5, 6, 7, 40 + s])
+    pool.release(slots, keep=slots[0])
+    other, reuse = pool.acquire([9, 9, 9], 3)  # needs three: the empty slot and the two spares
+    assert slots[0] not in other and reuse == 0
+    for s in other:
+        pool.wrote(s, [9, 9, 9])
+    pool.release(other, keep=other[0])
+    again, reuse = pool.acquire([5, 6, 7, 8], 1)
+    assert again == [slots[0]] and reuse == 3  # the kept copy still holds the first document
+
+
+def test_pool_edit_near_the_end_reuses_the_same_document():
+    pool = _filled(SlotPool(2), [[1, 2, 3, 4, 5, 6, 7, 8]])
+    slots, reuse = pool.acquire([1, 2, 3, 4, 5, 6, 9], 1)  # an edit two tokens from the end
+    assert slots == [0] and reuse == 6
 
 
 def test_pool_waits_when_not_enough_slots_are_free():
@@ -255,7 +302,7 @@ def test_pool_waits_when_not_enough_slots_are_free():
     first, _ = pool.acquire([1, 2], 2)
     assert len(first) == 2 and len(set(first)) == 2
     assert pool.acquire([3, 4], 2) is None
-    assert sum(pool.busy) == 2  # a failed acquire reserves nothing
+    assert len(pool.busy()) == 2  # a failed acquire reserves nothing
     one, _ = pool.acquire([3, 4], 1)
     assert one[0] not in first
     pool.release(first)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import model
 from app.cli import main
-from model.tokenizer import load_tokenizer_folder
+from model.network.tokenizer import load_tokenizer_folder
 
 from model_support import max_diff
 

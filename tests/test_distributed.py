@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from app.celery_backend import CeleryBackend
+from app.backends.celery import CeleryBackend
 from model.errors import Cancelled, BackendUnavailable, BadRequest, NoWorker, UnknownModel
-from model.tiny import make_tiny_model
+from model.network.tiny import make_tiny_model
 from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, Suggestion
-from workers.config import queue_name, redact
-from workers.registry import live_workers
+from workers.config import QueueMisconfigured, queue_name, redact
+from workers.registry import heartbeat_settings, live_workers
 from workers.suggestion_cache import SuggestionCache
 
 from dist_support import ROOT, RedisServer, Worker, total_tasks, wait_for, worker_stats
@@ -420,8 +420,53 @@ def test_time_limits_are_checked_for_consistency(monkeypatch):
     assert conf.result_expires > 0 and conf.accept_content == ["json"]
     monkeypatch.setenv("WWT_VISIBILITY_TIMEOUT", "10")
     monkeypatch.setenv("WWT_TASK_TIME_LIMIT", "30")
-    with pytest.raises(ValueError, match="WWT_VISIBILITY_TIMEOUT"):
+    with pytest.raises(QueueMisconfigured, match="the queue is misconfigured: WWT_VISIBILITY_TIMEOUT"):
         make_app("redis://127.0.0.1:1/0")
+    monkeypatch.setenv("WWT_TASK_TIME_LIMIT", "soon")
+    with pytest.raises(QueueMisconfigured, match="WWT_TASK_TIME_LIMIT must be a number, not 'soon'"):
+        make_app("redis://127.0.0.1:1/0")
+    monkeypatch.setenv("WWT_TASK_TIME_LIMIT", "3")
+    monkeypatch.setenv("WWT_HEARTBEAT_S", "5")
+    monkeypatch.setenv("WWT_HEARTBEAT_TTL_S", "4")
+    with pytest.raises(QueueMisconfigured, match="WWT_HEARTBEAT_TTL_S"):
+        heartbeat_settings()
+
+
+MISCONFIGURED = {"WWT_TASK_SOFT_TIME_LIMIT": "5", "WWT_TASK_TIME_LIMIT": "10", "WWT_VISIBILITY_TIMEOUT": "5"}
+
+
+@pytest.mark.parametrize("command", [
+    ["worker", "--model", "tiny=/nonexistent", "--device", "cpu"],
+    ["serve", "--backend", "celery", "--model", "tiny", "--port", "1"],
+    ["complete", "--backend", "celery", "--model", "tiny", "Hi"],
+])
+def test_a_misconfigured_queue_is_one_readable_line_in_a_fresh_process(command):
+    """Contradictory time limits: the CLI says what is wrong and exits, with no traceback, before it
+    loads a model, reaches Redis or listens on a port. A fresh process, so nothing was imported yet."""
+    env = {**os.environ, **MISCONFIGURED, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "WWT_REDIS_URL": "redis://:pw@127.0.0.1:1/0"}
+    out = subprocess.run([sys.executable, "-m", "app.cli", *command], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert ("error: the queue is misconfigured: WWT_VISIBILITY_TIMEOUT (5 s) must be longer than "
+            "WWT_TASK_TIME_LIMIT (10 s)") in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_the_celery_app_module_imports_with_any_settings_and_builds_on_first_use():
+    """`import workers.celery_app` builds nothing (the app's backend and the worker import it);
+    `workers.celery_app.app`, what `celery -A workers.celery_app` reads, is built on first access."""
+    code = ("import workers.celery_app as m, model.errors as e\n"
+            "try:\n    m.app\nexcept e.WWTError as x:\n    print('refused:', x.message)\n")
+    env = {**os.environ, **MISCONFIGURED}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("refused: the queue is misconfigured: WWT_VISIBILITY_TIMEOUT")
+    env = {k: v for k, v in os.environ.items() if k not in MISCONFIGURED}
+    out = subprocess.run([sys.executable, "-c", "import workers.celery_app as m; print(m.app.conf.task_acks_late)"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
 
 
 def _compose_cli():

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from model import Engine
-from model.autocomplete import apply_stop, build_prompt, clean_text
+from model.contract import clean_output, clean_text
+from model.serving.autocomplete import apply_stop, build_prompt
 from model.errors import BadRequest, Cancelled, RequestTimeout
-from model.slots import common_prefix
-from model.tiny import corpus_lines
+from model.serving.slots import common_prefix
+from model.network.tiny import corpus_lines
 from model.types import CompletionRequest
 
 # Token-for-token comparisons hold in float32 on the CPU; set this to try another device.
@@ -57,7 +58,7 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:
 
 
 def idle(engine: Engine) -> bool:
-    return wait_until(lambda: not any(engine.scheduler.pool.busy))
+    return wait_until(lambda: not engine.scheduler.pool.busy())
 
 
 def assert_good_suggestions(suggestions, n: int = None):
@@ -152,14 +153,14 @@ def test_forked_suggestions_equal_independent_runs(make_engine):
 
 def test_suggestions_reading_their_shared_prompt_once_equal_independent_runs(make_engine, monkeypatch):
     """The tiny model's prompts are short, so the threshold for sharing is lowered to reach them."""
-    import model.gpt
+    from model.serving import kv_cache
 
     text = "Once upon a time there was a small robot that"
     seed = 99
-    monkeypatch.setattr(model.gpt, "SHARED_PREFIX_MIN", 4)
+    monkeypatch.setattr(kv_cache, "SHARED_PREFIX_MIN", 4)
     groups = []
-    inner = model.gpt.CacheView._attend_shared
-    monkeypatch.setattr(model.gpt.CacheView, "_attend_shared",
+    inner = kv_cache.CacheView._attend_shared
+    monkeypatch.setattr(kv_cache.CacheView, "_attend_shared",
                         lambda self, *a, **kw: groups.append(len(a[3])) or inner(self, *a, **kw))
     shared = make_engine().complete(text, n=3, seed=seed, max_new_tokens=10, stop=None)
     assert groups and max(groups) == 3
@@ -235,7 +236,7 @@ def test_prompts_of_equal_length_prefill_together_and_equal_alone(make_engine):
 def test_a_long_request_does_not_hold_back_a_short_one(make_engine):
     engine = make_engine(delay=0.005)
     long = engine.submit(CompletionRequest("Once upon a time", n=1, greedy=True, max_new_tokens=100, stop=None))
-    assert wait_until(lambda: any(engine.scheduler.pool.busy))
+    assert wait_until(lambda: engine.scheduler.pool.busy())
     short = engine.submit(CompletionRequest("Hello there", n=1, greedy=True, max_new_tokens=3, stop=None))
     got, _ = short.result(timeout=60)
     assert got and len(got[0].token_ids) <= 3
@@ -245,11 +246,11 @@ def test_a_long_request_does_not_hold_back_a_short_one(make_engine):
 
 
 def test_chunked_prefill_while_others_decode_equals_one_pass(make_engine, monkeypatch):
-    import model.scheduler as scheduler
+    import model.serving.planner as planner
 
     text = long_document(150)
     alone = make_engine().complete(text, n=2, greedy=True, max_new_tokens=8, stop=None)
-    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 16)  # a long prompt now takes many steps
+    monkeypatch.setattr(planner, "PREFILL_CHUNK", 16)  # a long prompt now takes many steps
     engine = make_engine(delay=0.002)
     busy = engine.submit(CompletionRequest("Once upon a time", n=2, greedy=True, max_new_tokens=60, stop=None))
     assert wait_until(lambda: engine.stats()["tokens_decoded"] > 0)
@@ -264,7 +265,7 @@ def test_chunked_prefill_while_others_decode_equals_one_pass(make_engine, monkey
                                       dict(temperature=1.3, top_p=1.0), dict(greedy=True, repetition_penalty=1.5)])
 def test_engine_matches_the_plain_generation_path(engine, settings):
     """From an empty document (no healing) the engine's rows are `generate`'s continuations."""
-    from model.generation import generate
+    from model.serving.generation import generate
 
     seed = 99
     got = engine.complete("", n=3, seed=seed, max_new_tokens=10, stop=None, **settings)
@@ -296,7 +297,7 @@ def test_eviction_reuses_the_least_recently_used_slot(make_engine):
 
     def holders(doc):
         p = prompt_of(engine, doc).tokens
-        return [i for i, held in enumerate(pool.tokens) if held[:len(p)] == p]
+        return pool.holding(p)
 
     assert all(len(holders(doc)) == 1 for doc in DOCS[:4])
     run(DOCS[4])  # a fifth document: the least recently used slot (Alpha's) goes
@@ -313,21 +314,21 @@ def test_eviction_reuses_the_least_recently_used_slot(make_engine):
     for doc in DOCS:
         assert ids(run(doc).suggestions) == ids(scratch.completion(
             CompletionRequest(doc, n=1, greedy=True, max_new_tokens=6)).suggestions)
-    assert not any(pool.busy)
+    assert not pool.busy()
 
 
 def test_a_request_needing_more_slots_than_free_waits_then_completes(make_engine):
     engine = make_engine(slots=4, delay=0.004)
     pool = engine.scheduler.pool
     first = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=30, stop=None))
-    assert wait_until(lambda: sum(pool.busy) == 3)
+    assert wait_until(lambda: len(pool.busy()) == 3)
     second = engine.submit(CompletionRequest("Hello there! How", n=2, greedy=True, max_new_tokens=5))
     with pytest.raises(BadRequest):  # more suggestions than the pool has slots can never run
         engine.submit(CompletionRequest("Hello", n=5))
     a, a_timings = first.result(timeout=60)
     b, b_timings = second.result(timeout=60)
     # The second request was admitted only once the first had released its slots.
-    assert second._job.admitted >= first._job.submitted + a_timings.total_ms / 1000 - 1e-6
+    assert second.job.admitted >= first.job.submitted + a_timings.total_ms / 1000 - 1e-6
     assert b_timings.queue_ms > 0
     fresh = make_engine(slots=4)
     assert ids(a) == ids(fresh.complete(STORY, n=3, greedy=True, max_new_tokens=30, stop=None))
@@ -340,7 +341,7 @@ def test_cancel_frees_the_slots(make_engine):
     engine = make_engine(slots=4, delay=0.005)
     pool = engine.scheduler.pool
     running = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=100, stop=None))
-    assert wait_until(lambda: sum(pool.busy) == 3)
+    assert wait_until(lambda: len(pool.busy()) == 3)
     queued = engine.submit(CompletionRequest("Hello there", n=2, max_new_tokens=5))  # waits for slots
     queued.cancel()
     running.cancel()
@@ -358,7 +359,7 @@ def test_cancel_behind_a_waiting_request_is_prompt(make_engine):
     engine = make_engine(slots=4, delay=0.005)
     pool = engine.scheduler.pool
     running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))
-    assert wait_until(lambda: sum(pool.busy) == 4)
+    assert wait_until(lambda: len(pool.busy()) == 4)
     blocked = engine.submit(CompletionRequest("Hello there", n=2, greedy=True, max_new_tokens=4))
     behind = engine.submit(CompletionRequest("Once upon", n=1, greedy=True, max_new_tokens=4))
     limited = engine.submit(CompletionRequest("Once upon", n=1, greedy=True, max_new_tokens=4, max_time=0.05))
@@ -424,7 +425,7 @@ def test_token_healing_spells_out_what_was_typed(engine, greedy):
                 b = tok.token_bytes(t)
                 assert b.startswith(pending) or pending.startswith(b), (text, b, pending)
                 pending = b"" if b.startswith(pending) else pending[len(b):]
-            full = tok.decode(prompt.tokens + s.token_ids)
+            full = clean_output(tok.decode(prompt.tokens + s.token_ids))  # suggestions hold no control characters
             assert full.startswith(text + s.text), (text, s.text, full)
 
 
@@ -457,7 +458,7 @@ def test_odd_texts_give_suggestions(engine, text):
             full = engine.tokenizer.decode(prompt.tokens + s.token_ids)
             if prompt.tokens == [engine.eos]:
                 full = engine.tokenizer.decode(s.token_ids)
-            assert full.startswith(cleaned + s.text)
+            assert clean_output(full).startswith(cleaned + s.text)  # no control characters in a suggestion
     assert idle(engine)
 
 
@@ -481,17 +482,17 @@ def test_over_long_document_is_cut_stably(make_engine):
 
 # -- settings out of range ------------------------------------------------------------------------
 BAD_SETTINGS = [dict(n=0), dict(n=100), dict(n=-1), dict(n=2.5), dict(n=True), dict(temperature=-1),
-                dict(temperature=0), dict(temperature=float("nan")), dict(top_p=2), dict(top_p=0),
+                dict(temperature=6), dict(temperature=float("nan")), dict(n="3"), dict(top_k=True), dict(top_p=2), dict(top_p=0),
                 dict(top_p=float("nan")), dict(top_k=-1), dict(max_new_tokens=0), dict(max_new_tokens=10000),
                 dict(stop=123), dict(stop="sometimes"), dict(stop=["ok", 5]), dict(seed=-1), dict(seed="x"),
-                dict(repetition_penalty=0), dict(max_time=-1), dict(text="a" * 2_000_000), dict(text=None),
+                dict(repetition_penalty=0), dict(max_time=-1), dict(text="a" * 2_000_000), dict(text=b"bytes"),
                 dict(text=42)]
 
 
 def test_out_of_range_settings_raise_bad_request_and_change_nothing(engine):
     engine.complete("Hello", n=1, max_new_tokens=2, seed=0)
     before = engine.stats()
-    pool_before = [list(t) for t in engine.scheduler.pool.tokens]
+    pool_before = [engine.scheduler.pool.held(i) for i in range(engine.scheduler.pool.size)]
     for bad in BAD_SETTINGS:
         fields = dict(text="Hello there", n=2, max_new_tokens=4)
         fields.update(bad)
@@ -504,8 +505,8 @@ def test_out_of_range_settings_raise_bad_request_and_change_nothing(engine):
         with pytest.raises(BadRequest):
             engine.complete(text, **fields)
     assert engine.stats() == before
-    assert [list(t) for t in engine.scheduler.pool.tokens] == pool_before
-    assert not any(engine.scheduler.pool.busy)
+    assert [engine.scheduler.pool.held(i) for i in range(engine.scheduler.pool.size)] == pool_before
+    assert not engine.scheduler.pool.busy()
 
 
 # -- many threads -------------------------------------------------------------------------------
@@ -593,12 +594,13 @@ def test_all_model_work_runs_on_the_scheduler_thread(make_engine, tiny_gpt2_head
     engine.score(STORY)
     engine.answer("What covered the valley?", STORY)
     assert len(seen) >= 5
-    assert set(seen) == {engine.scheduler._thread}
+    assert set(seen) == {engine.run(threading.current_thread)}
 
 
 def test_run_returns_results_and_raises_errors_on_the_model_thread(make_engine):
     engine = make_engine(slots=2)
-    assert engine.run(threading.current_thread) is engine.scheduler._thread
+    assert engine.run(threading.current_thread) is not threading.current_thread()
+    assert engine.scheduler.on_model_thread() is False
     with pytest.raises(ZeroDivisionError):
         engine.run(lambda: 1 / 0)
     assert engine.run(lambda: 6 * 7) == 42  # the loop survives a failing call
@@ -611,10 +613,10 @@ def test_run_returns_results_and_raises_errors_on_the_model_thread(make_engine):
 def test_engines_of_a_process_share_one_model_thread(make_engine, tiny_openai):
     """Two models at once (the Compare tab): one thread takes turns; each answers as it would alone;
     one failing or closing leaves the other working."""
-    from model.threads import model_thread
+    from model.serving.threads import model_thread
 
     a, b = make_engine(slots=4), make_engine(path=tiny_openai, slots=4)
-    assert a.scheduler._thread is b.scheduler._thread is model_thread(torch.device("cpu")).thread
+    assert a.run(threading.current_thread) is b.run(threading.current_thread) is model_thread(torch.device("cpu")).thread
     assert model_thread(torch.device("cuda")) is not model_thread(torch.device("cpu"))  # GPUs keep their own
     expected = {e: ids(e.complete(STORY, n=2, greedy=True, max_new_tokens=8, stop=None)) for e in (a, b)}
     results, errors = {}, []
@@ -766,7 +768,7 @@ def test_zero_shot_is_the_mean_label_likelihood(engine):
     """Labels of different token lengths are padded together; padding must not change their scores."""
     import torch
 
-    from model.engine import ZERO_SHOT_SUFFIX
+    from model.serving.engine import ZERO_SHOT_SUFFIX
 
     labels = ["snow", "a long winter night", "music"]
     got = {l.label: l.score for l in engine.classify(STORY, labels=labels).labels}
@@ -804,7 +806,7 @@ def test_answer_with_a_plain_lm_is_generated(engine):
     assert 0.0 <= a.score <= 1.0
     if a.start is not None:
         assert context[a.start:a.end].lower() == a.text.lower()
-    assert not any(engine.scheduler.pool.busy)
+    assert not engine.scheduler.pool.busy()
 
 
 @pytest.mark.parametrize("text", ["Hello there! How are you today?", "😀 café e\u0301 שלום", "a", " spaces  "])
@@ -848,7 +850,7 @@ def test_openai_gpt_completes_without_healing(tiny_openai):
         assert again.timings.tokens_reused > 0
         with pytest.raises(BadRequest, match="empty"):
             engine.complete("", n=1)
-        assert not any(engine.scheduler.pool.busy)
+        assert not engine.scheduler.pool.busy()
     finally:
         engine.close()
 
@@ -864,3 +866,59 @@ def test_typed_end_of_text_marker_is_plain_text(engine):
 def test_zero_max_time_is_rejected(engine):
     with pytest.raises(BadRequest, match="max_time"):
         engine.complete("Hello", max_time=0)
+
+
+# -- many writers: documents typed in turn keep their prefixes -------------------------------------
+
+SHARED_FIRST_WORD = ["The keeper of the lighthouse climbed the stairs every night to light the lamp",
+                     "The river ran dark under the bridge while the town slept",
+                     "The market opened before dawn and the traders set out their fruit"]
+SHARED_SENTENCE = ["It was a cold morning in the north of the country. " + tail
+                   for tail in ("A boy walked to school", "The baker lit his oven", "Two dogs barked at a cart")]
+
+
+def keystroke(engine: Engine, text: str, seed: int):
+    done = engine.completion(CompletionRequest(text=text, n=3, max_new_tokens=4, seed=seed))
+    return done.timings, prompt_of(engine, text, 4).tokens
+
+
+@pytest.mark.parametrize("docs", [SHARED_FIRST_WORD, SHARED_SENTENCE], ids=["first-word", "first-sentence"])
+def test_documents_typed_in_turn_prefill_only_what_was_typed(make_engine, docs):
+    """Enough slots for all: every keystroke after a document's first prefills only the new words
+    (and the healed last token), however many leading tokens the documents share."""
+    engine = make_engine(slots=3 * len(docs) + 2)
+    texts, before = list(docs), {}
+    for r in range(4):
+        for d in range(len(texts)):
+            texts[d] += f" and word{r}"
+            timings, prompt = keystroke(engine, texts[d], seed=r)
+            if d in before:
+                shared = common_prefix(before[d], prompt)
+                assert shared >= len(before[d]) - 1  # the new prompt extends the old one
+                # at least the old prompt; more when a suggestion's healed first token is what was typed
+                assert timings.tokens_reused >= shared, (r, d, timings)
+                assert timings.tokens_prefilled == len(prompt) - timings.tokens_reused
+            before[d] = prompt
+
+
+def test_with_fewer_slots_than_documents_the_least_recently_typed_loses_its_prefix(make_engine):
+    engine = make_engine(slots=4)
+    docs = {name: f"The {name} story begins here with a long first line about {name}"
+            for name in ("alpha", "beta", "gamma", "delta", "epsilon")}
+    prompts = {}
+
+    def typed(name: str, request_n: int = 1):
+        docs[name] += " more"
+        done = engine.completion(CompletionRequest(text=docs[name], n=request_n, max_new_tokens=3, seed=0))
+        reused, old = done.timings.tokens_reused, prompts.get(name)
+        prompts[name] = prompt_of(engine, docs[name], 3).tokens
+        return reused, old
+
+    for name in ("alpha", "beta", "gamma", "delta", "alpha", "beta"):  # 4 documents, 4 slots
+        typed(name)
+    typed("epsilon")  # a fifth: gamma was typed least recently
+    for name in ("delta", "alpha", "beta"):
+        reused, old = typed(name)
+        assert reused >= len(old) - 1, name  # still held
+    reused, old = typed("gamma")
+    assert reused < len(old) // 2  # evicted: only the shared first word or so is left somewhere

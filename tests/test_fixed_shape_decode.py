@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from model import Engine, KVCache, load
-from model.decode_graph import FixedShapeDecoder
+from model import Engine, load
+from model.serving import kv_cache
+from model.serving.kv_cache import KVCache
+from model.serving.decode_graph import FixedShapeDecoder
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +20,9 @@ def engines(tiny_gpt2):
 
 def test_fixed_shape_engine_is_on_only_when_asked(engines):
     plain, fixed = engines
-    assert plain.scheduler.fixed_shape is None
-    assert isinstance(fixed.scheduler.fixed_shape, FixedShapeDecoder)
-    assert fixed.scheduler.fixed_shape.graph is None  # no GPU here: the same step runs eagerly
+    assert plain.scheduler.runner.fixed_shape is None
+    assert isinstance(fixed.scheduler.runner.fixed_shape, FixedShapeDecoder)
+    assert fixed.scheduler.runner.fixed_shape.graph is None  # no GPU here: the same step runs eagerly
 
 
 @pytest.mark.parametrize("text", ["Hello there", "The weather in the valley turned", "Hel", ""])
@@ -42,8 +44,8 @@ def test_step_logits_match_full_forward(tiny_gpt2):
     seqs = {4: [5, 9, 11, 20, 33], 1: [7, 8, 2]}
     with torch.inference_mode():
         for slot, ids in seqs.items():  # prefill all but the last token through the ordinary path
-            model.transformer(torch.tensor([ids[:-1]]), cache=cache, slots=[slot],
-                              positions=torch.arange(len(ids) - 1)[None])
+            model.transformer(torch.tensor([ids[:-1]]), positions=torch.arange(len(ids) - 1)[None],
+                              cache=cache.view([slot], torch.arange(len(ids) - 1)[None]))
         logits = step.step([4, 1], [seqs[4][-1], seqs[1][-1]], [len(seqs[4]) - 1, len(seqs[1]) - 1])
         for row, ids in enumerate(seqs.values()):
             full = model(torch.tensor([ids]))[0, -1]
@@ -54,21 +56,19 @@ def test_step_logits_match_full_forward(tiny_gpt2):
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3, 4], [4, 0, 3, 1, 2]])
 def test_gathered_read_of_many_rows_equals_a_view_per_row(tiny_gpt2, monkeypatch, slots):
     """Many short rows are read in one gathered attention call; the result is the per-row one."""
-    import model.gpt as gpt
-
     model = load(str(tiny_gpt2))
     seqs = [[5 + i, 9, 11 + i, 20, 33][: 2 + i % 3] for i in range(5)]
 
     def decode(gather: bool):
-        monkeypatch.setattr(gpt, "GATHER_MIN_ROWS", 4 if gather else 10**9)
+        monkeypatch.setattr(kv_cache, "GATHER_MIN_ROWS", 4 if gather else 10**9)
         cache = KVCache(model.config, 5)
         with torch.inference_mode():
             for slot, ids in zip(slots, seqs):
-                model.transformer(torch.tensor([ids[:-1]]), cache=cache, slots=[slot],
-                                  positions=torch.arange(len(ids) - 1)[None])
+                model.transformer(torch.tensor([ids[:-1]]), positions=torch.arange(len(ids) - 1)[None],
+                                  cache=cache.view([slot], torch.arange(len(ids) - 1)[None]))
             ids = torch.tensor([[s[-1]] for s in seqs])
             pos = torch.tensor([[len(s) - 1] for s in seqs])
-            return model.lm_head(model.transformer(ids, cache=cache, slots=slots, positions=pos))[:, -1]
+            return model.lm_head(model.transformer(ids, positions=pos, cache=cache.view(slots, pos)))[:, -1]
 
     gathered, per_row = decode(True), decode(False)
     torch.testing.assert_close(gathered, per_row, atol=1e-5, rtol=0)

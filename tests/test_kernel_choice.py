@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model
-from model import kernel_choice
+from model.serving import cpu_kernels, kernel_choice
 
 
 class Timed(torch.nn.Module):
@@ -82,7 +82,7 @@ def test_engine_takes_the_kernel_from_its_setting(tiny_gpt2, monkeypatch):
 @pytest.mark.parametrize("kernel", kernel_choice.KERNELS)
 def test_each_kernel_takes_its_own_path_and_gives_x_at_w(two_threads, monkeypatch, kernel):
     """A one-row product with the kernel named runs that kernel (and only it) and equals x @ W + b."""
-    if kernel == "packed" and not model.gpt.cpu_packing_available():
+    if kernel == "packed" and not cpu_kernels.cpu_packing_available():
         pytest.skip("this torch build has no oneDNN packing")  # the other kernels still run
     calls = []
 
@@ -90,17 +90,18 @@ def test_each_kernel_takes_its_own_path_and_gives_x_at_w(two_threads, monkeypatc
         def wrapper(*args):
             calls.append(name)
             return fn(*args)
-        monkeypatch.setattr(model.gpt, name, wrapper)
+        monkeypatch.setattr(cpu_kernels, name, wrapper)
 
-    counted("one_row_matmul", model.gpt.one_row_matmul)
-    counted("one_row_matmul_t", model.gpt.one_row_matmul_t)
-    counted("_packed_linear", model.gpt._packed_linear)
+    counted("one_row_matmul", cpu_kernels.one_row_matmul)
+    counted("one_row_matmul_t", cpu_kernels.one_row_matmul_t)
+    counted("_packed_linear", cpu_kernels._packed_linear)
     gen = torch.Generator().manual_seed(3)
-    linear = model.gpt.Conv1D(8, 6)
-    torch.nn.init.normal_(linear.weight, generator=gen)
-    torch.nn.init.normal_(linear.bias, generator=gen)
-    body = model.gpt.GPT(model.config.GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
-    head = model.gpt.LMHead(body)
+    plain = model.network.gpt.Conv1D(8, 6)
+    torch.nn.init.normal_(plain.weight, generator=gen)
+    torch.nn.init.normal_(plain.bias, generator=gen)
+    linear = cpu_kernels.CpuLinear(plain)
+    body = model.network.gpt.GPT(model.network.config.GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    head = cpu_kernels.CpuLMHead(model.network.gpt.LMHead(body))
     for module in (linear, head):
         module.pack()
         module.one_row = kernel

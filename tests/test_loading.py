@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model
-from model.config import GPTConfig
+from model.network.config import GPTConfig
 from model.errors import CheckpointError, UnknownModel, WWTError
-from model.known import KNOWN_SHAPES
+from model.network.known import KNOWN_SHAPES
 
 from model_support import max_diff, random_ids, reference_config, save_reference
 

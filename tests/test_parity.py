@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import model
-from model import generation
-from model.gpt import KVCache
+from model.serving import generation
+from model.serving import cpu_kernels, kv_cache
+from model.serving.kv_cache import KVCache
 
 from model_support import VOCAB, max_diff, random_ids, save_reference
 
@@ -283,7 +284,7 @@ def step(ours, cache, ids_per_row, slots, starts):
     ids = torch.tensor(ids_per_row)
     positions = torch.tensor([[s + t for t in range(T)] for s in starts])
     with torch.no_grad():
-        hidden = ours.transformer(ids, cache=cache, slots=slots, positions=positions)
+        hidden = ours.transformer(ids, positions=positions, cache=cache.view(slots, positions))
         return ours.lm_head(hidden)
 
 
@@ -452,18 +453,20 @@ def cpu_pair(request, tmp_path_factory):
     cls = "OpenAIGPTLMHeadModel" if model_type == "openai-gpt" else "GPT2LMHeadModel"
     ref = save_reference(cls, folder, model_type=model_type, seed=41)
     ours = model.load(str(folder), device="cpu")
-    packed = ours.prepare_for_cpu(pack=pack, one_row=one_row)
-    assert packed == (pack and model.gpt.cpu_packing_available())
-    linears = [m for m in ours.modules() if isinstance(m, (model.gpt.Conv1D, model.gpt.LMHead))]
-    assert linears and all(m.one_row in model.kernel_choice.KERNELS for m in linears)
+    prepared = cpu_kernels.prepare_for_cpu(ours, pack=pack, one_row=one_row)
+    packed, kernels = prepared["packed"], prepared["one_row_kernels"]
+    assert packed == (pack and cpu_kernels.cpu_packing_available())
+    assert not any(isinstance(m, (model.network.gpt.Conv1D, model.network.gpt.LMHead)) for m in ours.modules())
+    linears = [m for m in ours.modules() if isinstance(m, (cpu_kernels.CpuLinear, cpu_kernels.CpuLMHead))]
+    assert linears and all(m.one_row in model.serving.kernel_choice.KERNELS for m in linears)
     assert all((m.packed is not None) == packed for m in linears)
-    possible = model.kernel_choice.candidates(linears)
-    assert set(ours.one_row_kernels) == {"layers", "head"}
+    possible = model.serving.kernel_choice.candidates(linears)
+    assert set(kernels) == {"layers", "head"}
     if one_row == "auto":
-        assert set(ours.one_row_kernels.values()) <= set(possible)
+        assert set(kernels.values()) <= set(possible)
     else:
         expected = one_row if one_row in possible else "plain"
-        assert ours.one_row_kernels == {"layers": expected, "head": expected}
+        assert kernels == {"layers": expected, "head": expected}
     return ours, ref
 
 
@@ -508,8 +511,8 @@ def test_one_row_products_equal_matmul(threads, I, O):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        split_in = model.gpt.one_row_matmul(x, w)
-        split_out = model.gpt.one_row_matmul_t(x, w.t().contiguous())
+        split_in = cpu_kernels.one_row_matmul(x, w)
+        split_out = cpu_kernels.one_row_matmul_t(x, w.t().contiguous())
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(split_in, x @ w, atol=1e-5, rtol=1e-5)
@@ -522,7 +525,7 @@ def test_shared_prefix_attention_equals_per_row_reads(lm_pair, monkeypatch):
     """Three rows forked from one prompt (one starts later, as a replacement row does) plus an
     unrelated row: reading the prompt once for the group gives the per-row logits."""
     ours, _ = lm_pair
-    monkeypatch.setattr(model.gpt, "SHARED_PREFIX_MIN", 4)
+    monkeypatch.setattr(kv_cache, "SHARED_PREFIX_MIN", 4)
     prompt = random_ids((20,), seed=50).tolist()
     other = random_ids((9,), seed=51).tolist()
     own = [random_ids((6,), seed=52 + i).tolist() for i in range(3)]
@@ -543,15 +546,15 @@ def test_shared_prefix_attention_equals_per_row_reads(lm_pair, monkeypatch):
     slots = [4, 0, 1, 2]
     before = (cache.k.clone(), cache.v.clone())
     calls = []
-    inner = model.gpt.CacheView._attend_shared
-    monkeypatch.setattr(model.gpt.CacheView, "_attend_shared",
+    inner = kv_cache.CacheView._attend_shared
+    monkeypatch.setattr(kv_cache.CacheView, "_attend_shared",
                         lambda self, *a, **kw: calls.append(a[3]) or inner(self, *a, **kw))
     with torch.no_grad():
-        shared = ours.lm_head(ours.transformer(ids, cache=cache, slots=slots, positions=positions,
-                                               shared=[([0, 2, 3], len(prompt))]))
+        shared = ours.lm_head(ours.transformer(ids, positions=positions,
+                                               cache=cache.view(slots, positions, shared=[([0, 2, 3], len(prompt))])))
         cache.k.copy_(before[0])
         cache.v.copy_(before[1])
-        alone = ours.lm_head(ours.transformer(ids, cache=cache, slots=slots, positions=positions))
+        alone = ours.lm_head(ours.transformer(ids, positions=positions, cache=cache.view(slots, positions)))
     assert calls == [[0, 2, 3]] * ours.config.n_layer
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
     expected = full_logits(ours, prompt + own[2][:3])[-1]
@@ -560,10 +563,10 @@ def test_shared_prefix_attention_equals_per_row_reads(lm_pair, monkeypatch):
 
 def test_shared_prefix_needs_a_row_past_it(lm_pair, monkeypatch):
     ours, _ = lm_pair
-    monkeypatch.setattr(model.gpt, "SHARED_PREFIX_MIN", 4)
+    monkeypatch.setattr(kv_cache, "SHARED_PREFIX_MIN", 4)
     cache = KVCache(ours.config, slots=2)
     positions = torch.tensor([[10], [10]])
     with pytest.raises(ValueError):
-        model.gpt.CacheView(cache, [0, 1], positions, shared=[([0, 1], 11)])
-    view = model.gpt.CacheView(cache, [0, 1], positions, shared=[([0, 1], 3)])  # too short to share
+        kv_cache.CacheView(cache, [0, 1], positions, shared=[([0, 1], 11)])
+    view = kv_cache.CacheView(cache, [0, 1], positions, shared=[([0, 1], 3)])  # too short to share
     assert view.shared == [] and view.solo == [0, 1]

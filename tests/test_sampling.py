@@ -5,7 +5,7 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from model.sampling import SamplingSettings, apply_repetition_penalty, greedy_choice, sample_rows
+from model.serving.sampling import SamplingSettings, apply_repetition_penalty, greedy_choice, sample_rows
 
 
 def reference_probs(logits: torch.Tensor, s: SamplingSettings) -> torch.Tensor:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from app.backends import LocalBackend
+from app.backends.local import LocalBackend
 from model.errors import Cancelled
 from model.types import CompletionRequest
 
@@ -57,7 +57,7 @@ def test_same_key_cancels_the_running_request_and_frees_its_slots(slow_backend):
     older.join(60)
     assert newer.suggestions
     assert isinstance(box.get("error"), Cancelled), box
-    assert not any(engine.scheduler.pool.busy)
+    assert not engine.scheduler.pool.busy()
     assert backend._latest == {}  # nothing left behind for the key
 
 

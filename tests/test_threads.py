@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from model.threads import ModelThread, in_fresh_thread, model_thread
+from model.serving.threads import ModelThread, in_fresh_thread, model_thread
 
 
 def test_in_fresh_thread_returns_the_result_from_a_thread_that_is_gone():

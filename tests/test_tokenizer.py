@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model import load_tokenizer
-from model.tokenizer import complete_utf8_prefix, load_tokenizer_folder
-from model.tiny import corpus_lines
+from model.network.tokenizer import complete_utf8_prefix, load_tokenizer_folder
+from model.network.tiny import corpus_lines
 
 ODD_TEXTS = {
     "emoji": "I love 🤗 and 👩‍👩‍👧‍👦 and 👋🏽!",

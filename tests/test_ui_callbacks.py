@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from app import callbacks, render
-from app.backends import LocalBackend
-from app.documents import FileDocumentStore
+from app.web import callbacks, render
+from app.backends.local import LocalBackend
+from app.backends.documents import FileDocumentStore
 from model.errors import BackendUnavailable, BadRequest, UnknownModel, WWTError
 from model.types import Answer, Scores, ScoreRequest, TokenScore
 from ui_support import ROOT, ScriptedBackend
@@ -251,7 +251,7 @@ def test_api_functions_raise_readable_errors(backend, call, kind):
 # -- the page and the server -------------------------------------------------------------------
 
 def test_the_page_has_the_named_endpoints_and_the_editor(backend):
-    from app.ui import build_ui
+    from app.web.ui import build_ui
 
     demo = build_ui(backend)
     names = {fn.api_name for fn in demo.fns.values() if fn.api_name}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,17 +10,12 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from app.backend import Backend
+from app.backends.base import Backend
 from model.types import Completion, Suggestion, Timings
+from workers.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -1,38 +1,53 @@
 """The Celery app: one Redis for broker and results, one queue per model, settings chosen on purpose.
 
-`celery -A workers.celery_app inspect ping` works with the module-level `app`; workers are
-started with `wwt worker --model NAME` (workers/worker.py), which loads the model first.
+Nothing is built at import: `make_app(url)` builds an app when a worker or the app's Celery
+backend asks for one, so settings that contradict each other are a `QueueMisconfigured`
+error with a readable message where it is caught, not a traceback at import. For
+`celery -A workers.celery_app inspect ping` the module's `app` is built on first access,
+from WWT_REDIS_URL. Workers are started with `wwt worker --model NAME` (workers/worker.py),
+which loads the model first.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from .config import TASK_NAME, queue_name, redis_url, wenv_float
+from model import settings
 
-__all__ = ["TASK_NAME", "app", "make_app", "queue_name", "time_limits"]
+from .config import TASK_NAME, QueueMisconfigured, queue_name, redis_url
+
+__all__ = ["TASK_NAME", "QueueMisconfigured", "make_app", "queue_name", "time_limits"]
+
+
+def _seconds(name: str, default=None) -> float:
+    try:
+        return settings.get_float(name) if default is None else settings.get_float(name, default=default)
+    except settings.SettingError as e:
+        raise QueueMisconfigured(str(e)) from None
 
 
 def time_limits() -> dict:
     """Soft and hard task limits, the visibility timeout and the restore sweep, checked for consistency."""
-    soft = wenv_float("WWT_TASK_SOFT_TIME_LIMIT")
-    hard = wenv_float("WWT_TASK_TIME_LIMIT")
+    soft = _seconds("WWT_TASK_SOFT_TIME_LIMIT")
+    hard = _seconds("WWT_TASK_TIME_LIMIT")
     if not 0 < soft <= hard:
-        raise ValueError(f"WWT_TASK_SOFT_TIME_LIMIT ({soft:g}) must be positive and at most "
-                         f"WWT_TASK_TIME_LIMIT ({hard:g})")
-    visibility = wenv_float("WWT_VISIBILITY_TIMEOUT", default=2 * hard)
+        raise QueueMisconfigured(f"WWT_TASK_SOFT_TIME_LIMIT ({soft:g}) must be positive and at most "
+                                 f"WWT_TASK_TIME_LIMIT ({hard:g})")
+    visibility = _seconds("WWT_VISIBILITY_TIMEOUT", default=2 * hard)
     if visibility <= hard:
         # Redis has no real acknowledgements: a task not acknowledged within the visibility
         # timeout is handed to another worker. If that could happen while the first worker is
         # still legitimately running it (within its hard limit), every long task would run twice.
-        raise ValueError(f"WWT_VISIBILITY_TIMEOUT ({visibility:g} s) must be longer than "
-                         f"WWT_TASK_TIME_LIMIT ({hard:g} s)")
-    restore = wenv_float("WWT_RESTORE_INTERVAL", default=min(10.0, visibility / 4))
+        raise QueueMisconfigured(f"WWT_VISIBILITY_TIMEOUT ({visibility:g} s) must be longer than "
+                                 f"WWT_TASK_TIME_LIMIT ({hard:g} s)")
+    restore = _seconds("WWT_RESTORE_INTERVAL", default=min(10.0, visibility / 4))
     return {"soft": soft, "hard": hard, "visibility": visibility, "restore": max(0.1, restore)}
 
 
 def make_app(url: str | None = None) -> Celery:
-    """A Celery app for one Redis URL (password included: redis://:PASSWORD@host:6379/0)."""
+    """A Celery app for one Redis URL (password included: redis://:PASSWORD@host:6379/0).
+
+    Raises QueueMisconfigured (a WWTError) when the time-limit settings contradict each other."""
     url = redis_url(url)
     limits = time_limits()
     app = Celery("wwt", broker=url, backend=url, set_as_current=False)
@@ -62,7 +77,7 @@ def make_app(url: str | None = None) -> Celery:
         task_soft_time_limit=limits["soft"],
         task_time_limit=limits["hard"],
         # Results are read once, at once, by the app; keep them only long enough for that.
-        result_expires=int(wenv_float("WWT_RESULT_EXPIRES")),
+        result_expires=int(_seconds("WWT_RESULT_EXPIRES")),
         broker_transport_options={
             # Longer than the hard limit (checked in time_limits): only a task whose worker
             # died is ever redelivered.
@@ -95,5 +110,15 @@ def make_app(url: str | None = None) -> Celery:
     return app
 
 
-# For `celery -A workers.celery_app ...`; configured from WWT_REDIS_URL, connects lazily.
-app = make_app()
+_default_app = None
+
+
+def __getattr__(name: str):
+    """`workers.celery_app.app` (what `celery -A workers.celery_app ...` looks for): built on first
+    access from WWT_REDIS_URL, never at import. Connects lazily."""
+    global _default_app
+    if name == "app":
+        if _default_app is None:
+            _default_app = make_app()
+        return _default_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

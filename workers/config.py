@@ -1,52 +1,30 @@
-"""Settings of the distributed path, from the environment.
+"""What the app and the workers agree on about the queue: the task's name, each model's queue,
+the Redis URL (with its password kept out of messages), and the error for settings that
+contradict each other.
 
-The app's own settings live in app/settings.py; workers never import app, so the queue's
-settings are read here and both sides use them.
+Every setting itself (name, default, meaning) is in the one registry, `model/settings.py`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from urllib.parse import urlsplit, urlunsplit
 
+from model import settings
+from model.errors import BackendUnavailable
+
 TASK_NAME = "wwt.infer"  # the one task; the app sends it by name to a model's queue
 
-WORKER_ENV = {
-    "WWT_REDIS_URL": ("redis://localhost:6379/0",
-                      "Redis for the Celery broker, results, suggestion cache and documents "
-                      "(a password goes in the URL: redis://:PASSWORD@host:6379/0)"),
-    "WWT_TASK_SOFT_TIME_LIMIT": ("30", "seconds a request may decode; the engine then stops and returns what it has"),
-    "WWT_TASK_TIME_LIMIT": ("60", "hard limit in seconds for one task; the visibility timeout must exceed it"),
-    "WWT_VISIBILITY_TIMEOUT": ("", "seconds before a task taken by a worker that died is handed to another "
-                                   "worker; empty: twice the hard limit"),
-    "WWT_RESTORE_INTERVAL": ("", "seconds between sweeps for tasks left by a dead worker; empty: a quarter of "
-                                 "the visibility timeout, at most 10"),
-    "WWT_RESULT_EXPIRES": ("300", "seconds a task's result is kept in Redis"),
-    "WWT_HEARTBEAT_S": ("5", "seconds between a worker's announcements of the model it serves"),
-    "WWT_HEARTBEAT_TTL_S": ("", "seconds an announcement lives; empty: three heartbeats"),
-    "WWT_CACHE_TTL_S": ("3600", "seconds a cached suggestion lives in Redis"),
-    "WWT_CACHE_MAX_ENTRIES": ("20000", "most suggestion-cache entries kept; the least recently used go first"),
-    "WWT_WORKER_NAME": ("", "Celery node name of a worker; empty: <queue>-<pid>@<host>"),
-}
 
+class QueueMisconfigured(BackendUnavailable):
+    """The queue's settings contradict each other (or one is not a number); nothing was started."""
 
-def wenv(name: str) -> str:
-    return os.environ.get(name, WORKER_ENV[name][0])
-
-
-def wenv_float(name: str, default: float | None = None) -> float:
-    value = wenv(name)
-    if value == "" and default is not None:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, not {value!r}") from None
+    def __init__(self, problem: str):
+        super().__init__(f"the queue is misconfigured: {problem}")
 
 
 def redis_url(url: str | None = None) -> str:
-    return url or wenv("WWT_REDIS_URL")
+    return url or settings.get("WWT_REDIS_URL")
 
 
 def redact(url: str) -> str:

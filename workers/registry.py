@@ -14,7 +14,9 @@ import threading
 import time
 from typing import Optional
 
-from .config import wenv_float
+from model import settings
+
+from .config import QueueMisconfigured
 
 log = logging.getLogger("wwt.registry")
 
@@ -28,10 +30,13 @@ def _s(value) -> str:
 
 
 def heartbeat_settings() -> tuple[float, float]:
-    interval = wenv_float("WWT_HEARTBEAT_S")
-    ttl = wenv_float("WWT_HEARTBEAT_TTL_S", default=3 * interval)
+    try:
+        interval = settings.get_float("WWT_HEARTBEAT_S")
+        ttl = settings.get_float("WWT_HEARTBEAT_TTL_S", default=3 * interval)
+    except settings.SettingError as e:
+        raise QueueMisconfigured(str(e)) from None
     if ttl <= interval:
-        raise ValueError(f"WWT_HEARTBEAT_TTL_S ({ttl:g}) must be longer than WWT_HEARTBEAT_S ({interval:g})")
+        raise QueueMisconfigured(f"WWT_HEARTBEAT_TTL_S ({ttl:g}) must be longer than WWT_HEARTBEAT_S ({interval:g})")
     return interval, ttl
 
 

@@ -18,9 +18,8 @@ import json
 import time
 from typing import Optional
 
+from model import settings
 from model.types import Completion, CompletionRequest, Suggestion, Timings
-
-from .config import wenv_float
 
 PREFIX = "wwt:sc:"
 INDEX_KEY = "wwt:sc:index"   # sorted set: entry key -> last use (unix seconds)
@@ -36,8 +35,8 @@ class SuggestionCache:
     def __init__(self, client, ttl_s: Optional[float] = None, max_entries: Optional[int] = None,
                  max_typed_chars: int = 256, max_entry_bytes: int = 64_000):
         self.client = client
-        self.ttl_s = int(ttl_s if ttl_s is not None else wenv_float("WWT_CACHE_TTL_S"))
-        self.max_entries = int(max_entries if max_entries is not None else wenv_float("WWT_CACHE_MAX_ENTRIES"))
+        self.ttl_s = int(ttl_s if ttl_s is not None else settings.get_float("WWT_CACHE_TTL_S"))
+        self.max_entries = int(max_entries if max_entries is not None else settings.get_int("WWT_CACHE_MAX_ENTRIES"))
         self.max_typed_chars = max_typed_chars  # how far back an earlier text may end
         self.max_entry_bytes = max_entry_bytes
 

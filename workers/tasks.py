@@ -39,10 +39,6 @@ def serve(name: str, engine, stats_client=None) -> None:
             _stats_client = stats_client
 
 
-def served() -> list[str]:
-    return list(_engines)
-
-
 def _count(hostname: str, field: str) -> None:
     """Per-worker and total task counters in Redis: observability, and how tests see who served."""
     client = _stats_client
@@ -149,4 +145,4 @@ def register(app) -> None:
     app.task(name=TASK_NAME, bind=True)(infer)
 
 
-__all__ = ["infer", "register", "run", "serve", "served"]
+__all__ = ["infer", "register", "run", "serve"]

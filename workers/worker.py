@@ -20,17 +20,19 @@ import socket
 import sys
 
 from model.errors import WWTError
-from model.known import parse_model_spec
+from model.network.known import parse_model_spec
 
 from . import tasks
-from .config import queue_name, redact, redis_url, wenv
+from model import settings
+
+from .config import queue_name, redact, redis_url
 
 log = logging.getLogger("wwt.worker")
 
 
 def node_name(model: str) -> str:
     """Unique per process, so several workers on one machine (or one queue) stay distinct."""
-    return wenv("WWT_WORKER_NAME") or f"{queue_name(model)}-{os.getpid()}@{socket.gethostname()}"
+    return settings.get("WWT_WORKER_NAME") or f"{queue_name(model)}-{os.getpid()}@{socket.gethostname()}"
 
 
 def load_engine(source: str, device=None, slots=None, name=None):
@@ -64,7 +66,7 @@ def run_worker(args) -> int:
     from celery import signals
 
     from .celery_app import make_app
-    from .registry import Heartbeat
+    from .registry import Heartbeat, heartbeat_settings
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     # One line per task received and per result (with the suggestions' text) is noise and
@@ -77,9 +79,10 @@ def run_worker(args) -> int:
     device = getattr(args, "device", None)
     slots = getattr(args, "slots", None)
     try:
-        app = make_app(url)
-    except ValueError as e:  # inconsistent time limits in the environment
-        print(f"error: {e}", file=sys.stderr)
+        app = make_app(url)    # settings that contradict each other are caught here,
+        heartbeat_settings()   # before a model is loaded
+    except WWTError as e:
+        print(f"error: {e.message}", file=sys.stderr)
         return 2
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
     try:

@@ -1,0 +1,205 @@
+"""The backend that hands requests to Celery workers through Redis.
+
+Same interface as the embedded backend. Every wait has a timeout; every failure is one of
+the project's errors with a message a person can act on:
+BackendUnavailable (Redis cannot be reached), NoWorker (no worker serves the model, said at
+once), WorkerFailed (a worker failed the task), RequestTimeout, UnknownModel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Optional
+
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.exceptions import OperationalError
+
+from model import settings
+from model.errors import BackendUnavailable, NoWorker, RequestTimeout, UnknownModel, WorkerFailed, error_from_dict
+from model.network.config import GPTConfig
+from model.network.known import KNOWN_MODELS, KNOWN_SHAPES, parse_model_spec
+from model.types import RESULT_TYPES, Completion, CompletionRequest
+from workers import cancel
+from workers.celery_app import make_app
+from workers.config import TASK_NAME, queue_name, redact
+from workers.config import redis_url as default_redis_url
+from workers.registry import live_workers, served_models
+from workers.suggestion_cache import SuggestionCache
+
+from .base import Backend
+from .documents import RedisDocumentStore
+
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError,
+                 ConnectionError, OSError)
+SERVED_CACHE_S = 1.0  # a model seen served is trusted this long without asking Redis again
+CHECK_EVERY_S = 1.0   # while waiting, how often to check that the model still has a worker
+
+
+class CeleryBackend(Backend):
+    kind = "celery"
+
+    def __init__(self, model_specs: Optional[list] = None, redis_url: Optional[str] = None, *,
+                 timeout: Optional[float] = None, cache: bool = True, **_ignored):
+        self.url = default_redis_url(redis_url)
+        self.names = [parse_model_spec(s).name for s in (model_specs or []) if s and s.strip()]
+        self.timeout = timeout if timeout is not None else settings.get_float("WWT_REQUEST_TIMEOUT")
+        self.celery = make_app(self.url)  # QueueMisconfigured (a WWTError) if the settings contradict
+        self.redis = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=10)
+        self.cache = SuggestionCache(self.redis) if cache else None
+        self.documents = RedisDocumentStore(self.redis)
+        self._served_at: dict[str, float] = {}
+        self._served_list: tuple[float, list] = (-1e9, [])
+        self._lock = threading.Lock()
+
+    # -- models -------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """The configured models, then any other model a worker serves (asked at most once a second)."""
+        names = list(self.names)
+        now = time.monotonic()
+        served = self._served_list
+        if now - served[0] >= SERVED_CACHE_S:
+            try:
+                served = self._served_list = (now, list(self._redis(served_models, self.redis)))
+            except BackendUnavailable:
+                pass  # the configured names are still worth showing; requests will say what is wrong
+        return names + [m for m in served[1] if m not in names]
+
+    def model_info(self, name: str) -> dict:
+        name = name or self._default()
+        info = {"name": name, "backend": self.kind}
+        try:
+            workers = self._redis(live_workers, self.redis, name)
+        except BackendUnavailable as e:  # a status card should still render, saying why
+            workers, info["error"] = [], e.message
+        info.update(served=bool(workers), workers=workers)
+        if workers:
+            for key in ("device", "dtype", "parameters", "memory_bytes", "heads", "n_layer", "n_embd"):
+                if key in workers[0]:
+                    info[key] = workers[0][key]
+        elif name in KNOWN_SHAPES:  # its size is known without a worker
+            model_type = "openai-gpt" if name == "openai-gpt" else "gpt2"
+            info["parameters"] = GPTConfig(**KNOWN_SHAPES[name], model_type=model_type).parameter_count()
+        return info
+
+    def _default(self) -> str:
+        names = self.names or self.models()
+        if not names:
+            raise NoWorker("no model is configured and no worker is serving one; start one with "
+                           "`wwt worker --model gpt2`")
+        return names[0]
+
+    def _resolve(self, name: str) -> str:
+        """The model's name if some worker serves it now; else NoWorker or UnknownModel, at once."""
+        name = name or self._default()
+        if time.monotonic() - self._served_at.get(name, -1e9) < SERVED_CACHE_S:
+            return name
+        if self._redis(live_workers, self.redis, name):
+            with self._lock:
+                self._served_at[name] = time.monotonic()
+            return name
+        if name in self.names or name in KNOWN_MODELS:
+            raise NoWorker(f"no worker is serving {name}; start one with `wwt worker --model {name}`")
+        raise UnknownModel(f"unknown model {name!r}: it is not a known model "
+                           f"({', '.join(KNOWN_MODELS)}) and no worker is serving it")
+
+    # -- requests -----------------------------------------------------------------------
+    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                 supersede: Optional[str] = None) -> Completion:
+        started = time.perf_counter()
+        request = dataclasses.replace(request, model=request.model or self._default())
+        if self.cache is not None and not request.fresh:
+            hit = self._redis(self.cache.lookup, request)
+            if hit is not None:
+                hit.timings.total_ms = (time.perf_counter() - started) * 1000
+                return hit
+        completion = self._call("complete", request, timeout, started, supersede)
+        if self.cache is not None:
+            try:
+                self.cache.store(request, completion)
+            except _REDIS_ERRORS:
+                pass  # the answer is good; only its caching failed
+        return completion
+
+    def classify(self, request, timeout=None):
+        return self._call("classify", request, timeout, time.perf_counter())
+
+    def answer(self, request, timeout=None):
+        return self._call("answer", request, timeout, time.perf_counter())
+
+    def score(self, request, timeout=None):
+        return self._call("score", request, timeout, time.perf_counter())
+
+    def _call(self, kind: str, request, timeout: Optional[float], started: float, supersede: Optional[str] = None):
+        """Send one task to the model's queue and wait for its answer, within `timeout`."""
+        timeout = self.timeout if timeout is None else timeout
+        name = self._resolve(request.model)
+        request = dataclasses.replace(request, model=name)
+        try:
+            pending = self.celery.send_task(TASK_NAME, args=[kind, request.to_dict()], queue=queue_name(name),
+                                            expires=timeout)  # nobody waits for it after that: skip it
+        except _REDIS_ERRORS as e:
+            raise self._unavailable(e) from None
+        if supersede is not None:  # the task this one replaces stops on its worker
+            self._redis(cancel.supersede, self.redis, supersede, pending.id)
+        last_check = [time.monotonic()]
+
+        def still_served():
+            # Called by Celery between waits: a worker that died with no other left (or Redis
+            # going away) ends the wait now instead of at the timeout.
+            if time.monotonic() - last_check[0] >= CHECK_EVERY_S:
+                last_check[0] = time.monotonic()
+                if not self._redis(live_workers, self.redis, name):
+                    raise NoWorker(f"the worker serving {name} stopped before answering, and no other "
+                                   f"worker is serving {name}")
+
+        try:
+            value = pending.get(timeout=timeout, propagate=False, on_interval=still_served)
+        except CeleryTimeout:
+            raise RequestTimeout(f"{name} did not answer within {timeout:g} s; the workers may be busy "
+                                 f"(start more with `wwt worker --model {name}`)") from None
+        except _REDIS_ERRORS as e:
+            raise self._unavailable(e) from None
+        if pending.failed() or not isinstance(value, dict):
+            raise WorkerFailed(f"the worker serving {name} failed the request: {value!r}")
+        if "error" in value:
+            raise error_from_dict(value["error"])
+        result = RESULT_TYPES[kind].from_dict(value)
+        elapsed = (time.perf_counter() - started) * 1000
+        t = result.timings
+        # The worker timed its own part; what is left of the round trip is queue and transport.
+        t.queue_ms += max(0.0, elapsed - float(value.get("worker_ms", t.total_ms)))
+        t.total_ms = elapsed
+        t.worker = str(value.get("worker", ""))  # which worker answered
+        return result
+
+    # -- documents ----------------------------------------------------------------------
+    def save_document(self, text: str) -> str:
+        return self.documents.save(text)
+
+    def load_document(self, doc_id: str) -> str:
+        return self.documents.load(doc_id)
+
+    # -- plumbing -----------------------------------------------------------------------
+    def cache_stats(self) -> dict:
+        return self._redis(self.cache.stats) if self.cache is not None else {}
+
+    def _redis(self, fn, *args):
+        try:
+            return fn(*args)
+        except _REDIS_ERRORS as e:
+            raise self._unavailable(e) from None
+
+    def _unavailable(self, e: Exception) -> BackendUnavailable:
+        if isinstance(e, redis.exceptions.AuthenticationError) or "auth" in str(e).lower():
+            return BackendUnavailable(f"Redis at {redact(self.url)} refused the password: {e}")
+        return BackendUnavailable(f"cannot reach Redis at {redact(self.url)} ({e}); is redis-server "
+                                  f"running and WWT_REDIS_URL right?")
+
+    def close(self) -> None:
+        try:
+            self.celery.close()
+        finally:
+            self.redis.close()

@@ -1,0 +1,157 @@
+"""The embedded backend: engines in this process, loaded on first use, unloaded past a memory budget."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Callable, Optional
+
+from model import settings
+from model.errors import UnknownModel, WWTError
+from model.network.config import GPTConfig
+from model.network.known import KNOWN_SHAPES, ModelSpec, parse_model_spec
+from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
+                         ScoreRequest, Scores)
+
+from .base import Backend
+from .documents import FileDocumentStore
+
+log = logging.getLogger(__name__)
+
+
+def _guarded(call: Callable):
+    """Run `call`; anything that is not already a readable error becomes one (and is logged)."""
+    try:
+        return call()
+    except WWTError:
+        raise
+    except Exception as e:
+        log.exception("request failed")
+        raise WWTError(f"internal error: {e.__class__.__name__}: {e}") from None
+
+
+class LocalBackend(Backend):
+    """Engines in this process, loaded on first use; the least recently used is unloaded past a memory budget."""
+
+    kind = "local"
+
+    def __init__(self, models: list[str], device: Optional[str] = None, slots: Optional[int] = None,
+                 memory_budget_gb: Optional[float] = None, documents: Optional[FileDocumentStore] = None,
+                 engine_factory=None):
+        specs = [parse_model_spec(m) for m in models if m and m.strip()]
+        if not specs:
+            raise UnknownModel("no model to serve")
+        self.specs: dict[str, ModelSpec] = {s.name: s for s in specs}
+        self.device = device
+        self.slots = slots
+        self.budget = (memory_budget_gb if memory_budget_gb is not None
+                       else settings.get_float("WWT_MEMORY_BUDGET_GB")) * (1 << 30)
+        self.documents = documents or FileDocumentStore()
+        self._engines: "OrderedDict[str, object]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {name: threading.Lock() for name in self.specs}
+        self._latest: dict[str, object] = {}  # supersede key -> the request still running for it
+        if engine_factory is None:
+            from model.serving.engine import Engine
+
+            engine_factory = Engine.from_pretrained
+        self._factory = engine_factory
+
+    def models(self) -> list[str]:
+        return list(self.specs)
+
+    def _spec(self, name: str) -> ModelSpec:
+        name = name or next(iter(self.specs))
+        if name not in self.specs:
+            raise UnknownModel(f"unknown model {name!r}; this app offers {', '.join(self.specs)}")
+        return self.specs[name]
+
+    def engine(self, name: str = ""):
+        """The engine for `name`, loading it (and unloading others past the budget) on first use."""
+        spec = self._spec(name)
+        with self._lock:
+            if spec.name in self._engines:
+                self._engines.move_to_end(spec.name)
+                return self._engines[spec.name]
+        with self._loading[spec.name]:
+            with self._lock:
+                if spec.name in self._engines:
+                    return self._engines[spec.name]
+            engine = self._factory(spec.source, device=self.device, slots=self.slots, name=spec.name)
+            with self._lock:
+                self._engines[spec.name] = engine
+                self._evict(keep=spec.name)
+            return engine
+
+    def _evict(self, keep: str) -> None:
+        used = sum(e.memory_bytes() for e in self._engines.values())
+        for name in list(self._engines):
+            if used <= self.budget:
+                break
+            if name == keep:
+                continue
+            old = self._engines.pop(name)
+            used -= old.memory_bytes()
+            log.info("unloading %s to stay within the memory budget", name)
+            old.close()
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._engines)
+
+    def model_info(self, name: str) -> dict:
+        spec = self._spec(name)
+        info = {"name": spec.name, "source": spec.source, "loaded": spec.name in self._engines, "backend": "local"}
+        engine = self._engines.get(spec.name)
+        if engine is not None:
+            info.update(parameters=engine.config.parameter_count(), device=str(engine.device),
+                        dtype=str(engine.dtype).replace("torch.", ""), slots=engine.cache.slots)
+        elif spec.source in KNOWN_SHAPES:
+            info["parameters"] = GPTConfig(**KNOWN_SHAPES[spec.source],
+                                           model_type="openai-gpt" if spec.source == "openai-gpt" else "gpt2"
+                                           ).parameter_count()
+        return info
+
+    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                 supersede: Optional[str] = None) -> Completion:
+        if supersede is None:
+            return _guarded(lambda: self.engine(request.model).completion(request, timeout))
+
+        def run():
+            engine = self.engine(request.model)
+            handle = engine.submit(request)
+            with self._lock:
+                older = self._latest.get(supersede)
+                self._latest[supersede] = handle
+            if older is not None:
+                older.cancel()  # its answer would be stale: free its slots now
+            try:
+                return engine.completion_from(handle, timeout)
+            finally:
+                with self._lock:
+                    if self._latest.get(supersede) is handle:
+                        del self._latest[supersede]
+
+        return _guarded(run)
+
+    def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification:
+        return _guarded(lambda: self.engine(request.model).classify(request.text, request.labels))
+
+    def answer(self, request: AnswerRequest, timeout: Optional[float] = None) -> Answer:
+        return _guarded(lambda: self.engine(request.model).answer(request.question, request.context))
+
+    def score(self, request: ScoreRequest, timeout: Optional[float] = None) -> Scores:
+        return _guarded(lambda: self.engine(request.model).score(request.text))
+
+    def save_document(self, text: str) -> str:
+        return _guarded(lambda: self.documents.save(text))
+
+    def load_document(self, doc_id: str) -> str:
+        return _guarded(lambda: self.documents.load(doc_id))
+
+    def close(self) -> None:
+        with self._lock:
+            for engine in self._engines.values():
+                engine.close()
+            self._engines.clear()

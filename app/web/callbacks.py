@@ -1,0 +1,305 @@
+"""What each button and key of the page does, as plain functions of a Backend.
+
+They take and return plain values (strings, dicts, lists), never Gradio objects, so the
+tests call them directly. A failure never escapes as a traceback: it comes back as a
+message (and is passed to `warn`, which the page turns into a toast).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+from app.backends.base import Backend
+from model import settings
+from model.errors import BadRequest, UnknownModel, WWTError
+from model.types import AnswerRequest, ClassifyRequest, CompletionRequest, ScoreRequest
+
+from . import render
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_CHARS = 1_000_000
+# name: (low, high, type, default). The page's sliders use the same ranges.
+LIMITS = {
+    "n": (1, 9, int, 3),
+    "max_new_tokens": (1, 128, int, 8),
+    "temperature": (0.0, 2.0, float, 1.0),  # 0 means greedy
+    "top_k": (0, 1000, int, 0),  # 0 means off
+    "top_p": (0.05, 1.0, float, 0.9),
+}
+DEFAULTS = {name: spec[3] for name, spec in LIMITS.items()}
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+Warn = Optional[Callable[[str], None]]
+
+
+def timeout() -> float:
+    return settings.get_float("WWT_REQUEST_TIMEOUT")
+
+
+def friendly(call: Callable, warn: Warn = None):
+    """(result, None) or (None, message): a WWTError's message, or a plain one for a bug (logged)."""
+    try:
+        return call(), None
+    except WWTError as e:
+        message = e.message
+    except Exception as e:  # a bug: log it for the operator, tell the person something readable
+        log.exception("callback failed")
+        message = f"internal error ({e.__class__.__name__}); the app is still running, try again"
+    if warn is not None:
+        warn(message)
+    return None, message
+
+
+# -- input checks --------------------------------------------------------------------------
+
+def clean(text, what: str = "text", required: bool = False) -> str:
+    """Text without control characters (tabs and newlines stay), within the size limit."""
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise BadRequest(f"the {what} must be text")
+    if len(text) > MAX_TEXT_CHARS:
+        raise BadRequest(f"the {what} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+    text = _CONTROL.sub("", text)
+    if required and not text.strip():
+        raise BadRequest(f"the {what} is empty")
+    return text
+
+
+def check_model(backend: Backend, name: Optional[str]) -> str:
+    offered = backend.models()
+    if not name:
+        if not offered:
+            raise UnknownModel("no model is available")
+        return offered[0]
+    if name not in offered:
+        raise UnknownModel(f"unknown model {name!r}; this app offers {', '.join(offered) or 'none'}")
+    return name
+
+
+def check_setting(name: str, value):
+    low, high, kind, default = LIMITS[name]
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a number between {low} and {high} (got {value!r})") from None
+    if not (low <= number <= high) or (kind is int and number != int(number)):
+        kind_word = "a whole number" if kind is int else "a number"
+        raise BadRequest(f"{name} must be {kind_word} between {low} and {high} (got {value!r})")
+    return kind(number)
+
+
+def completion_request(backend: Backend, text: str, model: Optional[str], fresh: bool = False,
+                       seed: Optional[int] = None, **settings) -> CompletionRequest:
+    values = {name: check_setting(name, settings.get(name)) for name in LIMITS}
+    greedy = values["temperature"] == 0
+    return CompletionRequest(text=clean(text), model=check_model(backend, model), n=values["n"],
+                             max_new_tokens=values["max_new_tokens"],
+                             temperature=1.0 if greedy else values["temperature"], greedy=greedy,
+                             top_k=values["top_k"], top_p=values["top_p"], seed=seed, fresh=bool(fresh),
+                             stop="auto")
+
+
+def parse_labels(labels) -> Optional[list]:
+    """'sports, politics' or a list -> ['sports', 'politics']; empty -> None (the model's own head)."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        labels = labels.split(",")
+    out = [clean(str(label), "label").strip() for label in labels]
+    out = [label for label in out if label]
+    return out or None
+
+
+# -- the Write tab ---------------------------------------------------------------------------
+
+def suggest(backend: Backend, data: dict) -> dict:
+    """The editor's Tab: continuations of the text before the cursor, as JSON for the page."""
+    data = data if isinstance(data, dict) else {}
+
+    def run():
+        request = completion_request(backend, data.get("before", ""), data.get("model"),
+                                     fresh=data.get("fresh", False),
+                                     **{name: data.get(name) for name in LIMITS})
+        client = data.get("client")  # one editor: its newer request cancels its older one
+        return backend.complete(request, timeout(), supersede=client if isinstance(client, str) and client else None)
+
+    result, error = friendly(run)
+    if error:
+        return {"ok": False, "error": error}
+    seen, items = set(), []
+    for s in result.suggestions:
+        text = _CONTROL.sub("", s.text)  # never insert control characters into the document
+        if text.strip() and text not in seen:
+            seen.add(text)
+            items.append({"text": text, "finish": s.finish_reason})
+    if not items:
+        return {"ok": False, "error": f"{result.model} had nothing to suggest here; try again or change the settings"}
+    return {"ok": True, "model": result.model, "ms": round(result.timings.total_ms, 1),
+            "suggestions": items, "info": render.timing_text(result.model, result.timings)}
+
+
+def share(backend: Backend, data: dict) -> dict:
+    """Save the document; the page turns the id into a ?doc= link."""
+    text = data.get("text", "") if isinstance(data, dict) else ""
+    doc_id, error = friendly(lambda: backend.save_document(clean(text, "document", required=True)))
+    return {"ok": False, "error": error} if error else {"ok": True, "id": doc_id}
+
+
+def open_shared(backend: Backend, doc_id: Optional[str], warn: Warn = None) -> Optional[str]:
+    """The text behind a ?doc= link, or None (with a warning) when there is none."""
+    if not doc_id:
+        return None
+    text, _ = friendly(lambda: backend.load_document(doc_id), warn)
+    return text
+
+
+def token_view(backend: Backend, text: str, model: Optional[str], warn: Warn = None) -> str:
+    """The document coloured by how likely the model found each token."""
+    def run():
+        req = ScoreRequest(text=clean(text, "document", required=True), model=check_model(backend, model))
+        return backend.score(req, timeout())
+
+    scores, error = friendly(run, warn)
+    if error:
+        return render.error_html(error)
+    mean = sum(t.prob for t in scores.tokens) / max(1, len(scores.tokens))
+    return (render.info_html(scores.model, scores.timings, f"{len(scores.tokens)} tokens, mean p = {mean:.2f}")
+            + render.token_view_html(scores))
+
+
+def model_status(backend: Backend, model: Optional[str]) -> str:
+    """'gpt2 · 124M parameters · loaded on cpu' for the settings panel."""
+    info, error = friendly(lambda: backend.model_info(check_model(backend, model)))
+    if error:
+        return render.error_html(error)
+    parts = [info.get("name", model or "")]
+    if info.get("parameters"):
+        parts.append(f"{render.human_count(info['parameters'])} parameters")
+    if "loaded" in info:
+        parts.append(f"loaded on {info.get('device', '?')}" if info["loaded"] else "loads on first use")
+    if "served" in info:
+        parts.append(f"{len(info.get('workers') or [])} worker(s)" if info["served"] else "no worker serving it")
+    ready = bool(info.get("loaded") or info.get("served"))
+    return render.status_html(" · ".join(str(p) for p in parts), ready)
+
+
+def load_model(backend: Backend, model: Optional[str], warn: Warn = None) -> str:
+    """Load a model now (embedded mode), so its download and loading happen under a progress bar."""
+    loader = getattr(backend, "engine", None)  # LocalBackend loads on first use; queues have nothing to load
+    if callable(loader):
+        _, error = friendly(lambda: loader(check_model(backend, model)), warn)
+        if error:
+            return render.error_html(error)
+    return model_status(backend, model)
+
+
+# -- the other tabs --------------------------------------------------------------------------
+
+def classify(backend: Backend, text: str, labels, model: Optional[str], warn: Warn = None):
+    """-> ({label: probability} or None, info html)."""
+    def run():
+        req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
+                              labels=parse_labels(labels))
+        return backend.classify(req, timeout())
+
+    result, error = friendly(run, warn)
+    if error:
+        return None, render.error_html(error)
+    method = "zero-shot from the language model" if result.method == "zero-shot" else "classification head"
+    return {s.label: float(s.score) for s in result.labels}, render.info_html(result.model, result.timings, method)
+
+
+def answer(backend: Backend, context: str, question: str, model: Optional[str], warn: Warn = None):
+    """-> (highlighted context pieces, answer text, info html)."""
+    def run():
+        req = AnswerRequest(question=clean(question, "question", required=True),
+                            context=clean(context, "context", required=True), model=check_model(backend, model))
+        return req.context, backend.answer(req, timeout())
+
+    result, error = friendly(run, warn)
+    if error:
+        return None, "", render.error_html(error)
+    context, ans = result
+    if ans.generated:
+        extra = f"generated by the language model (not a span of the passage) · score {ans.score:.2f}"
+        shown = f"{ans.text}  [generated]"
+    else:
+        extra = f"extracted from the passage · score {ans.score:.2f}"
+        shown = ans.text
+    return render.answer_spans(context, ans), shown, render.info_html(ans.model, ans.timings, extra)
+
+
+def prompt_tail(prompt: str, words: int = 6) -> str:
+    """The last few words of a prompt, to show what each suggestion continues."""
+    parts = prompt.split(" ")
+    return prompt if len(parts) <= words else "…" + " ".join(parts[-words:])
+
+
+def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn: Warn = None) -> str:
+    """One prompt to several models at once; their suggestions side by side with speed and size."""
+    try:
+        prompt = clean(prompt, "prompt", required=True)
+        models = [check_model(backend, m) for m in (models or [])]
+        if not models:
+            raise BadRequest("choose at least one model to compare")
+        length = check_setting("max_new_tokens", max_new_tokens)
+        n = check_setting("n", n)
+    except WWTError as e:
+        if warn is not None:
+            warn(e.message)
+        return render.error_html(e.message)
+
+    def one(name: str) -> dict:
+        req = CompletionRequest(text=prompt, model=name, n=n, max_new_tokens=length, seed=0, stop="auto")
+        started = time.perf_counter()
+        result, error = friendly(lambda: backend.complete(req, timeout()))
+        if error:
+            return {"model": name, "error": error}
+        t = result.timings
+        ms = t.total_ms or (time.perf_counter() - started) * 1000
+        decode_s = (t.decode_ms or ms) / 1000
+        info, _ = friendly(lambda: backend.model_info(name))
+        return {"model": result.model, "ms": ms, "tokens_per_s": t.tokens_decoded / decode_s if decode_s else 0.0,
+                "parameters": (info or {}).get("parameters"), "prompt_tail": prompt_tail(prompt),
+                "suggestions": [s.text for s in result.suggestions]}
+
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        rows = list(pool.map(one, models))
+    return render.compare_html(rows)
+
+
+# -- the named API endpoints (errors are raised; the page layer turns them into gr.Error) ---
+
+def api_complete(backend: Backend, text: str, model: str = "", n: int = 3, max_new_tokens: int = 8,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9, fresh: bool = False,
+                 seed: Optional[int] = None) -> dict:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise BadRequest(f"seed must be a whole number of at least 0 (got {seed!r})")
+    req = completion_request(backend, text, model, fresh=fresh, seed=seed, n=n, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
+    return backend.complete(req, timeout()).to_dict()
+
+
+def api_classify(backend: Backend, text: str, labels="", model: str = "") -> dict:
+    req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
+                          labels=parse_labels(labels))
+    return backend.classify(req, timeout()).to_dict()
+
+
+def api_answer(backend: Backend, question: str, context: str, model: str = "") -> dict:
+    req = AnswerRequest(question=clean(question, "question", required=True),
+                        context=clean(context, "context", required=True), model=check_model(backend, model))
+    return backend.answer(req, timeout()).to_dict()
+
+
+def api_score(backend: Backend, text: str, model: str = "") -> dict:
+    req = ScoreRequest(text=clean(text, required=True), model=check_model(backend, model))
+    return backend.score(req, timeout()).to_dict()

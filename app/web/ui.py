@@ -1,0 +1,229 @@
+"""The page: a gr.Blocks with the Write, Classify, Question answering and Compare tabs.
+
+What each control does lives in callbacks.py (plain functions of the backend); this
+module only lays the page out and wires events, the editor's server functions and the
+named API endpoints (/complete, /classify, /answer, /score) to them.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+
+from model.errors import WWTError
+
+from . import callbacks
+from app.backends.base import Backend
+from .callbacks import LIMITS
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+# The settings panel tells the editor's JavaScript its values (order = SETTINGS below).
+SETTINGS_JS = """(model, n, max_new_tokens, temperature, top_k, top_p, auto) => {
+  window.wwtSettings = {model, n, max_new_tokens, temperature, top_k, top_p, auto};
+}"""
+
+CLASSIFY_EXAMPLES = [
+    ["I could not put this book down; the ending made me cry happy tears.", ""],
+    ["The match went to extra time before the home side scored the winner.", "sports, politics, cooking"],
+]
+QA_EXAMPLES = [
+    ["The Transformer was introduced in 2017 in the paper 'Attention Is All You Need'. GPT-2, released by "
+     "OpenAI in 2019, is a decoder-only Transformer trained on WebText.", "Who released GPT-2?"],
+]
+
+
+def static_text(name: str) -> str:
+    return (STATIC / name).read_text(encoding="utf-8")
+
+
+def theme() -> gr.themes.Base:
+    """System fonts only: the page must not fetch fonts from the network."""
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="violet",
+                          font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
+
+
+def launch_kwargs() -> dict:
+    """What Gradio 6 takes at launch() rather than in gr.Blocks: css and theme."""
+    return {"css": static_text("app.css"), "theme": theme()}
+
+
+def _slider(name: str, label: str, info: str, step) -> gr.Slider:
+    low, high, _, default = LIMITS[name]
+    return gr.Slider(low, high, value=default, step=step, label=label, info=info, elem_id=f"wwt-{name}")
+
+
+def _api(fn, *args):
+    """Run an API callback; its error becomes a gr.Error whose message reaches the client."""
+    try:
+        return fn(*args)
+    except WWTError as e:
+        raise gr.Error(e.message, print_exception=False) from None
+    except Exception as e:
+        log.exception("API call failed")
+        raise gr.Error(f"internal error ({e.__class__.__name__})", print_exception=False) from None
+
+
+def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Blocks:
+    models = backend.models()
+    default_model = models[0] if models else None
+    warn = partial(gr.Warning, duration=8)
+
+    # -- server functions the editor calls directly (no queue: keystroke latency matters) --
+    def suggest(data):
+        return callbacks.suggest(backend, data)
+
+    def share(data):
+        return callbacks.share(backend, data)
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.HTML(f'<div class="wwt-header"><h1>✍️ {title}</h1><p>Write, press <kbd>Tab</kbd>, and pick what '
+                f'the model would write next. GPT-2 family, served by a <b>{backend.kind}</b> backend.</p></div>',
+                apply_default_css=False, js_on_load=None)
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(models, value=default_model, label="Model", scale=1, min_width=260, elem_id="wwt-model",
+                                info="used by every tab" + ("; loads on first use" if backend.kind == "local" else ""),
+                                allow_custom_value=False)
+            model_status = gr.HTML(callbacks.model_status(backend, default_model), scale=2, min_width=260,
+                                   container=True,
+                                   padding=True, apply_default_css=False, js_on_load=None,
+                                   elem_id="wwt-model-status")
+
+        with gr.Tabs():
+            with gr.Tab("Write", id="write"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        editor = gr.HTML(
+                            "", html_template=static_text("editor.html"), js_on_load=static_text("editor.js"),
+                            server_functions=[suggest, share], apply_default_css=False, elem_id="wwt-editor",
+                            settings={"model": default_model, **callbacks.DEFAULTS, "auto": False},
+                        )
+                        with gr.Row():
+                            token_button = gr.Button("Colour the document by likelihood", size="sm",
+                                                     elem_id="wwt-token-button")
+                        token_out = gr.HTML(apply_default_css=False, js_on_load=None, elem_id="wwt-token-view")
+                    with gr.Column(scale=1, min_width=240):
+                        gr.Markdown("### Settings")
+                        n = _slider("n", "Suggestions", "how many to show", 1)
+                        length = _slider("max_new_tokens", "Length", "new tokens at most", 1)
+                        temperature = _slider("temperature", "Temperature", "0 = always the likeliest", 0.05)
+                        top_k = _slider("top_k", "Top-k", "0 = off", 1)
+                        top_p = _slider("top_p", "Top-p (nucleus)", "1 = off", 0.01)
+                        auto = gr.Checkbox(False, label="Suggest as I type", info="after a short pause",
+                                           elem_id="wwt-auto")
+
+            with gr.Tab("Classify", id="classify"):
+                with gr.Row():
+                    with gr.Column():
+                        cls_text = gr.Textbox(label="Text", lines=6, elem_id="wwt-cls-text",
+                                              placeholder="A sentence or a paragraph to classify")
+                        cls_labels = gr.Textbox(label="Candidate labels (optional)", elem_id="wwt-cls-labels",
+                                                placeholder="comma-separated, e.g. sports, politics, cooking "
+                                                            "(zero-shot); empty uses the model's own head")
+                        cls_button = gr.Button("Classify", variant="primary", elem_id="wwt-cls-button")
+                        gr.Examples(CLASSIFY_EXAMPLES, [cls_text, cls_labels])
+                    with gr.Column():
+                        cls_out = gr.Label(label="Label probabilities", elem_id="wwt-cls-out")
+                        cls_info = gr.HTML(apply_default_css=False, js_on_load=None, elem_id="wwt-cls-info")
+
+            with gr.Tab("Question answering", id="qa"):
+                with gr.Row():
+                    with gr.Column():
+                        qa_context = gr.Textbox(label="Passage", lines=8, elem_id="wwt-qa-context",
+                                                placeholder="The text that holds the answer")
+                        qa_question = gr.Textbox(label="Question", elem_id="wwt-qa-question")
+                        qa_button = gr.Button("Answer", variant="primary", elem_id="wwt-qa-button")
+                        gr.Examples(QA_EXAMPLES, [qa_context, qa_question])
+                    with gr.Column():
+                        qa_answer = gr.Textbox(label="Answer", interactive=False, elem_id="wwt-qa-answer")
+                        qa_view = gr.HighlightedText(label="Answer in the passage", elem_id="wwt-qa-view",
+                                                     color_map={"answer": "#fbbf24"}, show_legend=False)
+                        qa_info = gr.HTML(apply_default_css=False, js_on_load=None, elem_id="wwt-qa-info")
+
+            with gr.Tab("Compare model sizes", id="compare"):
+                cmp_prompt = gr.Textbox(label="Prompt", lines=3, elem_id="wwt-cmp-prompt",
+                                        value="The best thing about writing with a language model is")
+                with gr.Row():
+                    cmp_models = gr.CheckboxGroup(models, value=models[:3], label="Models", scale=2,
+                                                  elem_id="wwt-cmp-models")
+                    cmp_length = gr.Slider(1, LIMITS["max_new_tokens"][1], value=16, step=1, label="Length",
+                                           scale=1)
+                    cmp_n = gr.Slider(1, 5, value=2, step=1, label="Suggestions per model", scale=1)
+                cmp_button = gr.Button("Send to all", variant="primary", elem_id="wwt-cmp-button")
+                cmp_out = gr.HTML(apply_default_css=False, js_on_load=None, elem_id="wwt-cmp-out")
+
+        # -- events --------------------------------------------------------------------------
+        settings = [model, n, length, temperature, top_k, top_p, auto]
+        for control in settings:
+            control.change(None, inputs=settings, outputs=None, js=SETTINGS_JS, queue=False)
+
+        def on_model(name, progress=gr.Progress(track_tqdm=True)):
+            progress(0, desc=f"loading {name}")
+            return callbacks.load_model(backend, name, warn)
+
+        model.change(on_model, model, model_status, api_visibility="private")
+
+        def on_tokens(text, name, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.token_view(backend, text, name, warn)
+
+        token_button.click(on_tokens, [editor, model], token_out, api_visibility="private")
+
+        def on_classify(text, labels, name, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.classify(backend, text, labels, name, warn)
+
+        gr.on([cls_button.click, cls_text.submit], on_classify, [cls_text, cls_labels, model],
+              [cls_out, cls_info], api_visibility="private")
+
+        def on_answer(context, question, name, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.answer(backend, context, question, name, warn)
+
+        gr.on([qa_button.click, qa_question.submit], on_answer, [qa_context, qa_question, model],
+              [qa_view, qa_answer, qa_info], api_visibility="private")
+
+        def on_compare(prompt, chosen, length_, n_, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.compare(backend, prompt, chosen, length_, n_, warn)
+
+        cmp_button.click(on_compare, [cmp_prompt, cmp_models, cmp_length, cmp_n], cmp_out,
+                         api_visibility="private")
+
+        def on_load(request: gr.Request):
+            """Open a shared document (?doc=ID) and refresh the model list (workers come and go)."""
+            doc_id = request.query_params.get("doc") if request is not None else None
+            text = callbacks.open_shared(backend, doc_id, warn)
+            offered = backend.models() or models
+            return (gr.skip() if text is None else text), gr.Dropdown(choices=offered), \
+                gr.CheckboxGroup(choices=offered), callbacks.model_status(backend, default_model)
+
+        demo.load(on_load, None, [editor, model, cmp_models, model_status], api_visibility="private")
+
+        # -- named API endpoints ------------------------------------------------------------
+        def complete(text: str, model: str = "", n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 0.9, fresh: bool = False,
+                     seed: Optional[int] = None) -> dict:
+            return _api(callbacks.api_complete, backend, text, model, n, max_new_tokens, temperature, top_k,
+                        top_p, fresh, seed)
+
+        def classify(text: str, labels: str = "", model: str = "") -> dict:
+            return _api(callbacks.api_classify, backend, text, labels, model)
+
+        def answer(question: str, context: str, model: str = "") -> dict:
+            return _api(callbacks.api_answer, backend, question, context, model)
+
+        def score(text: str, model: str = "") -> dict:
+            return _api(callbacks.api_score, backend, text, model)
+
+        gr.api(complete, api_name="complete",
+               api_description="Continuations of `text`: suggestions (text, tokens, log-probabilities) and timings.")
+        gr.api(classify, api_name="classify",
+               api_description="Label probabilities; `labels` (comma-separated) asks for zero-shot labels.")
+        gr.api(answer, api_name="answer",
+               api_description="The answer to `question` in `context`, with character offsets and a score.")
+        gr.api(score, api_name="score",
+               api_description="Each token of `text` with the probability and rank the model gave it.")
+    return demo

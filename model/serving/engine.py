@@ -1,0 +1,286 @@
+"""The Engine: one model, its tokenizer and its KV-cache pool, serving many callers at once.
+
+Completions go through the batching scheduler (scheduler.py) and its prefix cache;
+classification, question answering and per-token scores are single forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import settings
+from ..contract import MAX_LABELS, check_completion, clean_text
+from ..errors import BadRequest
+from ..network.known import parse_model_spec
+from ..network.tokenizer import complete_utf8_prefix, load_tokenizer_folder
+from ..network.weights import load_with_heads, resolve_checkpoint
+from ..types import (Answer, Classification, Completion, CompletionRequest, LabelScore, Scores, Suggestion,
+                     Timings, TokenScore)
+from .autocomplete import build_prompt
+from .cpu_kernels import packed_bytes, prepare_for_cpu
+from .decode_graph import FixedShapeDecoder
+from .kv_cache import KVCache
+from .sampling import SamplingSettings
+from .jobs import Handle, Job
+from .scheduler import Scheduler
+from .threads import in_fresh_thread
+
+MAX_ANSWER_TOKENS = 30
+ZERO_SHOT_SUFFIX = "\nThis text is about"  # zero-shot prompt: the text, then this, then " <label>"
+
+
+def default_slots(config, device: torch.device, dtype: torch.dtype) -> int:
+    """Enough sequences for a few people typing at once, within a fixed share of memory."""
+    per_slot = config.kv_cache_bytes(1, bytes_per_value=torch.finfo(dtype).bits // 8)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(4, min(64, free * 0.3 // per_slot)))
+    return int(max(4, min(16, (2 << 30) // per_slot)))
+
+
+class Engine:
+    def __init__(self, lm, heads: dict, tokenizer, name: str, slots: Optional[int] = None,
+                 cuda_graph: Optional[bool] = None):
+        self.name = name
+        self.model = lm
+        self.config = lm.config
+        self.tokenizer = tokenizer
+        self.extra_heads = heads
+        self.heads = {"lm", *heads}
+        self.device = lm.transformer.wte.weight.device
+        self.dtype = lm.transformer.wte.weight.dtype
+        # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (WWT_CPU_PACK=0: plain only),
+        # and the one-row kernel timed fastest on this machine (WWT_CPU_ONE_ROW names one instead).
+        # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
+        cpu = in_fresh_thread(prepare_for_cpu, lm, settings.get_bool("WWT_CPU_PACK"), settings.get("WWT_CPU_ONE_ROW"))
+        self.packed, self.one_row_kernels = cpu["packed"], cpu["one_row_kernels"]
+        slots = slots or default_slots(self.config, self.device, self.dtype)
+        self.cache = in_fresh_thread(KVCache, self.config, slots, dtype=self.dtype, device=self.device)
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda" and settings.get_bool("WWT_CUDA_GRAPH")
+        fixed = FixedShapeDecoder(lm, self.cache, capture=self.device.type == "cuda") if cuda_graph else None
+        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device=None, dtype=None, slots: Optional[int] = None,
+                        name: Optional[str] = None, revision: Optional[str] = None,
+                        cache_dir: Optional[str] = None, offline: Optional[bool] = None,
+                        cuda_graph: Optional[bool] = None) -> "Engine":
+        """Load a short name, Hub repo id, local folder or `name=source` spec.
+
+        Defaults: CUDA in float16 with the decode step captured as a CUDA graph when a GPU
+        is present (WWT_CUDA_GRAPH=0 turns the graph off), else CPU in float32.
+        `cuda_graph=True` on CPU runs the same fixed-shape step eagerly.
+        """
+        spec = parse_model_spec(name_or_path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        folder = resolve_checkpoint(spec.source, revision, cache_dir, offline)
+        lm, heads = in_fresh_thread(load_with_heads, Path(folder), dtype=dtype, device=device)
+        tokenizer = load_tokenizer_folder(Path(folder), lm.config.model_type)
+        return cls(lm, heads, tokenizer, name or spec.name, slots, cuda_graph)
+
+    # -- completion ----------------------------------------------------------------------
+    def _job(self, request: CompletionRequest) -> Job:
+        r = check_completion(request, max_n=self.cache.slots, max_new_tokens=self.config.n_positions // 2)
+        prompt = build_prompt(self.tokenizer, r.text, self.config.n_positions - r.max_new_tokens, self.eos)
+        sampling = SamplingSettings(r.greedy, r.temperature, r.top_k, r.top_p, r.repetition_penalty)
+        return Job(prompt, r.n, r.max_new_tokens, sampling, r.seed, r.max_time, r.stop, self.eos)
+
+    def submit(self, request: CompletionRequest) -> Handle:
+        """Queue a completion; the handle waits for it or cancels it."""
+        return self.scheduler.submit(self._job(request))
+
+    def completion(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion:
+        return self.completion_from(self.submit(request), timeout)
+
+    def completion_from(self, handle: Handle, timeout: Optional[float] = None) -> Completion:
+        """Wait for a submitted request (cancelling it if `timeout` passes) and package its answer."""
+        suggestions, timings = handle.result(timeout)
+        return Completion(model=self.name, suggestions=suggestions, timings=timings,
+                          healed=handle.job.prompt.heal.decode("utf-8", errors="replace"))
+
+    def complete(self, text: str, n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.9, repetition_penalty: float = 1.0, greedy: bool = False,
+                 seed: Optional[int] = None, max_time: Optional[float] = None, stop="auto") -> list[Suggestion]:
+        request = CompletionRequest(text=text, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                    greedy=greedy, seed=seed, max_time=max_time, stop=stop)
+        return self.completion(request).suggestions
+
+    def run(self, fn):
+        """fn() on the engine's model thread, between batching steps: its result, or its exception.
+
+        Torch work that shares the engine's thread shares its OpenMP pool (see threads.py);
+        the benchmark runs the reference model this way too.
+        """
+        return self.scheduler.call(fn)
+
+    # -- single forward passes (on the model thread) -------------------------------------
+    def _forward(self, module, ids: list[list[int]], attention_mask=None):
+        x = torch.tensor(ids, device=self.device)
+        mask = None if attention_mask is None else torch.tensor(attention_mask, device=self.device)
+        with torch.inference_mode():
+            return module(x, mask)
+
+    def _text_ids(self, text: str, limit: int) -> list[int]:
+        text = clean_text(text, required=True)
+        return self.tokenizer.encode(text, max_tokens=limit)
+
+    def classify(self, text: str, labels: Optional[list] = None) -> Classification:
+        """Label probabilities: the checkpoint's classifier, or zero-shot over `labels` with the LM."""
+        return self.run(lambda: self._classify(text, labels))
+
+    def _classify(self, text: str, labels: Optional[list]) -> Classification:
+        t0 = time.perf_counter()
+        labels = [clean_text(str(l), "label").strip() for l in (labels or [])]
+        labels = [l for l in labels if l]
+        if len(labels) > MAX_LABELS:
+            raise BadRequest(f"at most {MAX_LABELS} candidate labels")
+        if len(set(labels)) != len(labels):
+            raise BadRequest("candidate labels must be distinct")
+        if labels:
+            if len(labels) < 2:
+                raise BadRequest("give at least two candidate labels")
+            scores, method = self._zero_shot(text, labels), "zero-shot"
+        elif "sequence-classification" in self.extra_heads:
+            ids = self._text_ids(text, self.config.n_positions)
+            logits = self._forward(self.extra_heads["sequence-classification"], [ids])[0].float()
+            probs = logits.softmax(-1).tolist()
+            names = self.config.id2label
+            scores, method = [(names.get(i, f"LABEL_{i}"), p) for i, p in enumerate(probs)], "head"
+        else:
+            raise BadRequest(f"{self.name} has no classification head: give candidate labels for zero-shot "
+                             f"classification")
+        scores.sort(key=lambda x: -x[1])
+        ms = (time.perf_counter() - t0) * 1000
+        return Classification(model=self.name, labels=[LabelScore(l, float(p)) for l, p in scores], method=method,
+                              timings=Timings(total_ms=ms, tokens_prefilled=0))
+
+    def _zero_shot(self, text: str, labels: list[str]) -> list[tuple[str, float]]:
+        """P(label | text) by the LM: mean log-likelihood of each label's tokens after a prompt."""
+        label_ids = [self.tokenizer.encode(" " + l) for l in labels]
+        longest = max(len(l) for l in label_ids)
+        suffix = self.tokenizer.encode(ZERO_SHOT_SUFFIX)
+        body = self._text_ids(text, self.config.n_positions - longest - len(suffix))
+        prompt = body + suffix
+        rows = [prompt + l + [0] * (longest - len(l)) for l in label_ids]
+        mask = [[1] * (len(prompt) + len(l)) + [0] * (longest - len(l)) for l in label_ids]
+        logp = self._forward(self.model, rows, mask).float().log_softmax(-1)
+        scores = []
+        for i, l in enumerate(label_ids):
+            lp = sum(float(logp[i, len(prompt) - 1 + j, tok]) for j, tok in enumerate(l))
+            scores.append(lp / len(l))
+        probs = torch.tensor(scores).softmax(-1).tolist()
+        return list(zip(labels, probs))
+
+    def answer(self, question: str, context: str) -> Answer:
+        """The answer span of the checkpoint's QA head, or an answer the LM generates (marked so)."""
+        t0 = time.perf_counter()
+        question = clean_text(question, "question", required=True)
+        context = clean_text(context, "context", required=True)
+        if "question-answering" in self.extra_heads:
+            result = self.run(lambda: self._extract(question, context))
+        else:
+            result = self._generate_answer(question, context)
+        result.timings.total_ms = (time.perf_counter() - t0) * 1000
+        return result
+
+    def _extract(self, question: str, context: str) -> Answer:
+        joined = f"{question}\n{context}"
+        offset = len(question) + 1
+        ids, spans = self.tokenizer.encode_with_offsets(joined)
+        ids, spans = ids[: self.config.n_positions], spans[: self.config.n_positions]
+        start_logits, end_logits = self._forward(self.extra_heads["question-answering"], [ids])
+        in_context = torch.tensor([s >= offset for s, _ in spans])
+        if not bool(in_context.any()):
+            raise BadRequest("the question leaves no room for the context in the model's window")
+        neg = float("-inf")
+        ps = start_logits[0].float().masked_fill(~in_context, neg).softmax(-1)
+        pe = end_logits[0].float().masked_fill(~in_context, neg).softmax(-1)
+        joint = ps[:, None] * pe[None, :]
+        T = len(ids)
+        valid = torch.ones(T, T, dtype=torch.bool).triu() & ~torch.ones(T, T, dtype=torch.bool).triu(MAX_ANSWER_TOKENS)
+        joint = joint.masked_fill(~valid, 0.0)
+        best = int(torch.argmax(joint))
+        s, e = divmod(best, T)
+        start, end = spans[s][0] - offset, spans[e][1] - offset
+        while start < end and context[start].isspace():
+            start += 1
+        while end > start and context[end - 1].isspace():
+            end -= 1
+        return Answer(model=self.name, text=context[start:end], score=float(joint[s, e]), start=start, end=end,
+                      generated=False, timings=Timings())
+
+    def _generate_answer(self, question: str, context: str) -> Answer:
+        prompt = f"{context.strip()}\n\nQuestion: {question.strip()}\nAnswer:"
+        request = CompletionRequest(text=prompt, n=1, max_new_tokens=24, greedy=True, stop=["\n"])
+        done = self.completion(request)
+        best = done.suggestions[0] if done.suggestions else Suggestion(text="")
+        text = best.text.strip()
+        score = math.exp(sum(best.logprobs) / len(best.logprobs)) if best.logprobs else 0.0
+        at = context.lower().find(text.lower()) if text else -1
+        return Answer(model=self.name, text=text, score=score, start=at if at >= 0 else None,
+                      end=at + len(text) if at >= 0 else None, generated=True, timings=done.timings)
+
+    def score(self, text: str) -> Scores:
+        """Each token of `text` with the probability and rank the model gave it."""
+        return self.run(lambda: self._score(text))
+
+    def _score(self, text: str) -> Scores:
+        t0 = time.perf_counter()
+        budget = self.config.n_positions - (1 if self.eos is not None else 0)
+        ids = self._text_ids(text, budget)
+        inputs = ([self.eos] if self.eos is not None else []) + ids
+        logits = self._forward(self.model, [inputs])[0].float()
+        shift = 1 if self.eos is not None else 0
+        out = []
+        for i, (tok, piece) in enumerate(zip(ids, self._token_texts(ids))):
+            j = i + shift - 1
+            if j < 0:
+                out.append(TokenScore(piece, tok, 1.0, 0))
+                continue
+            row = logits[j]
+            probs = row.softmax(-1)
+            out.append(TokenScore(piece, tok, float(probs[tok]), int((row > row[tok]).sum()) + 1))
+        ms = (time.perf_counter() - t0) * 1000
+        return Scores(model=self.name, tokens=out, timings=Timings(total_ms=ms, tokens_prefilled=len(inputs)))
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's share of the text: a character split over several tokens goes to the last one,
+        so the pieces join back into the text."""
+        if not self.tokenizer.byte_level:
+            return [self.tokenizer.decode([t]) for t in ids]
+        pieces, pending = [], b""
+        for t in ids:
+            pending += self.tokenizer.token_bytes(t)
+            done = complete_utf8_prefix(pending)
+            pieces.append(done.decode("utf-8", errors="replace"))
+            pending = pending[len(done):]
+        if pending and pieces:
+            pieces[-1] += pending.decode("utf-8", errors="replace")
+        return pieces
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {**self.scheduler.counters, "slots": self.cache.slots,
+                "cache_bytes": self.cache.nbytes(), "memory_bytes": self.memory_bytes(),
+                "one_row_kernels": dict(self.one_row_kernels)}
+
+    def memory_bytes(self) -> int:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model)
+        params += sum(p.numel() * p.element_size() for h in self.extra_heads.values()
+                      for n, p in h.named_parameters() if not n.startswith("transformer."))
+        return params + self.cache.nbytes()
+
+    def close(self) -> None:
+        self.scheduler.close()

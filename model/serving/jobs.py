@@ -1,0 +1,131 @@
+"""A completion request on its way through the scheduler: its rows, its handle, and calls.
+
+`Job` is the request's state (prompt, slots, rows being generated, accepted suggestions);
+`Handle` is what a caller holds; `Call` runs a function on the model thread between steps.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import RequestTimeout, WWTError
+from ..types import Suggestion, Timings
+from .autocomplete import Prompt
+from .sampling import SamplingSettings
+
+
+@dataclass
+class Row:
+    """One continuation being generated in one cache slot."""
+
+    index: int  # which seed / rank this row uses
+    slot: int
+    generator: Optional[torch.Generator]
+    pending: bytes  # healed characters still to spell out
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    text: str = ""
+    finish: Optional[str] = None
+    collected: bool = False  # looked at by the job's round of distinct suggestions
+
+
+class Job:
+    """A completion request on its way through the scheduler."""
+
+    def __init__(self, prompt: Prompt, n: int, max_new_tokens: int, settings: SamplingSettings,
+                 seed: Optional[int], max_time: Optional[float], stop, eos: Optional[int]):
+        self.prompt = prompt
+        self.n = n
+        self.max_new_tokens = max_new_tokens
+        self.settings = settings
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.stop = stop
+        self.eos = eos
+        self.submitted = time.perf_counter()
+        self.deadline = None if max_time is None else self.submitted + max_time
+        self.slots: list[int] = []
+        self.prefilled = 0  # prompt tokens whose keys/values are in the base slot
+        self.last_logits: Optional[torch.Tensor] = None
+        self.rows: list[Row] = []
+        self.next_index = 0
+        self.rounds = 0
+        self.accepted: list[Suggestion] = []
+        self.seen_texts: set[str] = set()
+        self.cancelled = False
+        self.timings = Timings()
+        self.admitted = 0.0
+        self.decode_started = 0.0
+        self.done = threading.Event()
+        self.result: Optional[list[Suggestion]] = None
+        self.error: Optional[WWTError] = None
+
+    @property
+    def base(self) -> int:
+        return self.slots[0]
+
+    def out_of_time(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def new_row(self, slot: int) -> Row:
+        """The next row of this request, in `slot`: row i samples with seed + i."""
+        index = self.next_index
+        self.next_index += 1
+        generator = None if self.settings.greedy else torch.Generator().manual_seed(self.seed + index)
+        return Row(index=index, slot=slot, generator=generator, pending=self.prompt.heal)
+
+    def live_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.finish is None]
+
+
+class Handle:
+    """What `submit` returns: wait for the result, or cancel."""
+
+    def __init__(self, job: Job, wake):
+        self._job = job
+        self._wake = wake
+
+    @property
+    def job(self) -> Job:
+        return self._job
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Whether the request finished within `timeout` (it keeps running if not)."""
+        return self._job.done.wait(timeout)
+
+    def result(self, timeout: Optional[float] = None) -> tuple[list[Suggestion], Timings]:
+        if not self._job.done.wait(timeout):
+            self.cancel()
+            raise RequestTimeout(f"no answer within {timeout:g} s")
+        if self._job.error is not None:
+            raise self._job.error
+        return self._job.result, self._job.timings
+
+    def cancel(self) -> None:
+        self._job.cancelled = True
+        self._wake()
+
+    def done(self) -> bool:
+        return self._job.done.is_set()
+
+
+class Call:
+    """A function to run on the scheduler's thread between steps (see threads.py for why)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except Exception as e:  # the caller re-raises it
+            self.error = e
+        self.done.set()

@@ -1,0 +1,241 @@
+"""Continuous batching over the static KV cache: the loop that ties the parts together.
+
+The model thread (threads.py) gives the scheduler turns. Each turn runs the calls waiting for
+the model thread, admits requests and takes one step: the planner (planner.py) says what runs,
+the runner (runner.py) runs the network on it, the row policy (row_policy.py) picks tokens and
+decides when rows and requests are done, and the slot pool (slots.py) records what each slot
+holds. A request that arrives mid-way joins at the next step; a cancelled or timed-out request
+frees its slots at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Optional
+
+import torch
+
+from ..errors import Cancelled, WWTError
+from ..network.gpt import GPTModel
+from ..network.tokenizer import GPTTokenizer
+from .decode_graph import FixedShapeDecoder
+from .jobs import Call, Handle, Job, Row
+from .kv_cache import KVCache
+from .planner import Planner
+from .row_policy import RowPolicy
+from .runner import ModelRunner
+from .slots import SlotPool
+from .threads import model_thread
+
+log = logging.getLogger(__name__)
+
+EXTRA_ROUNDS = 2  # rounds of replacement rows for empty or duplicate suggestions
+
+__all__ = ["Call", "Handle", "Job", "Scheduler"]
+
+
+class Scheduler:
+    def __init__(self, model: GPTModel, tokenizer: GPTTokenizer, cache: KVCache,
+                 fixed_shape: Optional[FixedShapeDecoder] = None):
+        self.cache = cache
+        self.pool = SlotPool(cache.slots)
+        self.planner = Planner(self.pool)
+        self.runner = ModelRunner(model, cache, fixed_shape)
+        # The last position is where idle slots park in a fixed-shape step: never a real token.
+        self.policy = RowPolicy(tokenizer, model.config.vocab_size, max_length=cache.context - 1)
+        self.counters = {"tokens_prefilled": 0, "tokens_reused": 0, "tokens_decoded": 0, "requests": 0,
+                         "steps": 0, "max_batch": 0}
+        self._calls: deque[Call] = deque()
+        self._closed = False
+        self._gone = threading.Event()
+        self._worker = model_thread(self.runner.device)
+        self._cond = self._worker.cond  # one lock for the thread and all its schedulers
+        self._worker.add(self)
+
+    # -- the callers' side ---------------------------------------------------------------
+    def submit(self, job: Job) -> Handle:
+        with self._cond:
+            if self._closed:
+                raise Cancelled("the engine is shut down")
+            self.planner.waiting.append(job)
+            self.counters["requests"] += 1
+            self._cond.notify_all()
+        return Handle(job, self._wake)
+
+    def call(self, fn):
+        """Run fn() on the model thread between two steps; return its result or raise its error.
+
+        All model work of an engine goes through here or the steps, so the process keeps one
+        OpenMP thread pool however many threads call the engine (see threads.py).
+        """
+        if self.on_model_thread():
+            return fn()
+        call = Call(fn)
+        with self._cond:
+            if self._closed:
+                raise Cancelled("the engine is shut down")
+            self._calls.append(call)
+            self._cond.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def on_model_thread(self) -> bool:
+        return threading.current_thread() is self._worker.thread
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if not self.on_model_thread() and self._worker.thread.is_alive():
+            self._gone.wait(timeout=10)
+
+    # -- the model thread's side ---------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._closed or self.planner.has_work() or self._calls)
+
+    def turn(self) -> None:
+        """Run waiting calls, admit waiting requests and take one batching step."""
+        with self._cond:
+            if self._closed:
+                self._shut_down()
+                return
+            calls, self._calls = list(self._calls), deque()
+            admitted, dropped = self.planner.admit(time.perf_counter())
+            for job in dropped:
+                self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
+            self.counters["tokens_reused"] += sum(job.prefilled for job in admitted)
+        for call in calls:
+            call.run()
+        if not self.planner.running:
+            return
+        try:
+            with torch.inference_mode():
+                self._step()
+        except Exception as e:  # a bug must fail the requests, never kill the loop
+            log.exception("scheduler step failed")
+            for job in list(self.planner.running):
+                self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
+
+    def _shut_down(self) -> None:
+        for job in list(self.planner.waiting) + self.planner.running:
+            self._finish(job, error=Cancelled("the engine is shut down"))
+        self.planner.waiting.clear()
+        for call in self._calls:
+            call.error = Cancelled("the engine is shut down")
+            call.done.set()
+        self._calls.clear()
+        self._worker.remove(self)
+        self._gone.set()
+
+    def _step(self) -> None:
+        for job in self.planner.stopped(time.perf_counter()):
+            reason = "cancelled" if job.cancelled else "time"
+            for row in job.live_rows():
+                self.policy.end(job, row, reason)
+            if job.cancelled:
+                self._finish(job, error=Cancelled("the request was cancelled"))
+            else:
+                self._complete_round(job)
+        self._prefill()
+        self._decode()
+        self.counters["steps"] += 1
+
+    def _prefill(self) -> None:
+        for group in self.planner.prefill_chunks():
+            t0 = time.perf_counter()
+            done = [b for b, (job, _, end) in enumerate(group) if end == len(job.prompt.tokens)]
+            logits = self.runner.prefill([job.prompt.tokens[start:end] for job, start, end in group],
+                                         [start for _, start, _ in group], [job.base for job, _, _ in group], done)
+            elapsed_ms = (time.perf_counter() - t0) * 1000
+            for job, start, end in group:
+                self.counters["tokens_prefilled"] += end - start
+                job.timings.tokens_prefilled += end - start
+                job.timings.prefill_ms += elapsed_ms
+                job.prefilled = end
+                self.pool.wrote(job.base, job.prompt.tokens[:end])
+            for i, b in enumerate(done):
+                job = group[b][0]
+                job.last_logits = logits[i]
+                job.decode_started = time.perf_counter()
+                self._start_rows(job, job.n)
+                if not job.live_rows():
+                    self._complete_round(job)
+
+    def _start_rows(self, job: Job, count: int) -> None:
+        """Fork `count` new rows from the prefilled prompt and pick their first tokens."""
+        prompt = job.prompt.tokens
+        busy = {r.slot for r in job.live_rows()}
+        free = [s for s in job.slots if s not in busy]
+        for slot in free[:count]:
+            if slot != job.base:
+                self.runner.fork(job.base, slot, len(prompt), start=self.pool.shared_with(slot, prompt))
+            self.pool.wrote(slot, prompt)
+            job.rows.append(job.new_row(slot))
+        started = job.rows[-count:]
+        if started:
+            self.policy.take([(job, row) for row in started], job.last_logits.expand(len(started), -1))
+
+    def _decode(self) -> None:
+        rows = self.planner.decoding_rows()
+        if not rows:
+            return
+        logits = self.runner.decode([row.slot for _, row in rows], [row.tokens[-1] for _, row in rows],
+                                    [len(job.prompt.tokens) + len(row.tokens) - 1 for job, row in rows],
+                                    shared=self._shared_prompts(rows))
+        self.counters["tokens_decoded"] += len(rows)
+        self.counters["max_batch"] = max(self.counters["max_batch"], len(rows))
+        for job, row in rows:
+            self.pool.appended(row.slot, row.tokens[-1])
+            job.timings.tokens_decoded += 1
+        self.policy.take(rows, logits)
+        for job in {job for job, _ in rows}:
+            if not job.live_rows():
+                self._complete_round(job)
+
+    @staticmethod
+    def _shared_prompts(rows: list[tuple[Job, Row]]) -> list[tuple[list[int], int]]:
+        """The rows of each request, with its prompt length: their slots all hold that prompt."""
+        by_job: dict[int, list[int]] = {}
+        for b, (job, _) in enumerate(rows):
+            by_job.setdefault(id(job), []).append(b)
+        return [(group, len(rows[group[0]][0].prompt.tokens)) for group in by_job.values() if len(group) > 1]
+
+    def _complete_round(self, job: Job) -> None:
+        """Keep the distinct, non-empty suggestions; start replacements while there is time."""
+        if job.done.is_set() or job.live_rows():
+            return
+        missing = self.policy.collect(job)
+        if missing and job.rounds < EXTRA_ROUNDS and not job.cancelled and not job.out_of_time(time.perf_counter()):
+            job.rounds += 1
+            self._start_rows(job, missing)
+            if not job.live_rows():
+                self._complete_round(job)
+            return
+        self._finish(job)
+
+    def _finish(self, job: Job, error: Optional[WWTError] = None) -> None:
+        if job.done.is_set():
+            return
+        now = time.perf_counter()
+        self.planner.remove(job)
+        if job.slots:  # the base slot stays usable as the document's prefix; the copies become spares
+            self.pool.release(job.slots, keep=job.base)
+        if job.decode_started:
+            job.timings.decode_ms = (now - job.decode_started) * 1000
+        job.timings.total_ms = (now - job.submitted) * 1000
+        if error is None and job.cancelled:
+            error = Cancelled("the request was cancelled")
+        job.error = error
+        job.result = list(job.accepted)
+        job.done.set()
+        with self._cond:
+            self._cond.notify_all()

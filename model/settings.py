@@ -1,0 +1,147 @@
+"""Every setting read from the environment, in one registry: name, default and meaning.
+
+The app, the workers and the engine read `WWT_*` variables only through this module, and
+the README's settings tables list exactly the names below (tests/test_settings.py checks
+both). Standard library only: importing it loads no torch, no Celery, no Gradio.
+
+    from model import settings
+    settings.get("WWT_REDIS_URL")                      # the value, or its default
+    settings.get_float("WWT_VISIBILITY_TIMEOUT", default=2 * hard)  # empty -> default
+    settings.get_int("WWT_SLOTS", default=None)         # empty -> None (auto)
+    settings.get_bool("WWT_CUDA_GRAPH")                 # "0", "false", "no", "off" -> False
+
+Reading a name that is not in the registry is a KeyError: a new setting is added here,
+with its default and meaning, and to the README, before it is read anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["SETTINGS", "Setting", "SettingError", "get", "get_bool", "get_float", "get_int", "names"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str  # the value when the variable is not set ("" = chosen at run time, see meaning)
+    meaning: str
+    group: str    # "app", "queue", "engine" or "hub": where it matters
+
+
+class SettingError(ValueError):
+    """A setting's value cannot be used (not a number, ...); the message names the variable."""
+
+
+_ALL = (
+    # -- the app (wwt serve, wwt complete, app.py on Spaces) --------------------------------
+    Setting("WWT_BACKEND", "local", "local: the engine runs in the app's process; celery: requests go "
+            "through Redis to workers", "app"),
+    Setting("WWT_MODELS", "gpt2", "comma-separated models the app offers (short name, Hub id, folder or "
+            "name=source); the first is the default", "app"),
+    Setting("WWT_REDIS_URL", "redis://localhost:6379/0", "Redis for the Celery broker and results, the "
+            "suggestion cache and shared documents (a password goes in the URL: "
+            "redis://:PASSWORD@host:6379/0)", "app"),
+    Setting("WWT_DEVICE", "", "cpu, cuda or cuda:N; empty picks CUDA when present", "app"),
+    Setting("WWT_SLOTS", "", "KV-cache slots per engine (sequences held at once, for batching and prefix "
+            "reuse); empty picks by device", "app"),
+    Setting("WWT_MEMORY_BUDGET_GB", "8", "embedded mode: the least recently used model is unloaded past "
+            "this many GB", "app"),
+    Setting("WWT_REQUEST_TIMEOUT", "60", "seconds the app waits for an answer before it says so", "app"),
+    Setting("WWT_DATA_DIR", "~/.cache/write-with-transformer", "embedded mode: where shared documents are "
+            "kept", "app"),
+    # -- the queue and the workers ---------------------------------------------------------
+    Setting("WWT_CONCURRENCY", "8", "tasks one worker runs at once (threads sharing its one engine, which "
+            "batches them)", "queue"),
+    Setting("WWT_TASK_SOFT_TIME_LIMIT", "30", "seconds a request may decode; the engine then stops and "
+            "returns what it has", "queue"),
+    Setting("WWT_TASK_TIME_LIMIT", "60", "hard limit in seconds for one task; the visibility timeout must "
+            "exceed it", "queue"),
+    Setting("WWT_VISIBILITY_TIMEOUT", "", "seconds before a task taken by a worker that died is handed to "
+            "another worker; empty: twice the hard limit", "queue"),
+    Setting("WWT_RESTORE_INTERVAL", "", "seconds between sweeps for tasks left by a dead worker; empty: a "
+            "quarter of the visibility timeout, at most 10", "queue"),
+    Setting("WWT_RESULT_EXPIRES", "300", "seconds a task's result is kept in Redis", "queue"),
+    Setting("WWT_HEARTBEAT_S", "5", "seconds between a worker's announcements of the model it serves",
+            "queue"),
+    Setting("WWT_HEARTBEAT_TTL_S", "", "seconds an announcement lives; empty: three heartbeats", "queue"),
+    Setting("WWT_CACHE_TTL_S", "3600", "seconds a cached suggestion lives in Redis", "queue"),
+    Setting("WWT_CACHE_MAX_ENTRIES", "20000", "most suggestion-cache entries kept; the least recently used "
+            "go first", "queue"),
+    Setting("WWT_WORKER_NAME", "", "Celery node name of a worker; empty: <queue>-<pid>@<host>", "queue"),
+    # -- the engine ----------------------------------------------------------------------------
+    Setting("WWT_CUDA_GRAPH", "1", "on GPU, capture the decode step as a CUDA graph; 0 turns it off",
+            "engine"),
+    Setting("WWT_CPU_PACK", "1", "on CPU in float32, keep a oneDNN-packed copy of each weight matrix next "
+            "to the plain one (faster decode steps of several rows, about twice the weight memory); 0 "
+            "keeps only the plain weights", "engine"),
+    Setting("WWT_CPU_ONE_ROW", "auto", "on CPU in float32, how a decode step with one row multiplies by "
+            "each weight matrix: auto (time the candidates at load and keep the fastest), split, plain or "
+            "packed", "engine"),
+    # -- the Hugging Face Hub (read by huggingface_hub and model/network/weights.py) ---------------
+    Setting("HF_HUB_OFFLINE", "", "1: never reach the Hub; only cached or local weights", "hub"),
+    Setting("HF_HOME", "~/.cache/huggingface", "where downloaded weights are cached", "hub"),
+)
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in _ALL}
+
+_FALSE = ("0", "false", "no", "off")
+_TRUE = ("1", "true", "yes", "on")
+_REQUIRED = object()
+
+
+def names(prefix: str = "") -> list[str]:
+    """The registry's names (those starting with `prefix`), in registry order."""
+    return [name for name in SETTINGS if name.startswith(prefix)]
+
+
+def get(name: str) -> str:
+    """The variable's value, or its registered default when it is not set. KeyError if unregistered."""
+    setting = SETTINGS[name]  # an unknown name is a bug: KeyError
+    return os.environ.get(name, setting.default)
+
+
+def _empty(name: str, value: str, default, what: str):
+    if default is _REQUIRED:
+        raise SettingError(f"{name} must be {what}, not {value!r}")
+    return default
+
+
+def get_float(name: str, default=_REQUIRED) -> float:
+    """The value as a float. Empty gives `default` when one is passed (None included);
+    anything else that is not a number is a SettingError that names the variable."""
+    value = get(name).strip()
+    if value == "":
+        return _empty(name, value, default, "a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise SettingError(f"{name} must be a number, not {value!r}") from None
+
+
+def get_int(name: str, default=_REQUIRED) -> int:
+    """The value as an int ("8", also "8.0"); empty gives `default` when one is passed (None included)."""
+    value = get(name).strip()
+    if value == "":
+        return _empty(name, value, default, "a whole number")
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is None or not number.is_integer():
+            raise SettingError(f"{name} must be a whole number, not {value!r}") from None
+        return int(number)
+
+
+def get_bool(name: str) -> bool:
+    """1/true/yes/on or 0/false/no/off (any case); empty is the registered default's value."""
+    value = get(name).strip().lower() or SETTINGS[name].default.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE or value == "":
+        return False
+    raise SettingError(f"{name} must be 1 or 0 (true or false), not {get(name)!r}")

@@ -1,0 +1,169 @@
+"""The one settings registry (model/settings.py): the README lists exactly its variables, nothing
+else reads them from the environment, and a value that cannot be used is a readable error."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = re.compile(r"`((?:WWT|HF)_[A-Z0-9_]+)`")
+ANY_WWT = re.compile(r"\bWWT_[A-Z0-9_]+")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def readme_setting_rows() -> dict[str, str]:
+    """name -> the row's default cell, from every README table whose first column is `variable`."""
+    rows: dict[str, str] = {}
+    in_table = False
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|"):
+            in_table = False
+            continue
+        cells = _cells(line)
+        if not in_table and cells[0] == "variable":
+            in_table = True
+            continue
+        if in_table and not set(cells[0]) <= set("-: "):
+            names = NAME.findall(cells[0])
+            assert names, f"a settings table row names no variable: {line}"
+            for name in names:
+                rows[name] = cells[1] if len(cells) > 1 else ""
+    return rows
+
+
+def test_the_readme_tables_list_exactly_the_registry():
+    rows = readme_setting_rows()
+    registry = set(settings.SETTINGS)
+    assert sorted(registry - set(rows)) == [], "registered but missing from the README's settings tables"
+    assert sorted(set(rows) - registry) == [], "in the README's settings tables but not registered"
+
+
+def test_no_other_readme_table_names_an_unregistered_variable():
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("|"):
+            unknown = [n for n in ANY_WWT.findall(line) if n not in settings.SETTINGS]
+            assert not unknown, f"{unknown} in a README table is not in model/settings.py: {line}"
+
+
+def test_the_readme_states_each_default():
+    rows = readme_setting_rows()
+    for name, setting in settings.SETTINGS.items():
+        if setting.default:  # empty defaults are chosen at run time and described in words
+            assert setting.default in rows[name].replace("`", ""), (name, setting.default, rows[name])
+
+
+def test_every_setting_has_a_meaning_and_a_group():
+    for name, setting in settings.SETTINGS.items():
+        assert setting.name == name and name.startswith(("WWT_", "HF_"))
+        assert len(setting.meaning) > 20 and setting.group in ("app", "queue", "engine", "hub")
+
+
+def _environment_reads(path: Path) -> list[str]:
+    """WWT_* names this source file reads from the environment (os.environ / os.getenv / environ)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        target = None
+        if isinstance(node, ast.Call) and node.args:
+            f = node.func
+            text = ast.unparse(f)
+            if text.endswith(("environ.get", "environ.setdefault", "environ.pop", "getenv")):
+                target = node.args[0]
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("environ"):
+            target = node.slice
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            if any(ast.unparse(c).endswith("environ") for c in node.comparators):
+                target = node.left
+        if target is not None:
+            text = ast.unparse(target)
+            if "WWT_" in text:
+                found.append(f"{path.name}:{node.lineno}: {text}")
+    return found
+
+
+def test_only_the_registry_reads_wwt_variables_from_the_environment():
+    files = [ROOT / "app.py", *(p for folder in ("app", "workers", "model") for p in (ROOT / folder).rglob("*.py"))]
+    reads = [f"{p.relative_to(ROOT)}: {hit}" for p in files if p != ROOT / "model" / "settings.py"
+             for hit in _environment_reads(p)]
+    assert reads == [], "read these through model.settings instead"
+    # ...and the registry itself does read them, so the check above has something to find.
+    assert _environment_reads(ROOT / "model" / "settings.py") == []  # it reads by a variable name
+    assert "os.environ.get(name" in (ROOT / "model" / "settings.py").read_text()
+
+
+def test_the_check_above_would_see_a_direct_read(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('import os\nA = os.environ.get("WWT_X", "1")\nB = os.getenv("WWT_Y")\n'
+                     'C = os.environ["WWT_Z"]\nD = "WWT_W" in os.environ\nE = os.environ.get("HOME")\n')
+    hits = sorted(_environment_reads(probe), key=lambda h: int(h.split(":")[1]))
+    assert [h.split(": ", 1)[1] for h in hits] == ["'WWT_X'", "'WWT_Y'", "'WWT_Z'", "'WWT_W'"]
+
+
+def test_the_registry_imports_only_the_standard_library():
+    tree = ast.parse((ROOT / "model" / "settings.py").read_text(encoding="utf-8"))
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert modules <= set(sys.stdlib_module_names) | {"__future__"}, modules
+    out = subprocess.run([sys.executable, "-c", "import sys, model.settings; "
+                          "print(sorted(m for m in ('torch', 'celery', 'gradio', 'redis') if m in sys.modules))"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
+def test_getters(monkeypatch):
+    with pytest.raises(KeyError):
+        settings.get("WWT_NO_SUCH_SETTING")
+    with pytest.raises(KeyError):
+        settings.get_float("WWT_NO_SUCH_SETTING")
+    monkeypatch.delenv("WWT_REDIS_URL", raising=False)
+    assert settings.get("WWT_REDIS_URL") == "redis://localhost:6379/0"
+    monkeypatch.setenv("WWT_REDIS_URL", "redis://:pw@elsewhere:6380/1")
+    assert settings.get("WWT_REDIS_URL") == "redis://:pw@elsewhere:6380/1"
+
+    monkeypatch.setenv("WWT_REQUEST_TIMEOUT", " 12.5 ")
+    assert settings.get_float("WWT_REQUEST_TIMEOUT") == 12.5
+    monkeypatch.setenv("WWT_REQUEST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="WWT_REQUEST_TIMEOUT must be a number, not 'soon'"):
+        settings.get_float("WWT_REQUEST_TIMEOUT")
+    monkeypatch.delenv("WWT_VISIBILITY_TIMEOUT", raising=False)
+    assert settings.get_float("WWT_VISIBILITY_TIMEOUT", default=7.0) == 7.0  # empty: the caller's default
+    with pytest.raises(settings.SettingError, match="WWT_VISIBILITY_TIMEOUT must be a number"):
+        settings.get_float("WWT_VISIBILITY_TIMEOUT")  # empty and no default
+
+    monkeypatch.delenv("WWT_SLOTS", raising=False)
+    assert settings.get_int("WWT_SLOTS", default=None) is None
+    monkeypatch.setenv("WWT_SLOTS", "24")
+    assert settings.get_int("WWT_SLOTS", default=None) == 24
+    monkeypatch.setenv("WWT_SLOTS", "2.5")
+    with pytest.raises(settings.SettingError, match="WWT_SLOTS must be a whole number, not '2.5'"):
+        settings.get_int("WWT_SLOTS")
+
+    monkeypatch.delenv("WWT_CUDA_GRAPH", raising=False)
+    assert settings.get_bool("WWT_CUDA_GRAPH") is True
+    for value, expected in (("0", False), ("off", False), ("1", True), ("TRUE", True), ("", True)):
+        monkeypatch.setenv("WWT_CUDA_GRAPH", value)
+        assert settings.get_bool("WWT_CUDA_GRAPH") is expected, value
+    monkeypatch.setenv("WWT_CUDA_GRAPH", "maybe")
+    with pytest.raises(settings.SettingError, match="WWT_CUDA_GRAPH"):
+        settings.get_bool("WWT_CUDA_GRAPH")
+
+
+def test_a_setting_that_is_not_a_number_is_one_line_from_the_cli(monkeypatch, capsys):
+    from app.cli import main
+
+    monkeypatch.setenv("WWT_CONCURRENCY", "many")
+    assert main(["worker", "--model", "tiny=/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: WWT_CONCURRENCY must be a whole number, not 'many'"
