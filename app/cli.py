@@ -33,7 +33,7 @@ def cmd_complete(args) -> int:
 
     try:
         backend = make_backend(args.backend, [args.model], redis_url=args.redis_url, device=args.device)
-        request = CompletionRequest(text=args.text, model=backend.models()[0], n=args.num,
+        request = CompletionRequest(text=args.text, model=backend.default_model(), n=args.num,
                                     max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                     seed=args.seed, stop="auto" if args.stop_auto else None)
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("complete", help="print continuations of TEXT")
     p.add_argument("text")
-    p.add_argument("--model", default=settings.get("WWT_MODELS").split(",")[0])
+    p.add_argument("--model", default=(settings.model_specs() or ["gpt2"])[0])
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--num", type=int, default=3)

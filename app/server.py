@@ -8,6 +8,7 @@ first keystroke.
 from __future__ import annotations
 
 import logging
+import signal
 import os
 import sys
 from typing import Optional
@@ -31,8 +32,7 @@ def setup_logging() -> None:
 
 def model_specs(given: Optional[list]) -> list[str]:
     """--model flags, else WWT_MODELS (comma-separated)."""
-    specs = given or settings.get("WWT_MODELS").split(",")
-    return [s.strip() for s in specs if s and s.strip()]
+    return settings.model_specs(given)
 
 
 def prepare_backend(kind: str, specs: list[str], redis_url: Optional[str] = None, device: Optional[str] = None):
@@ -43,7 +43,7 @@ def prepare_backend(kind: str, specs: list[str], redis_url: Optional[str] = None
     loader = getattr(backend, "engine", None)
     if callable(loader):
         try:
-            default = backend.models()[0]
+            default = backend.default_model()
             log.info("loading %s", default)
             loader(default)
         except WWTError:
@@ -61,6 +61,10 @@ def build_app(backend):
     return demo
 
 
+def _stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(args) -> int:
     setup_logging()
     specs = model_specs(getattr(args, "model", None))
@@ -76,12 +80,16 @@ def serve(args) -> int:
 
     demo = build_app(backend)
     print(f"Write With Transformer: {', '.join(backend.models())} on the {backend.kind} backend", flush=True)
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a service manager's stop ends the server as Ctrl+C does
     try:
         demo.launch(server_name=args.host, server_port=args.port, show_error=False, quiet=False,
                     footer_links=["api"], **launch_kwargs())
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        pass  # Ctrl+C or SIGTERM while starting up: stop as after a clean shutdown
     finally:
         backend.close()
+    print("Write With Transformer: stopped", flush=True)
     return 0

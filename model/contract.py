@@ -56,7 +56,7 @@ def check_setting(name: str, value, high: Optional[float] = None):
     (the engine's own bounds for the loaded model).
     """
     limit = LIMITS[name]
-    if value is None:
+    if value is None or value == "":
         return limit.default
     top = limit.high if high is None else min(high, limit.high)
     kind_word = "a whole number" if limit.kind is int else "a number"
@@ -89,6 +89,13 @@ def clean_text(text, what: str = "text", required: bool = False) -> str:
 def clean_output(text: str) -> str:
     """Generated text as it may be shown or inserted: no control characters."""
     return _CONTROL.sub("", text)
+
+
+def suggestion_key(text: str) -> str:
+    """What makes two suggestions the same (and an empty one empty): the text without the
+    spaces around it. The engine keeps one suggestion per key and none with an empty key;
+    the suggestion cache applies the same rule to what is left after typing along."""
+    return text.strip()
 
 
 def _has_surrogates(text: str) -> bool:

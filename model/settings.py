@@ -145,3 +145,12 @@ def get_bool(name: str) -> bool:
     if value in _FALSE or value == "":
         return False
     raise SettingError(f"{name} must be 1 or 0 (true or false), not {get(name)!r}")
+
+
+def model_specs(given=None) -> list[str]:
+    """The models to offer, the default first: `given` (say, --model flags) or WWT_MODELS, comma-separated.
+
+    The one place the default model is decided: the first spec of this list.
+    """
+    specs = given if given else get("WWT_MODELS").split(",")
+    return [str(s).strip() for s in specs if s and str(s).strip()]

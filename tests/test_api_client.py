@@ -62,8 +62,8 @@ def test_classify_answer_score(client):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(text="Hi", model="gpt9", api_name="/complete"), "unknown model 'gpt9'; this app offers tiny, heads"),
-    (dict(text="Hi", n=99, api_name="/complete"), "n must be a whole number between 1 and 9 (got 99)"),
-    (dict(text="Hi", top_p=3.0, api_name="/complete"), "top_p must be a number between 0.05 and 1.0 (got 3.0)"),
+    (dict(text="Hi", n=99, api_name="/complete"), "n must be a whole number between 1 and 10 (got 99)"),
+    (dict(text="Hi", top_p=3.0, api_name="/complete"), "top_p must be a number between 0.05 and 1 (got 3.0)"),
     (dict(text="   ", api_name="/classify"), "the text is empty"),
     (dict(question="Who?", context="", api_name="/answer"), "the context is empty"),
 ])

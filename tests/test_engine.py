@@ -445,12 +445,9 @@ ODD_TEXTS = ["", " ", "   \t ", "\n\n", "😀", "A smile 😀", "e\u0301", "cafe
 
 @pytest.mark.parametrize("text", ODD_TEXTS)
 def test_odd_texts_give_suggestions(engine, text):
+    """Every odd text is cleaned and answered (a model with a start token needs no text at all)."""
     for greedy in (True, False):
-        try:
-            done = engine.completion(CompletionRequest(text, n=3, greedy=greedy, seed=3, max_new_tokens=5))
-        except BadRequest as e:  # allowed, but only with a message a person can read
-            assert e.message and "Traceback" not in e.message
-            continue
+        done = engine.completion(CompletionRequest(text, n=3, greedy=greedy, seed=3, max_new_tokens=5))
         assert_good_suggestions(done.suggestions, 3)
         cleaned = clean_text(text)
         prompt = prompt_of(engine, cleaned, 5)
@@ -698,17 +695,17 @@ def test_stop_auto_none_and_list(engine):
         # A list of stop strings: cut at the first one, decoding no further than needed.
         for stops in (["e"], [" ", "\n"], [",", "."]):
             listed = engine.complete(text, n=1, greedy=True, max_new_tokens=40, stop=stops)
-            if not listed:  # every candidate started with a stop string
+            cut, stopped = apply_stop(free.text, stops)
+            if not cut.strip():  # the greedy text starts at a stop: that candidate is dropped, never shown empty
+                assert all(s.token_ids[0] != free.token_ids[0] for s in listed)
                 continue
-            s = listed[0]
-            assert not any(x in s.text for x in stops)
-            assert s.token_ids == free.token_ids[:len(s.token_ids)] or s.token_ids[0] != free.token_ids[0]
-            if s.token_ids == free.token_ids[:len(s.token_ids)]:
-                assert free.text.startswith(s.text)
-                if s.finish_reason == "stop":
-                    rest = free.text[len(s.text):]
-                    assert any(rest.startswith(x) for x in stops)
-                    assert any(x in tok.decode(s.token_ids) for x in stops)
+            s = listed[0]  # the greedy candidate itself, cut at the first stop string
+            assert s.text == cut and not any(x in s.text for x in stops)
+            assert s.token_ids == free.token_ids[:len(s.token_ids)]
+            assert s.finish_reason == ("stop" if stopped else free.finish_reason)
+            if stopped:
+                assert any(free.text[len(s.text):].startswith(x) for x in stops)
+                assert any(x in tok.decode(s.token_ids) for x in stops)  # decoded no further than needed
 
 
 def test_stop_list_cuts_sampled_suggestions(engine):
@@ -804,8 +801,11 @@ def test_answer_with_a_plain_lm_is_generated(engine):
     a = engine.answer("Where is the library?", context)
     assert a.generated is True
     assert 0.0 <= a.score <= 1.0
-    if a.start is not None:
-        assert context[a.start:a.end].lower() == a.text.lower()
+    at = context.lower().find(a.text.lower()) if a.text else -1
+    if at >= 0:  # a generated answer that quotes the context points at the quote
+        assert (a.start, a.end) == (at, at + len(a.text))
+    else:
+        assert a.start is None and a.end is None
     assert not engine.scheduler.pool.busy()
 
 

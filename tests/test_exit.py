@@ -47,3 +47,38 @@ def test_a_script_that_builds_an_engine_and_returns_exits_zero(tiny_gpt2, pendin
     assert done.returncode == 0, done.stderr[-2000:]
     assert ABORT not in done.stderr
     assert done.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_wwt_serve_exits_zero_on_sigterm_and_ctrl_c(tiny_gpt2, tmp_path, sig):
+    import signal
+
+    from ui_support import Server
+
+    server = Server([f"tiny={tiny_gpt2}"], tmp_path).start()
+    try:
+        server.proc.send_signal(getattr(signal, sig))
+        code = server.proc.wait(30)
+    finally:
+        server.stop()
+    assert code == 0, server.log()[-3000:]
+    assert ABORT not in server.log()
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.redis
+def test_wwt_worker_exits_zero_on_sigterm(tiny_gpt2, tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (the CI script installs it)")
+    from workers.processes import RedisServer, WorkerProcess
+
+    with RedisServer(tmp_path) as redis_server:
+        worker = WorkerProcess(f"tiny={tiny_gpt2}", redis_server.url, tmp_path).start()
+        try:
+            worker.wait_announced(redis_server.client())
+            worker.proc.terminate()
+            code = worker.proc.wait(60)
+        finally:
+            worker.stop()
+    assert code == 0, worker.logs()
+    assert ABORT not in worker.logs()

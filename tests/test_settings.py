@@ -167,3 +167,32 @@ def test_a_setting_that_is_not_a_number_is_one_line_from_the_cli(monkeypatch, ca
     assert main(["worker", "--model", "tiny=/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: WWT_CONCURRENCY must be a whole number, not 'many'"
+
+
+def test_wire_types_errors_and_contract_import_without_torch():
+    """The app and the workers import these before any engine; they must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, model, model.types, model.errors, model.contract, model.settings; "
+            "print(sorted(m for m in ('torch', 'model.serving.engine', 'model.network.gpt') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_readme_lists_the_request_contract():
+    """The README's table of completion settings shows the contract's own limits and defaults."""
+    import re
+    from pathlib import Path
+
+    from model.contract import LIMITS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in
+            re.finditer(r"^\| `(\w+)` \| (\S+) to \S+ \| (\S+) \|", readme, flags=re.M) if m.group(1) in LIMITS}
+    assert set(rows) == set(LIMITS)
+    for name, limit in LIMITS.items():
+        low, default = rows[name]
+        assert float(low) == limit.low
+        assert default == ("none" if limit.default is None else f"{limit.default:g}")

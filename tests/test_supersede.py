@@ -58,7 +58,7 @@ def test_same_key_cancels_the_running_request_and_frees_its_slots(slow_backend):
     assert newer.suggestions
     assert isinstance(box.get("error"), Cancelled), box
     assert not engine.scheduler.pool.busy()
-    assert backend._latest == {}  # nothing left behind for the key
+    assert backend.superseding() == []  # nothing left behind for the key
 
 
 def test_other_keys_and_no_key_are_left_alone(slow_backend):

@@ -59,10 +59,9 @@ def test_control_characters_are_dropped_from_context_and_suggestions(backend):
     r = callbacks.suggest(backend, settings(before="Hello\x00 wor\x07ld\x1b and"))
     assert r["ok"], r
     assert not any(CONTROL.search(s["text"]) for s in r["suggestions"])
-    fake = ScriptedBackend(suggestions=["a\x07b", "ab", "\x00", "  "])
-    r = callbacks.suggest(fake, {"before": "x\x01y", "model": "m1"})
-    assert [s["text"] for s in r["suggestions"]] == ["ab"]  # cleaned, de-duplicated, blanks dropped
-    assert fake.requests[0].text == "xy"
+    fake = ScriptedBackend(suggestions=["ab"])
+    callbacks.suggest(fake, {"before": "x\x01y", "model": "m1"})
+    assert fake.requests[0].text == "xy"  # the context is cleaned before it reaches any backend
 
 
 def test_a_megabyte_of_text_is_refused_with_a_message(backend):
@@ -83,7 +82,7 @@ def test_unknown_model_is_a_message(backend):
 
 @pytest.mark.parametrize("name,value", [
     ("n", 0), ("n", 10), ("n", 2.5), ("max_new_tokens", 0), ("max_new_tokens", 10_000), ("temperature", -1),
-    ("temperature", 9), ("top_k", -1), ("top_p", 0), ("top_p", 1.5), ("n", "lots"), ("temperature", "nan"),
+    ("temperature", 9), ("n", "2"), ("n", True), ("top_k", -1), ("top_p", 0), ("top_p", 1.5), ("n", "lots"), ("temperature", "nan"),
 ])
 def test_out_of_range_settings_are_messages(backend, name, value):
     r = callbacks.suggest(backend, settings(before="Hello", **{name: value}))
@@ -93,7 +92,7 @@ def test_out_of_range_settings_are_messages(backend, name, value):
 
 def test_settings_reach_the_request_and_temperature_zero_means_greedy():
     fake = ScriptedBackend()
-    callbacks.suggest(fake, {"before": "Hi", "model": "m2", "n": "2", "max_new_tokens": 5, "temperature": 0,
+    callbacks.suggest(fake, {"before": "Hi", "model": "m2", "n": 2, "max_new_tokens": 5, "temperature": 0,
                              "top_k": 40, "top_p": 0.5, "fresh": True})
     req = fake.requests[0]
     assert (req.model, req.n, req.max_new_tokens, req.greedy, req.top_k, req.top_p, req.fresh) == \

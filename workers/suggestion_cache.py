@@ -19,6 +19,7 @@ import time
 from typing import Optional
 
 from model import settings
+from model.contract import suggestion_key
 from model.types import Completion, CompletionRequest, Suggestion, Timings
 
 PREFIX = "wwt:sc:"
@@ -98,8 +99,9 @@ class SuggestionCache:
         """The remainders of the suggestions that start with the typed characters, if any."""
         rest, seen = [], set()
         for s in cached.suggestions:
-            if s.text.startswith(typed) and len(s.text) > len(typed) and s.text[len(typed):] not in seen:
-                seen.add(s.text[len(typed):])
+            key = suggestion_key(s.text[len(typed):])
+            if s.text.startswith(typed) and key and key not in seen:
+                seen.add(key)
                 # Token ids and log-probabilities are per token; the typed characters may end
                 # inside a token, so a remainder does not carry them.
                 rest.append(Suggestion(text=s.text[len(typed):], finish_reason=s.finish_reason))

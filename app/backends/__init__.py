@@ -23,7 +23,7 @@ __all__ = ["Backend", "make_backend"]
 def make_backend(kind: str, models: list[str], redis_url: Optional[str] = None, device: Optional[str] = None,
                  **kwargs) -> Backend:
     """`local` runs the engines here; `celery` sends requests through Redis to workers."""
-    models = [m for m in (models or settings.get("WWT_MODELS").split(",")) if m and m.strip()]
+    models = settings.model_specs(models)
     if kind == "local":
         from .local import LocalBackend
 

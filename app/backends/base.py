@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Optional
 
+from model.errors import UnknownModel
 from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
                          ScoreRequest, Scores)
 
@@ -21,6 +22,13 @@ class Backend(ABC):
     @abstractmethod
     def models(self) -> list[str]:
         """Names of the models this backend offers, the default first."""
+
+    def default_model(self) -> str:
+        """The model a request without one goes to: the first offered (settings.model_specs' order)."""
+        offered = self.models()
+        if not offered:
+            raise UnknownModel("no model is available")
+        return offered[0]
 
     @abstractmethod
     def model_info(self, name: str) -> dict:

@@ -135,6 +135,11 @@ class LocalBackend(Backend):
 
         return _guarded(run)
 
+    def superseding(self) -> list[str]:
+        """The supersede keys that still have a request running (none is kept once it ends)."""
+        with self._lock:
+            return sorted(self._latest)
+
     def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification:
         return _guarded(lambda: self.engine(request.model).classify(request.text, request.labels))
 

@@ -8,13 +8,13 @@ message (and is passed to `warn`, which the page turns into a toast).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from app.backends.base import Backend
 from model import settings
+from model import contract
 from model.errors import BadRequest, UnknownModel, WWTError
 from model.types import AnswerRequest, ClassifyRequest, CompletionRequest, ScoreRequest
 
@@ -22,17 +22,9 @@ from . import render
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT_CHARS = 1_000_000
-# name: (low, high, type, default). The page's sliders use the same ranges.
-LIMITS = {
-    "n": (1, 9, int, 3),
-    "max_new_tokens": (1, 128, int, 8),
-    "temperature": (0.0, 2.0, float, 1.0),  # 0 means greedy
-    "top_k": (0, 1000, int, 0),  # 0 means off
-    "top_p": (0.05, 1.0, float, 0.9),
-}
-DEFAULTS = {name: spec[3] for name, spec in LIMITS.items()}
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The settings the page offers, with the contract's limits and defaults (model/contract.py).
+PAGE_SETTINGS = ("n", "max_new_tokens", "temperature", "top_k", "top_p")
+DEFAULTS = {name: contract.DEFAULTS[name] for name in PAGE_SETTINGS}
 
 Warn = Optional[Callable[[str], None]]
 
@@ -58,53 +50,25 @@ def friendly(call: Callable, warn: Warn = None):
 # -- input checks --------------------------------------------------------------------------
 
 def clean(text, what: str = "text", required: bool = False) -> str:
-    """Text without control characters (tabs and newlines stay), within the size limit."""
-    if text is None:
-        text = ""
-    if not isinstance(text, str):
-        raise BadRequest(f"the {what} must be text")
-    if len(text) > MAX_TEXT_CHARS:
-        raise BadRequest(f"the {what} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
-    text = _CONTROL.sub("", text)
-    if required and not text.strip():
-        raise BadRequest(f"the {what} is empty")
-    return text
+    return contract.clean_text(text, what, required)
 
 
 def check_model(backend: Backend, name: Optional[str]) -> str:
-    offered = backend.models()
     if not name:
-        if not offered:
-            raise UnknownModel("no model is available")
-        return offered[0]
+        return backend.default_model()
+    offered = backend.models()
     if name not in offered:
         raise UnknownModel(f"unknown model {name!r}; this app offers {', '.join(offered) or 'none'}")
     return name
 
 
-def check_setting(name: str, value):
-    low, high, kind, default = LIMITS[name]
-    if value is None or value == "":
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"{name} must be a number between {low} and {high} (got {value!r})") from None
-    if not (low <= number <= high) or (kind is int and number != int(number)):
-        kind_word = "a whole number" if kind is int else "a number"
-        raise BadRequest(f"{name} must be {kind_word} between {low} and {high} (got {value!r})")
-    return kind(number)
-
-
 def completion_request(backend: Backend, text: str, model: Optional[str], fresh: bool = False,
                        seed: Optional[int] = None, **settings) -> CompletionRequest:
-    values = {name: check_setting(name, settings.get(name)) for name in LIMITS}
-    greedy = values["temperature"] == 0
-    return CompletionRequest(text=clean(text), model=check_model(backend, model), n=values["n"],
-                             max_new_tokens=values["max_new_tokens"],
-                             temperature=1.0 if greedy else values["temperature"], greedy=greedy,
-                             top_k=values["top_k"], top_p=values["top_p"], seed=seed, fresh=bool(fresh),
-                             stop="auto")
+    """The page's request, checked against the contract (temperature 0 means greedy)."""
+    values = {name: contract.check_setting(name, settings.get(name)) for name in PAGE_SETTINGS}
+    request = CompletionRequest(text=text, model=check_model(backend, model), seed=seed, fresh=bool(fresh),
+                                stop="auto", **values)
+    return contract.check_completion(request)
 
 
 def parse_labels(labels) -> Optional[list]:
@@ -127,19 +91,15 @@ def suggest(backend: Backend, data: dict) -> dict:
     def run():
         request = completion_request(backend, data.get("before", ""), data.get("model"),
                                      fresh=data.get("fresh", False),
-                                     **{name: data.get(name) for name in LIMITS})
+                                     **{name: data.get(name) for name in PAGE_SETTINGS})
         client = data.get("client")  # one editor: its newer request cancels its older one
         return backend.complete(request, timeout(), supersede=client if isinstance(client, str) and client else None)
 
     result, error = friendly(run)
     if error:
         return {"ok": False, "error": error}
-    seen, items = set(), []
-    for s in result.suggestions:
-        text = _CONTROL.sub("", s.text)  # never insert control characters into the document
-        if text.strip() and text not in seen:
-            seen.add(text)
-            items.append({"text": text, "finish": s.finish_reason})
+    # The engine (and the suggestion cache) already keep distinct, non-empty, clean suggestions.
+    items = [{"text": s.text, "finish": s.finish_reason} for s in result.suggestions]
     if not items:
         return {"ok": False, "error": f"{result.model} had nothing to suggest here; try again or change the settings"}
     return {"ok": True, "model": result.model, "ms": round(result.timings.total_ms, 1),
@@ -250,8 +210,8 @@ def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn:
         models = [check_model(backend, m) for m in (models or [])]
         if not models:
             raise BadRequest("choose at least one model to compare")
-        length = check_setting("max_new_tokens", max_new_tokens)
-        n = check_setting("n", n)
+        length = contract.check_setting("max_new_tokens", max_new_tokens)
+        n = contract.check_setting("n", n)
     except WWTError as e:
         if warn is not None:
             warn(e.message)

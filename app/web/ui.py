@@ -18,7 +18,7 @@ from model.errors import WWTError
 
 from . import callbacks
 from app.backends.base import Backend
-from .callbacks import LIMITS
+from model.contract import LIMITS
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -55,8 +55,8 @@ def launch_kwargs() -> dict:
 
 
 def _slider(name: str, label: str, info: str, step) -> gr.Slider:
-    low, high, _, default = LIMITS[name]
-    return gr.Slider(low, high, value=default, step=step, label=label, info=info, elem_id=f"wwt-{name}")
+    limit = LIMITS[name]
+    return gr.Slider(limit.low, limit.high, value=limit.default, step=step, label=label, info=info, elem_id=f"wwt-{name}")
 
 
 def _api(fn, *args):
@@ -72,7 +72,7 @@ def _api(fn, *args):
 
 def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Blocks:
     models = backend.models()
-    default_model = models[0] if models else None
+    default_model = backend.default_model() if models else None
     warn = partial(gr.Warning, duration=8)
 
     # -- server functions the editor calls directly (no queue: keystroke latency matters) --
@@ -152,7 +152,7 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                 with gr.Row():
                     cmp_models = gr.CheckboxGroup(models, value=models[:3], label="Models", scale=2,
                                                   elem_id="wwt-cmp-models")
-                    cmp_length = gr.Slider(1, LIMITS["max_new_tokens"][1], value=16, step=1, label="Length",
+                    cmp_length = gr.Slider(1, LIMITS["max_new_tokens"].high, value=16, step=1, label="Length",
                                            scale=1)
                     cmp_n = gr.Slider(1, 5, value=2, step=1, label="Suggestions per model", scale=1)
                 cmp_button = gr.Button("Send to all", variant="primary", elem_id="wwt-cmp-button")

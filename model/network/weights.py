@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from .. import settings
 from .config import GPTConfig
 from ..errors import CheckpointError, UnknownModel
 from .gpt import HEAD_PREFIXES, GPTModel
@@ -36,7 +37,7 @@ _OPENAI_RENAMES = {"tokens_embed.": "wte.", "positions_embed.": "wpe."}
 
 
 def _offline_default() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return settings.get_bool("HF_HUB_OFFLINE")
 
 
 def resolve_checkpoint(name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,

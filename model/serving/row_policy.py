@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import clean_output
+from ..contract import clean_output, suggestion_key
 from ..network.tokenizer import GPTTokenizer
 from ..types import Suggestion
 from .autocomplete import HealingMasks, apply_stop, continuation
@@ -81,7 +81,7 @@ class RowPolicy:
             if row.collected or row.finish is None:
                 continue
             row.collected = True
-            key = row.text.strip()
+            key = suggestion_key(row.text)
             if key and key not in job.seen_texts and len(job.accepted) < job.n:
                 job.seen_texts.add(key)
                 job.accepted.append(Suggestion(text=row.text, token_ids=list(row.tokens),
