@@ -25,7 +25,7 @@ _LAZY = {
     "KNOWN_MODELS": "model.network.known",
     "ModelSpec": "model.network.known",
     "parse_model_spec": "model.network.known",
-    "load": "model.network.weights",
+    "load": "model.serving.loading",
     "resolve_checkpoint": "model.network.weights",
     "KVCache": "model.serving.kv_cache",
     "BadRequest": "model.errors",

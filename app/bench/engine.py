@@ -133,10 +133,9 @@ class Bench:
     def weights_pass_ms(self) -> float:
         """One pass of one-row products over every matrix, in model order, with the kernels the
         engine chose: what a decode step cannot go below, since it reads every weight once."""
-        from model.network.gpt import Conv1D
-
         lm = self.engine.model
-        modules = [m for m in lm.transformer.modules() if isinstance(m, Conv1D)] + [lm.lm_head]
+        # every linear layer of the body (plain, CPU or quantized: each has n_in), then the head
+        modules = [m for m in lm.transformer.modules() if hasattr(m, "n_in")] + [lm.lm_head]
         rows = [torch.zeros(1, m.n_in) for m in modules]
         times = []
         with torch.inference_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 # Short names people type -> the Hub repos that hold the weights.
 KNOWN_MODELS = {
@@ -26,20 +27,42 @@ KNOWN_SHAPES = {
 }
 
 
+# The precisions a spec may name after "@" (model/serving/quantize.py holds what each means).
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4", "nf4")
+PRECISION_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+                     "8bit": "int8", "4bit": "int4"}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A served model: the name people and queues use, and where its weights come from."""
+    """A served model: the name people and queues use, where its weights come from, and in what precision."""
 
     name: str
     source: str  # short name, Hub repo id, or local folder
+    precision: Optional[str] = None  # None: the device's default (float32 on CPU, float16 on CUDA)
+
+
+def split_precision(spec: str) -> tuple[str, Optional[str]]:
+    """`gpt2@int8` -> ("gpt2", "int8"); a spec without a known precision after its last "@" is left whole."""
+    head, at, tail = spec.rpartition("@")
+    if not at:
+        return spec, None
+    name = PRECISION_ALIASES.get(tail.strip().lower(), tail.strip().lower())
+    return (head, name) if name in PRECISIONS else (spec, None)
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
-    """`gpt2`, `org/repo`, `/path/to/folder` or `name=source`."""
+    """`gpt2`, `org/repo`, `/path/to/folder` or `name=source`, each optionally followed by `@precision`.
+
+    `gpt2@int8` is served as "gpt2@int8" (so the same model at two precisions has two names);
+    `tiny=./tiny@int8` keeps the name it was given, "tiny".
+    """
+    spec, precision = split_precision(spec.strip())
     spec = spec.strip()
     if "=" in spec:
         name, source = spec.split("=", 1)
-        return ModelSpec(name.strip(), source.strip())
+        return ModelSpec(name.strip(), source.strip(), precision)
+    suffix = f"@{precision}" if precision else ""
     if os.path.isdir(spec):
-        return ModelSpec(os.path.basename(os.path.normpath(spec)) or spec, spec)
-    return ModelSpec(spec, spec)
+        return ModelSpec((os.path.basename(os.path.normpath(spec)) or spec) + suffix, spec, precision)
+    return ModelSpec(spec + suffix, spec, precision)

@@ -143,8 +143,9 @@ def prepare_for_cpu(model: GPTModel, pack: bool = True, one_row: str = "auto") -
     {"packed": whether weights were packed, "one_row_kernels": {"layers": ..., "head": ...}};
     a model that is not CPU float32 is left as it is.
     """
-    weight = model.transformer.wte.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    weight = model.transformer.wpe.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or \
+            not isinstance(model.transformer.wte, nn.Embedding):  # quantized weights have kernels of their own
         return {"packed": False, "one_row_kernels": {}}
     pack = pack and cpu_packing_available()
     layers, head = swap_cpu_layers(model)

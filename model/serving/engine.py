@@ -15,16 +15,18 @@ import torch
 
 from .. import settings
 from ..contract import MAX_LABELS, check_completion, clean_text
-from ..errors import BadRequest
+from ..errors import BadRequest, CheckpointError
 from ..network.known import parse_model_spec
 from ..network.tokenizer import complete_utf8_prefix, load_tokenizer_folder
-from ..network.weights import load_with_heads, resolve_checkpoint
+from ..network.weights import resolve_checkpoint
 from ..types import (Answer, Classification, Completion, CompletionRequest, LabelScore, Scores, Suggestion,
                      Timings, TokenScore)
 from .autocomplete import build_prompt
 from .cpu_kernels import packed_bytes, prepare_for_cpu
 from .decode_graph import FixedShapeDecoder
 from .kv_cache import KVCache
+from .loading import default_device, load_with_heads_at
+from .quantize import precision_name, weight_bytes
 from .sampling import SamplingSettings
 from .jobs import Handle, Job
 from .scheduler import Scheduler
@@ -45,15 +47,16 @@ def default_slots(config, device: torch.device, dtype: torch.dtype) -> int:
 
 class Engine:
     def __init__(self, lm, heads: dict, tokenizer, name: str, slots: Optional[int] = None,
-                 cuda_graph: Optional[bool] = None):
+                 cuda_graph: Optional[bool] = None, precision: Optional[str] = None):
         self.name = name
         self.model = lm
         self.config = lm.config
         self.tokenizer = tokenizer
         self.extra_heads = heads
         self.heads = {"lm", *heads}
-        self.device = lm.transformer.wte.weight.device
-        self.dtype = lm.transformer.wte.weight.dtype
+        self.device = lm.transformer.wpe.weight.device
+        self.dtype = lm.transformer.wpe.weight.dtype  # the float compute dtype (of the KV cache too)
+        self.precision = precision or precision_name(self.dtype)
         # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (WWT_CPU_PACK=0: plain only),
         # and the one-row kernel timed fastest on this machine (WWT_CPU_ONE_ROW names one instead).
         # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
@@ -72,22 +75,27 @@ class Engine:
                         name: Optional[str] = None, revision: Optional[str] = None,
                         cache_dir: Optional[str] = None, offline: Optional[bool] = None,
                         cuda_graph: Optional[bool] = None) -> "Engine":
-        """Load a short name, Hub repo id, local folder or `name=source` spec.
+        """Load a short name, Hub repo id, local folder or `name=source` spec, optionally `spec@precision`.
 
-        Defaults: CUDA in float16 with the decode step captured as a CUDA graph when a GPU
-        is present (WWT_CUDA_GRAPH=0 turns the graph off), else CPU in float32.
-        `cuda_graph=True` on CPU runs the same fixed-shape step eagerly.
+        Precision: the spec's own, else `dtype` (float32, bfloat16, float16, int8, int4, nf4, or a
+        torch float dtype), else float16 on CUDA and float32 on CPU. Quantized precisions are made
+        at load time from the ordinary checkpoint. On CUDA the decode step is captured as a CUDA
+        graph (WWT_CUDA_GRAPH=0 turns it off); `cuda_graph=True` on CPU runs the same fixed-shape
+        step eagerly.
         """
         spec = parse_model_spec(name_or_path)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        device = torch.device(device) if device is not None else default_device()
+        try:
+            precision = precision_name(spec.precision or dtype)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         folder = resolve_checkpoint(spec.source, revision, cache_dir, offline)
-        lm, heads = in_fresh_thread(load_with_heads, Path(folder), dtype=dtype, device=device)
+        try:
+            lm, heads, precision = in_fresh_thread(load_with_heads_at, Path(folder), precision, device)
+        except ValueError as e:  # a matrix this precision cannot hold (say, 4 bits over an odd width)
+            raise CheckpointError(f"cannot load {spec.name} in {precision}: {e}") from None
         tokenizer = load_tokenizer_folder(Path(folder), lm.config.model_type)
-        return cls(lm, heads, tokenizer, name or spec.name, slots, cuda_graph)
+        return cls(lm, heads, tokenizer, name or spec.name, slots, cuda_graph, precision)
 
     # -- completion ----------------------------------------------------------------------
     def _job(self, request: CompletionRequest) -> Job:
@@ -272,15 +280,19 @@ class Engine:
 
     # -- bookkeeping ---------------------------------------------------------------------
     def stats(self) -> dict:
-        return {**self.scheduler.counters, "slots": self.cache.slots,
-                "cache_bytes": self.cache.nbytes(), "memory_bytes": self.memory_bytes(),
-                "one_row_kernels": dict(self.one_row_kernels)}
+        return {**self.scheduler.counters, "slots": self.cache.slots, "precision": self.precision,
+                "weight_bytes": self.weight_bytes(), "cache_bytes": self.cache.nbytes(),
+                "memory_bytes": self.memory_bytes(), "one_row_kernels": dict(self.one_row_kernels)}
+
+    def weight_bytes(self) -> int:
+        """The weights in memory: the model's (quantized or not, with any CPU packed copies) and the
+        extra heads' own layers."""
+        own = sum(p.numel() * p.element_size() for h in self.extra_heads.values()
+                  for n, p in h.named_parameters() if not n.startswith("transformer."))
+        return weight_bytes(self.model) + packed_bytes(self.model) + own
 
     def memory_bytes(self) -> int:
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters()) + packed_bytes(self.model)
-        params += sum(p.numel() * p.element_size() for h in self.extra_heads.values()
-                      for n, p in h.named_parameters() if not n.startswith("transformer."))
-        return params + self.cache.nbytes()
+        return self.weight_bytes() + self.cache.nbytes()
 
     def close(self) -> None:
         self.scheduler.close()

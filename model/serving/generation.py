@@ -29,13 +29,13 @@ def generate(module: GPTModel, prompt_ids: list[int], max_new_tokens: int, n: in
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     config = module.config
-    device = module.transformer.wte.weight.device
+    device = module.transformer.wpe.weight.device
     total = len(prompt_ids) + max_new_tokens
     if total > config.n_positions:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens is past the "
                          f"context of {config.n_positions}")
     settings = SamplingSettings(greedy, temperature, top_k, top_p, repetition_penalty)
-    cache = KVCache(config, n, context=total, dtype=module.transformer.wte.weight.dtype, device=device)
+    cache = KVCache(config, n, context=total, dtype=module.transformer.wpe.weight.dtype, device=device)
     runner = ModelRunner(module, cache)
     base = seed if seed is not None else torch.seed()
     gens = [torch.Generator(device="cpu").manual_seed(base + i) for i in range(n)]

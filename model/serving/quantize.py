@@ -1,0 +1,290 @@
+"""Weights in fewer bits, swapped into a loaded network in place of its float layers.
+
+As gpt-fast's quantize.py does: the network file is untouched; after loading the ordinary
+checkpoint, each Conv1D of the body and the tied embedding / LM head are replaced by modules
+that hold the weights in `int8`, `int4` or `nf4`, and the float matrices are dropped (no float
+copy of a quantized matrix is kept). LayerNorms, biases, position embeddings, attention and the
+KV cache stay in the float compute dtype.
+
+- int8: weight-only, one scale per output channel (symmetric). Products run through torch's
+  `_weight_int8pack_mm` with bfloat16 activations.
+- int4: weight-only, groups of 64 inputs with a scale and a zero each (tinygemm's format);
+  `_weight_int4pack_mm_for_cpu` on CPU with bfloat16 activations. torchao's CPU int4 and int8
+  weight-only layouts dispatch to these same aten kernels, so they are called directly.
+- nf4: QLoRA's 4-bit NormalFloat code book, blocks of 64 with an absmax scale each (the format
+  the reference documentation loads gpt2-xl in with bitsandbytes); products dequantize a
+  matrix, then multiply, on any device.
+
+Where a fast kernel is missing on a device (a GPU without int8/int4 pack kernels), the same
+stored bits are dequantized and multiplied instead, so every precision runs everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..network.gpt import Conv1D, GPTModel, LMHead
+from ..network.known import PRECISION_ALIASES as ALIASES
+from ..network.known import PRECISIONS
+
+FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED = ("int8", "int4", "nf4")
+GROUP = 64  # inputs per scale in int4 and nf4
+ACT = torch.bfloat16  # activations of the int8 / int4 kernels
+
+# QLoRA's NF4 code book: the 16 quantiles of a standard normal, scaled to [-1, 1].
+NF4_CODES = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                          -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                          0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                          0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+
+
+def precision_name(value: Union[str, torch.dtype, None]) -> Optional[str]:
+    """"int8", torch.float16, "fp16"... as one of PRECISIONS (None stays None); ValueError otherwise."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, torch.dtype):
+        for name, dtype in FLOATS.items():
+            if dtype == value:
+                return name
+        raise ValueError(f"unsupported dtype {value}; choose one of {', '.join(PRECISIONS)}")
+    name = ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {value!r}; choose one of {', '.join(PRECISIONS)}")
+    return name
+
+
+# -- storing weights in fewer bits ------------------------------------------------------------
+
+def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (int8 [N, K], scales [N]): w ≈ q * scale, per output row."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def group_size(n_in: int) -> int:
+    """GROUP inputs per scale, or 32 for a narrower matrix whose width GROUP does not divide."""
+    for size in (GROUP, 32):
+        if n_in % size == 0:
+            return size
+    raise ValueError(f"a 4-bit matrix needs a width divisible by 32 (this one has {n_in} inputs)")
+
+
+def int4_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes 0..15 as uint8 [N, K], scales and zeros [K/group, N, 2]) in tinygemm's
+    convention: w ≈ (code - 8) * scale + zero, per group of inputs."""
+    N, K = w.shape
+    size = group_size(K)
+    g = w.float().view(N, K // size, size)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = (high - low).clamp(min=1e-8) / 15
+    codes = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(N, K)
+    zero = low + 8 * scale
+    return codes, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+def nf4_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes 0..15 as uint8 [N, K], absmax [N, K/group]): w ≈ NF4_CODES[code] * absmax."""
+    N, K = w.shape
+    size = group_size(K)
+    g = w.float().view(N, K // size, size)
+    absmax = g.abs().amax(-1).clamp(min=1e-8)
+    normed = g / absmax[..., None]
+    codes = (normed[..., None] - NF4_CODES).abs().argmin(-1).to(torch.uint8).view(N, K)
+    return codes, absmax
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [N, K] -> two per byte [N, K/2]."""
+    return (codes[:, 0::2] << 4) | codes[:, 1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] bytes -> [..., K] codes."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
+
+
+def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-w.shape[0]) % multiple
+    return torch.cat([w, w.new_zeros(pad, w.shape[1])]) if pad else w
+
+
+# -- the quantized matrices: a product and a row lookup -----------------------------------------
+
+class QuantMatrix(nn.Module):
+    """One weight matrix W [N, K] (rows = outputs) in `precision`: `x @ W.t()` and `rows(ids)`."""
+
+    def __init__(self, w: torch.Tensor, precision: str):
+        super().__init__()
+        self.precision = precision
+        self.n_out, self.n_in = w.shape
+        self.group = group_size(self.n_in) if precision != "int8" else 0
+        self.kernel = False
+        self.needs_rows = False  # set for the tied embedding: rows are read from the stored bits  # set by `prepare(device)`: the device's packed kernel is used
+        if precision == "int8":
+            q, scale = int8_weights(w)
+            self.register_buffer("q", q)
+            self.register_buffer("scale", scale.to(ACT))
+        elif precision == "int4":
+            codes, scales_zeros = int4_weights(_pad_rows(w, 16))
+            self.register_buffer("packed", pack_nibbles(codes))  # [N', K/2]
+            self.register_buffer("scales_zeros", scales_zeros.to(ACT))  # [K/GROUP, N', 2]
+            self.register_buffer("int4pack", None)
+        elif precision == "nf4":
+            codes, absmax = nf4_weights(w)
+            self.register_buffer("packed", pack_nibbles(codes))
+            self.register_buffer("absmax", absmax.to(ACT))
+        else:
+            raise ValueError(f"{precision} is not a quantized precision")
+
+    def prepare(self) -> None:
+        """On the device the matrix now lives on: use the fast packed kernel where there is one."""
+        if self.kernel:
+            return
+        device = self.packed.device if self.precision != "int8" else self.q.device
+        if self.precision == "int8":
+            self.kernel = _works(lambda: torch._weight_int8pack_mm(torch.zeros(1, self.n_in, dtype=ACT, device=device),
+                                                                  self.q, self.scale))
+        elif self.precision == "int4" and device.type == "cpu":
+            codes = unpack_nibbles(self.packed).to(torch.int32)
+            self.int4pack = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            self.kernel = _works(lambda: torch._weight_int4pack_mm_for_cpu(
+                torch.zeros(1, self.n_in, dtype=ACT, device=device), self.int4pack, self.group, self.scales_zeros))
+            if not self.kernel:
+                self.int4pack = None
+            elif not self.needs_rows:
+                self.packed = None  # the kernel's own layout is all a product needs: one 4-bit copy
+
+    def dequantized(self, ids: Optional[torch.Tensor] = None, dtype=torch.float32) -> torch.Tensor:
+        """W (or its rows `ids`) in `dtype`."""
+        if self.precision == "int8":
+            q, scale = (self.q, self.scale) if ids is None else (self.q[ids], self.scale[ids])
+            return q.to(dtype) * scale.to(dtype)[..., None]
+        packed = self.packed if ids is None else self.packed[ids]
+        codes = unpack_nibbles(packed)  # [..., K]
+        groups = codes.view(*codes.shape[:-1], self.n_in // self.group, self.group)
+        if self.precision == "int4":
+            sz = self.scales_zeros.transpose(0, 1)  # [N', K/GROUP, 2]
+            sz = sz if ids is None else sz[ids]
+            w = (groups.to(dtype) - 8) * sz[..., 0:1].to(dtype) + sz[..., 1:2].to(dtype)
+        else:
+            absmax = self.absmax if ids is None else self.absmax[ids]
+            w = NF4_CODES.to(device=codes.device, dtype=dtype)[groups.long()] * absmax.to(dtype)[..., None]
+        w = w.view(*codes.shape)
+        return w if ids is not None else w[: self.n_out]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] @ W.t() -> [..., N], in x's dtype."""
+        flat = x.reshape(-1, self.n_in)
+        if self.kernel and self.precision == "int8":
+            y = torch._weight_int8pack_mm(flat.to(ACT), self.q, self.scale)
+        elif self.kernel and self.precision == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(flat.to(ACT), self.int4pack, self.group, self.scales_zeros)
+            y = y[:, : self.n_out]
+        else:
+            y = flat @ self.dequantized(dtype=flat.dtype).t()
+        return y.to(x.dtype).view(*x.shape[:-1], self.n_out)
+
+    def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
+        """W[ids] [..., K]: the embedding lookup of a tied matrix."""
+        return self.dequantized(ids, dtype)
+
+
+def _works(probe) -> bool:
+    try:
+        probe()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class QuantLinear(nn.Module):
+    """A Conv1D (y = x @ W + b) whose W is stored in fewer bits."""
+
+    def __init__(self, linear: Conv1D, precision: str):
+        super().__init__()
+        self.n_in = linear.n_in
+        self.matrix = QuantMatrix(linear.weight.detach().t(), precision)  # Conv1D keeps W as [in, out]
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return self.matrix.matmul(x) + self.bias
+
+
+class QuantEmbedding(nn.Module):
+    """The token embedding, read from a quantized matrix that the tied LM head multiplies with."""
+
+    def __init__(self, embedding: nn.Embedding, precision: str):
+        super().__init__()
+        self.matrix = QuantMatrix(embedding.weight.detach(), precision)
+        self.matrix.needs_rows = True
+        self.dtype = embedding.weight.dtype
+
+    def forward(self, ids):
+        return self.matrix.rows(ids, self.dtype)
+
+
+class QuantLMHead(nn.Module):
+    """Next-token logits from the (tied) quantized matrix."""
+
+    def __init__(self, matrix: QuantMatrix, n_in: int):
+        super().__init__()
+        self.shared = [matrix]  # a list: the tied matrix is registered once, in the embedding
+        self.n_in = n_in
+
+    def forward(self, hidden):
+        return self.shared[0].matmul(hidden)
+
+
+class QuantUntiedHead(nn.Module):
+    def __init__(self, weight: torch.Tensor, precision: str):
+        super().__init__()
+        self.matrix = QuantMatrix(weight.detach(), precision)
+        self.n_in = weight.shape[1]
+
+    def forward(self, hidden):
+        return self.matrix.matmul(hidden)
+
+
+def quantize(model: GPTModel, precision: str) -> None:
+    """Replace the body's Conv1D layers, the token embedding and the LM head with `precision` versions.
+
+    The float matrices go: no float copy of a quantized matrix is kept.
+    """
+    precision = precision_name(precision)
+    if precision not in QUANTIZED:
+        raise ValueError(f"{precision} is not a quantized precision; choose one of {', '.join(QUANTIZED)}")
+    body = model.transformer
+    for parent in list(body.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                setattr(parent, name, QuantLinear(child, precision))
+    head = getattr(model, "lm_head", None)
+    untied = head.untied if isinstance(head, LMHead) else None
+    body.wte = QuantEmbedding(body.wte, precision)
+    if isinstance(head, LMHead):
+        model.lm_head = QuantUntiedHead(untied, precision) if untied is not None else \
+            QuantLMHead(body.wte.matrix, model.config.n_embd)
+
+
+def prepare(model: nn.Module) -> None:
+    """After moving the model to its device: pick the packed kernels that device has."""
+    for module in model.modules():
+        if isinstance(module, QuantMatrix):
+            module.prepare()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Memory of the weights: parameters and buffers, each tensor counted once (tied ones share)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + [b for b in model.buffers() if b is not None]:
+        key = (tensor.device, tensor.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
