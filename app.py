@@ -17,7 +17,8 @@ from model.errors import WWTError  # noqa: E402
 setup_logging()
 try:
     backend = prepare_backend(settings.get("WWT_BACKEND"), model_specs(None),
-                              redis_url=settings.get("WWT_REDIS_URL"), device=settings.get("WWT_DEVICE") or None)
+                              redis_url=settings.get("WWT_REDIS_URL"), device=settings.get("WWT_DEVICE") or None,
+                              dtype=settings.get("WWT_DTYPE") or None)
 except (WWTError, settings.SettingError) as e:
     sys.exit(f"error: {getattr(e, 'message', e)}\n{HINT}")
 

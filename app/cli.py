@@ -14,6 +14,13 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: bool = True) -> N
                    help="local: engine in this process (default); celery: through Redis and workers")
     p.add_argument("--redis-url", default=settings.get("WWT_REDIS_URL"), help="Redis URL for the celery backend")
     p.add_argument("--device", default=settings.get("WWT_DEVICE") or None, help="cpu, cuda or cuda:N")
+    _add_dtype_arg(p)
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=settings.get("WWT_DTYPE") or None,
+                   help="precision of models whose spec names none (gpt2@int8 names one): float32, bfloat16, "
+                        "float16, int8, int4 or nf4; default float16 on CUDA, float32 on CPU")
 
 
 def cmd_make_tiny_model(args) -> int:
@@ -32,7 +39,8 @@ def cmd_complete(args) -> int:
     from .backends import make_backend
 
     try:
-        backend = make_backend(args.backend, [args.model], redis_url=args.redis_url, device=args.device)
+        backend = make_backend(args.backend, [args.model], redis_url=args.redis_url, device=args.device,
+                               dtype=args.dtype)
         request = CompletionRequest(text=args.text, model=backend.default_model(), n=args.num,
                                     max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=settings.get("WWT_DEVICE") or None)
     p.add_argument("--slots", type=int, default=settings.get_int("WWT_SLOTS", default=None),
                    help="KV-cache slots of the worker's engine")
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("bench", help="benchmark the engine against the reference implementation")
@@ -121,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", default="", help="comma-separated sections to run")
     p.add_argument("--redis-url", default=None, help="also measure the queue path against this Redis")
+    p.add_argument("--dtype", default=None, help="quantized precisions to measure (comma-separated, default "
+                                                 "int8,int4; float32 and the reference are always measured)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -35,11 +35,12 @@ def model_specs(given: Optional[list]) -> list[str]:
     return settings.model_specs(given)
 
 
-def prepare_backend(kind: str, specs: list[str], redis_url: Optional[str] = None, device: Optional[str] = None):
+def prepare_backend(kind: str, specs: list[str], redis_url: Optional[str] = None, device: Optional[str] = None,
+                    dtype: Optional[str] = None):
     """The backend with its default model ready (embedded mode loads it now, download shown in the log)."""
     from .backends import make_backend
 
-    backend = make_backend(kind, specs, redis_url=redis_url, device=device)
+    backend = make_backend(kind, specs, redis_url=redis_url, device=device, dtype=dtype)
     loader = getattr(backend, "engine", None)
     if callable(loader):
         try:
@@ -70,7 +71,7 @@ def serve(args) -> int:
     specs = model_specs(getattr(args, "model", None))
     try:
         backend = prepare_backend(args.backend, specs, redis_url=getattr(args, "redis_url", None),
-                                  device=getattr(args, "device", None))
+                                  device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
     except WWTError as e:
         print(f"error: {e.message}", file=sys.stderr)
         if args.backend == "local":

@@ -71,6 +71,8 @@ _ALL = (
             "go first", "queue"),
     Setting("WWT_WORKER_NAME", "", "Celery node name of a worker; empty: <queue>-<pid>@<host>", "queue"),
     # -- the engine ----------------------------------------------------------------------------
+    Setting("WWT_DTYPE", "", "precision of the models whose spec names none (`gpt2@int8` names one): "
+            "float32, bfloat16, float16, int8, int4 or nf4; empty: float16 on CUDA, float32 on CPU", "engine"),
     Setting("WWT_CUDA_GRAPH", "1", "on GPU, capture the decode step as a CUDA graph; 0 turns it off",
             "engine"),
     Setting("WWT_CPU_PACK", "1", "on CPU in float32, keep a oneDNN-packed copy of each weight matrix next "

@@ -154,3 +154,14 @@ def test_cuda_precisions(trained, precision):
         assert done.suggestions
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("precision", ("float32", "bfloat16") + QUANTIZED)
+def test_weight_memory_from_the_config_matches_what_loads(trained, precision):
+    """The README's model table is computed from configs; it must be what a loaded model holds."""
+    from model.network.config import GPTConfig
+
+    config = GPTConfig.from_file(trained["folder"] / "config.json")
+    loaded = quantize.weight_bytes(model.load(str(trained["folder"]), dtype=precision, device="cpu"))
+    estimate = quantize.estimated_weight_bytes(config, precision)
+    assert abs(estimate - loaded) / loaded < 0.02, (estimate, loaded)

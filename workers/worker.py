@@ -35,10 +35,10 @@ def node_name(model: str) -> str:
     return settings.get("WWT_WORKER_NAME") or f"{queue_name(model)}-{os.getpid()}@{socket.gethostname()}"
 
 
-def load_engine(source: str, device=None, slots=None, name=None):
+def load_engine(source: str, device=None, slots=None, name=None, dtype=None):
     from model import Engine  # the engine module pulls in torch; import it only in a worker
 
-    return Engine.from_pretrained(source, device=device, slots=slots, name=name)
+    return Engine.from_pretrained(source, device=device, slots=slots, name=name, dtype=dtype)
 
 
 def engine_info(engine, spec, device, concurrency: int) -> dict:
@@ -51,7 +51,9 @@ def engine_info(engine, spec, device, concurrency: int) -> dict:
     for field in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):
         if hasattr(config, field):
             info[field] = getattr(config, field)
+    info["precision"] = str(getattr(engine, "precision", "") or "")
     for key, get in (("parameters", lambda: config.parameter_count()), ("memory_bytes", engine.memory_bytes),
+                     ("weight_bytes", lambda: engine.weight_bytes()),
                      ("slots", lambda: engine.cache.slots)):
         try:
             info[key] = int(get())
@@ -93,7 +95,8 @@ def run_worker(args) -> int:
 
     log.info("loading %s from %s on %s", spec.name, spec.source, device or "the default device")
     try:
-        engine = load_engine(spec.source, device=device, slots=slots, name=spec.name)
+        engine = load_engine(spec.source, device=device, slots=slots, name=spec.name,
+                             dtype=spec.precision or getattr(args, "dtype", None))
     except WWTError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

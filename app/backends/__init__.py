@@ -21,14 +21,14 @@ __all__ = ["Backend", "make_backend"]
 
 
 def make_backend(kind: str, models: list[str], redis_url: Optional[str] = None, device: Optional[str] = None,
-                 **kwargs) -> Backend:
+                 dtype: Optional[str] = None, **kwargs) -> Backend:
     """`local` runs the engines here; `celery` sends requests through Redis to workers."""
     models = settings.model_specs(models)
     if kind == "local":
         from .local import LocalBackend
 
         slots = kwargs.pop("slots", None) or settings.get_int("WWT_SLOTS", default=None)
-        return LocalBackend(models, device=device, slots=slots, **kwargs)
+        return LocalBackend(models, device=device, slots=slots, dtype=dtype, **kwargs)
     if kind == "celery":
         from .celery import CeleryBackend
 

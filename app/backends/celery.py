@@ -76,7 +76,8 @@ class CeleryBackend(Backend):
             workers, info["error"] = [], e.message
         info.update(served=bool(workers), workers=workers)
         if workers:
-            for key in ("device", "dtype", "parameters", "memory_bytes", "heads", "n_layer", "n_embd"):
+            for key in ("device", "dtype", "precision", "parameters", "memory_bytes", "weight_bytes", "heads",
+                        "n_layer", "n_embd"):
                 if key in workers[0]:
                     info[key] = workers[0][key]
         elif name in KNOWN_SHAPES:  # its size is known without a worker

@@ -38,12 +38,13 @@ class LocalBackend(Backend):
 
     def __init__(self, models: list[str], device: Optional[str] = None, slots: Optional[int] = None,
                  memory_budget_gb: Optional[float] = None, documents: Optional[FileDocumentStore] = None,
-                 engine_factory=None):
+                 engine_factory=None, dtype: Optional[str] = None):
         specs = [parse_model_spec(m) for m in models if m and m.strip()]
         if not specs:
             raise UnknownModel("no model to serve")
         self.specs: dict[str, ModelSpec] = {s.name: s for s in specs}
         self.device = device
+        self.dtype = dtype  # for specs that name no precision
         self.slots = slots
         self.budget = (memory_budget_gb if memory_budget_gb is not None
                        else settings.get_float("WWT_MEMORY_BUDGET_GB")) * (1 << 30)
@@ -78,7 +79,8 @@ class LocalBackend(Backend):
             with self._lock:
                 if spec.name in self._engines:
                     return self._engines[spec.name]
-            engine = self._factory(spec.source, device=self.device, slots=self.slots, name=spec.name)
+            engine = self._factory(spec.source, device=self.device, dtype=spec.precision or self.dtype,
+                                   slots=self.slots, name=spec.name)
             with self._lock:
                 self._engines[spec.name] = engine
                 self._evict(keep=spec.name)
@@ -102,11 +104,13 @@ class LocalBackend(Backend):
 
     def model_info(self, name: str) -> dict:
         spec = self._spec(name)
-        info = {"name": spec.name, "source": spec.source, "loaded": spec.name in self._engines, "backend": "local"}
+        info = {"name": spec.name, "source": spec.source, "loaded": spec.name in self._engines, "backend": "local",
+                "precision": spec.precision or self.dtype or ""}
         engine = self._engines.get(spec.name)
         if engine is not None:
             info.update(parameters=engine.config.parameter_count(), device=str(engine.device),
-                        dtype=str(engine.dtype).replace("torch.", ""), slots=engine.cache.slots)
+                        dtype=str(engine.dtype).replace("torch.", ""), precision=engine.precision,
+                        weight_bytes=engine.weight_bytes(), slots=engine.cache.slots)
         elif spec.source in KNOWN_SHAPES:
             info["parameters"] = GPTConfig(**KNOWN_SHAPES[spec.source],
                                            model_type="openai-gpt" if spec.source == "openai-gpt" else "gpt2"

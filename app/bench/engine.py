@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -63,15 +64,16 @@ def make_checkpoint(folder: Path) -> None:
 
 
 class Bench:
-    def __init__(self, folder: Path, quick: bool):
+    def __init__(self, folder: Path, quick: bool, device: str = "cpu"):
         from transformers import GPT2LMHeadModel
 
         from model.serving.engine import Engine
 
         self.quick = quick
         self.repeats = 3 if quick else 5
-        self.engine = Engine.from_pretrained(str(folder), device="cpu", dtype=torch.float32, slots=24)
-        self.ref = self.engine.run(lambda: GPT2LMHeadModel.from_pretrained(str(folder)).eval())
+        self.device = torch.device(device)
+        self.engine = Engine.from_pretrained(str(folder), device=self.device, dtype=torch.float32, slots=24)
+        self.ref = self.engine.run(lambda: GPT2LMHeadModel.from_pretrained(str(folder)).to(self.device).eval())
         self.tok = self.engine.tokenizer
         self.results: dict = {}
 
@@ -84,7 +86,7 @@ class Bench:
         return self.tok.decode(ids)
 
     def ref_generate(self, text: str, n: int, new_tokens: int, greedy: bool) -> float:
-        ids = torch.tensor([self.tok.encode(text)])
+        ids = torch.tensor([self.tok.encode(text)], device=self.device)
         kwargs = dict(do_sample=not greedy, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                       pad_token_id=0, eos_token_id=None, num_return_sequences=n)
         if not greedy:
@@ -94,13 +96,15 @@ class Bench:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 self.ref.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             return time.perf_counter() - t0
 
         return self.engine.run(timed)
 
-    def ours(self, text: str, n: int, new_tokens: int, greedy: bool, seed: int = 0):
+    def ours(self, text: str, n: int, new_tokens: int, greedy: bool, seed: int = 0, engine=None):
         t0 = time.perf_counter()
-        done = self.engine.completion(self._request(text, n, new_tokens, greedy, seed))
+        done = (engine or self.engine).completion(self._request(text, n, new_tokens, greedy, seed))
         return time.perf_counter() - t0, done
 
     @staticmethod
@@ -111,49 +115,60 @@ class Bench:
                                  top_p=0.9)
 
     # -- sections ------------------------------------------------------------------------
-    def decode_speed(self) -> dict:
-        """(1) batch-1 greedy decode: 512-token prompt, 64 new tokens; decode time = T(64) - T(1)."""
+    def decode_tok_s(self, engine=None, reference: bool = True) -> tuple[float, Optional[float]]:
+        """Batch-1 greedy decode tokens/s (512-token prompt, 64 new: T(64) - T(1)), ours and the reference's."""
         new = 64
         ours, ref = [], []
         for r in range(self.repeats):
             text = self.document(512, 100 + r)
-            self.ours(text, 1, 1, True)  # the prompt is prefilled once; both runs below reuse it
-            t1 = self.ours(text + " x", 1, 1, True)[0]
-            tn = self.ours(text + " x", 1, new, True)[0]
+            self.ours(text, 1, 1, True, engine=engine)  # the prompt is prefilled once; both runs below reuse it
+            t1 = self.ours(text + " x", 1, 1, True, engine=engine)[0]
+            tn = self.ours(text + " x", 1, new, True, engine=engine)[0]
             ours.append((new - 1) / max(tn - t1, 1e-9))
-            r1 = self.ref_generate(text, 1, 1, True)
-            rn = self.ref_generate(text, 1, new, True)
-            ref.append((new - 1) / max(rn - r1, 1e-9))
-        o, f = statistics.median(ours), statistics.median(ref)
+            if reference:
+                r1 = self.ref_generate(text, 1, 1, True)
+                rn = self.ref_generate(text, 1, new, True)
+                ref.append((new - 1) / max(rn - r1, 1e-9))
+        return statistics.median(ours), (statistics.median(ref) if ref else None)
+
+    def decode_speed(self) -> dict:
+        """(1) batch-1 greedy decode: 512-token prompt, 64 new tokens; decode time = T(64) - T(1)."""
+        o, f = self.decode_tok_s()
+        self.reference_decode = f
         weights_ms = self.engine.run(self.weights_pass_ms)
         return {"ours_tok_s": o, "reference_tok_s": f, "ratio": o / f, "target": TARGETS["decode_speedup"],
                 "one_row_kernels": self.engine.stats()["one_row_kernels"], "weights_pass_ms": weights_ms,
                 "bound_tok_s": 1000 / weights_ms, "bound_ratio": 1000 / weights_ms / f}
 
-    def weights_pass_ms(self) -> float:
+    def weights_pass_ms(self, engine=None) -> float:
         """One pass of one-row products over every matrix, in model order, with the kernels the
         engine chose: what a decode step cannot go below, since it reads every weight once."""
-        lm = self.engine.model
+        from model.serving.quantize import QuantMatrix
+
+        lm = (engine or self.engine).model
         # every linear layer of the body (plain, CPU or quantized: each has n_in), then the head
-        modules = [m for m in lm.transformer.modules() if hasattr(m, "n_in")] + [lm.lm_head]
-        rows = [torch.zeros(1, m.n_in) for m in modules]
+        modules = [m for m in lm.transformer.modules() if hasattr(m, "n_in") and not isinstance(m, QuantMatrix)]
+        modules.append(lm.lm_head)
+        rows = [torch.zeros(1, m.n_in, device=self.device, dtype=lm.transformer.wpe.weight.dtype) for m in modules]
         times = []
         with torch.inference_mode():
             for _ in range(self.repeats + 1):
                 t0 = time.perf_counter()
                 for module, row in zip(modules, rows):
                     module(row)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 times.append(time.perf_counter() - t0)
         return statistics.median(times[1:]) * 1000
 
-    def keystroke(self, tokens: int, with_reference: bool = True) -> dict:
+    def keystroke(self, tokens: int, with_reference: bool = True, engine=None) -> dict:
         """(2, 3) a document already suggested for, then 3 more tokens typed: 3 suggestions x 8 tokens."""
         ours, ref, reused = [], [], []
         for r in range(self.repeats):
             doc = self.document(tokens, 1000 * tokens + r)
-            self.ours(doc, 3, 8, False, seed=r)  # the suggestion shown before the person typed on
+            self.ours(doc, 3, 8, False, seed=r, engine=engine)  # the suggestion shown before the person typed on
             typed = doc + " the sea"
-            t, done = self.ours(typed, 3, 8, False, seed=r)
+            t, done = self.ours(typed, 3, 8, False, seed=r, engine=engine)
             ours.append(t * 1000)
             reused.append(done.timings.tokens_reused)
             if with_reference:
@@ -197,6 +212,37 @@ class Bench:
         return {"batched_tok_s": batched, "one_at_a_time_tok_s": alone, "ratio": batched / alone,
                 "max_batch": self.engine.stats()["max_batch"], "target": TARGETS["batching_speedup"]}
 
+    def precisions(self, folder: Path, names: list[str]) -> dict:
+        """(8) each quantized precision against our float32 engine and the float32 reference, same weights."""
+        from model.serving.engine import Engine
+        from model.serving.quantize import weight_bytes
+
+        reference = getattr(self, "reference_decode", None)
+        if reference is None:
+            _, reference = self.decode_tok_s(reference=True)
+        f32_decode, _ = self.decode_tok_s(reference=False)
+        f32_key = self.keystroke(900, with_reference=False)["ours_ms"]
+        f32_bytes = weight_bytes(self.engine.model)  # the float32 matrices, without the packed copies
+        rows = [{"precision": "float32", "decode_tok_s": f32_decode, "decode_ratio": f32_decode / reference,
+                 "keystroke_ms": f32_key, "keystroke_share": 1.0, "weight_mb": f32_bytes / 2**20,
+                 "weight_share": 1.0}]
+        for name in names:
+            engine = Engine.from_pretrained(f"{folder}@{name}", device=self.device, slots=24)
+            try:
+                tok_s, _ = self.decode_tok_s(engine, reference=False)
+                pass_ms = engine.run(lambda: self.weights_pass_ms(engine))
+                key = self.keystroke(900, with_reference=False, engine=engine)["ours_ms"]
+                weights = weight_bytes(engine.model)
+                rows.append({"precision": name, "decode_tok_s": tok_s, "decode_ratio": tok_s / reference,
+                             "bound_tok_s": 1000 / pass_ms, "of_bound": tok_s / (1000 / pass_ms),
+                             "keystroke_ms": key, "keystroke_share": key / f32_key,
+                             "weight_mb": weights / 2**20, "weight_share": weights / f32_bytes,
+                             "cache_mb": engine.cache.nbytes() / 2**20})
+            finally:
+                engine.close()
+        return {"reference_tok_s": reference, "rows": rows,
+                "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
     def memory(self) -> dict:
         """(5) the engine's weights and cache pool, and this process's peak resident memory."""
         weights = self.engine.memory_bytes() - self.engine.cache.nbytes()
@@ -235,6 +281,17 @@ def _print(results: dict) -> None:
         print(f"5. memory: weights {m['engine_weights_mb']:.0f} MB + cache pool {m['cache_pool_mb']:.0f} MB "
               f"({m['slots']} slots) = {m['engine_total_mb']:.0f} MB; reference weights "
               f"{m['reference_weights_mb']:.0f} MB; process peak RSS {m['process_peak_rss_mb']:.0f} MB")
+    p = results.get("precisions")
+    if p:
+        print(f"8. precisions (same weights; reference = float32 transformers at {p['reference_tok_s']:.1f} tok/s):")
+        for row in p["rows"]:
+            bound = (f", {100 * row['of_bound']:.0f}% of its weight-pass bound ({row['bound_tok_s']:.0f} tok/s)"
+                     if "of_bound" in row else "")
+            print(f"   {row['precision']:>8}: decode {row['decode_tok_s']:.1f} tok/s = {row['decode_ratio']:.2f}x the "
+                  f"reference{bound}; keystroke at 900 tokens {row['keystroke_ms']:.0f} ms = "
+                  f"{100 * row['keystroke_share']:.0f}% of our float32; weights {row['weight_mb']:.0f} MB = "
+                  f"{100 * row['weight_share']:.0f}% of float32")
+        print(f"   process peak RSS {p['process_peak_rss_mb']:.0f} MB")
     w = results.get("writers")
     if w:
         from .writers import format_report as writers_report
@@ -255,8 +312,8 @@ def run_bench(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         in_fresh_thread(make_checkpoint, folder)  # leaves no OpenMP pool behind in this thread
-        bench = Bench(folder, args.quick)
-        results = {"threads": torch.get_num_threads(), "quick": bool(args.quick)}
+        bench = Bench(folder, args.quick, getattr(args, "device", None) or "cpu")
+        results = {"threads": torch.get_num_threads(), "quick": bool(args.quick), "device": str(bench.device)}
         if want("decode"):
             results["decode"] = bench.decode_speed()
         if want("keystroke"):
@@ -268,12 +325,15 @@ def run_bench(args) -> int:
             results["batching"] = bench.batching()
         if want("memory"):
             results["memory"] = bench.memory()
+        if want("precisions"):
+            names = [n for n in (getattr(args, "dtype", None) or "int8,int4").split(",") if n]
+            results["precisions"] = bench.precisions(folder, names)
         if want("writers"):
             from model.serving.engine import Engine
 
             from .writers import many_writers
 
-            writers = Engine.from_pretrained(str(folder), device="cpu", dtype=torch.float32)  # default slots
+            writers = Engine.from_pretrained(str(folder), device=bench.device, dtype=torch.float32)  # default slots
             results["writers"] = many_writers(writers, bench.document, rounds=2 if args.quick else 4)
             writers.close()
         bench.engine.close()  # its thread and OpenMP pool go; the queue section makes its own engine

@@ -143,6 +143,9 @@ def model_status(backend: Backend, model: Optional[str]) -> str:
     parts = [info.get("name", model or "")]
     if info.get("parameters"):
         parts.append(f"{render.human_count(info['parameters'])} parameters")
+    if info.get("precision"):
+        weights = f", {render.human_bytes(info['weight_bytes'])} of weights" if info.get("weight_bytes") else ""
+        parts.append(f"{info['precision']}{weights}")
     if "loaded" in info:
         parts.append(f"loaded on {info.get('device', '?')}" if info["loaded"] else "loads on first use")
     if "served" in info:
@@ -228,7 +231,8 @@ def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn:
         decode_s = (t.decode_ms or ms) / 1000
         info, _ = friendly(lambda: backend.model_info(name))
         return {"model": result.model, "ms": ms, "tokens_per_s": t.tokens_decoded / decode_s if decode_s else 0.0,
-                "parameters": (info or {}).get("parameters"), "prompt_tail": prompt_tail(prompt),
+                "parameters": (info or {}).get("parameters"), "precision": (info or {}).get("precision"),
+                "weight_bytes": (info or {}).get("weight_bytes"), "prompt_tail": prompt_tail(prompt),
                 "suggestions": [s.text for s in result.suggestions]}
 
     with ThreadPoolExecutor(max_workers=len(models)) as pool:

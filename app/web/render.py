@@ -83,6 +83,16 @@ def answer_spans(context: str, answer: Answer) -> list[tuple[str, Optional[str]]
     return [(text, label) for text, label in pieces if text]
 
 
+def human_bytes(n) -> str:
+    """1234567 -> '1.2 MB'."""
+    n = float(n or 0)
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def compare_html(rows: list[dict]) -> str:
     """One card per model: its suggestions, latency, tokens/s and size, side by side."""
     cards = []
@@ -95,6 +105,9 @@ def compare_html(rows: list[dict]) -> str:
             body = f"<ol>{items}</ol>"
             facts = (f'<div class="wwt-facts"><span>{row["ms"]:.0f} ms</span>'
                      f'<span>{row["tokens_per_s"]:.1f} tokens/s</span>'
-                     f'<span>{human_count(row.get("parameters"))} parameters</span></div>')
+                     f'<span>{human_count(row.get("parameters"))} parameters</span>'
+                     + (f'<span>{esc(row["precision"])}</span>' if row.get("precision") else "")
+                     + (f'<span>{human_bytes(row["weight_bytes"])} of weights</span>' if row.get("weight_bytes")
+                        else "") + '</div>')
         cards.append(f'<div class="wwt-card"><h3>{esc(row["model"])}</h3>{facts}{body}</div>')
     return f'<div class="wwt-cards">{"".join(cards)}</div>'

@@ -8,10 +8,10 @@ KV cache stay in the float compute dtype.
 
 - int8: weight-only, one scale per output channel (symmetric). Products run through torch's
   `_weight_int8pack_mm` with bfloat16 activations.
-- int4: weight-only, groups of 64 inputs with a scale and a zero each (tinygemm's format);
+- int4: weight-only, groups of 128 inputs with a scale and a zero each (tinygemm's format);
   `_weight_int4pack_mm_for_cpu` on CPU with bfloat16 activations. torchao's CPU int4 and int8
   weight-only layouts dispatch to these same aten kernels, so they are called directly.
-- nf4: QLoRA's 4-bit NormalFloat code book, blocks of 64 with an absmax scale each (the format
+- nf4: QLoRA's 4-bit NormalFloat code book, blocks of 128 with an absmax scale each (the format
   the reference documentation loads gpt2-xl in with bitsandbytes); products dequantize a
   matrix, then multiply, on any device.
 
@@ -32,7 +32,7 @@ from ..network.known import PRECISIONS
 
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZED = ("int8", "int4", "nf4")
-GROUP = 64  # inputs per scale in int4 and nf4
+GROUP = 128  # inputs per scale in int4 and nf4 (64 or 32 for narrower matrices)
 ACT = torch.bfloat16  # activations of the int8 / int4 kernels
 
 # QLoRA's NF4 code book: the 16 quantiles of a standard normal, scaled to [-1, 1].
@@ -63,13 +63,13 @@ def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (int8 [N, K], scales [N]): w ≈ q * scale, per output row."""
     w = w.float()
     scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
     return q, scale
 
 
 def group_size(n_in: int) -> int:
     """GROUP inputs per scale, or 32 for a narrower matrix whose width GROUP does not divide."""
-    for size in (GROUP, 32):
+    for size in (GROUP, 64, 32):
         if n_in % size == 0:
             return size
     raise ValueError(f"a 4-bit matrix needs a width divisible by 32 (this one has {n_in} inputs)")
@@ -121,6 +121,7 @@ class QuantMatrix(nn.Module):
 
     def __init__(self, w: torch.Tensor, precision: str):
         super().__init__()
+        w = w.contiguous()  # a Conv1D weight arrives transposed; the kernels want rows in memory order
         self.precision = precision
         self.n_out, self.n_in = w.shape
         self.group = group_size(self.n_in) if precision != "int8" else 0
@@ -288,3 +289,26 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def estimated_weight_bytes(config, precision: str, float_bytes: int = 4) -> int:
+    """Weight memory of a model at `precision`, from its config alone (no download): what the
+    quantized layouts above hold. `float_bytes`: the compute dtype's size for the parts that stay
+    float (4 on CPU, 2 on CUDA)."""
+    d, inner, L = config.n_embd, config.inner_dim, config.n_layer
+    body = L * (d * 3 * d + d * d + d * inner + inner * d)  # the Conv1D matrices
+    vocab = config.vocab_size * d  # the tied embedding / LM head
+    other = config.parameter_count() - body - vocab  # LayerNorms, biases, position embeddings
+    name = precision_name(precision)
+    if name in FLOATS:
+        return (body + vocab + other) * FLOATS[name].itemsize
+    if name == "int8":
+        return body + vocab + 2 * (L * (3 * d + d + inner + d) + config.vocab_size) + other * float_bytes
+    # 4 bits a weight, and per group of inputs two bf16 numbers (int4: scale, zero) or one (nf4: absmax)
+    per_group = 4 if name == "int4" else 2
+    wide_d = L * (d * 3 * d + d * d + d * inner)  # matrices whose inputs are n_embd wide
+    wide_inner = L * inner * d
+    copies = 2 if name == "int4" else 1  # int4 keeps the embedding twice: rows to look up, the kernel's layout
+    matrices = (body + copies * vocab) // 2 + per_group * (
+        (wide_d + copies * vocab) // group_size(d) + wide_inner // group_size(inner))
+    return matrices + other * float_bytes
