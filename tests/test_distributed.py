@@ -500,3 +500,25 @@ def test_compose_file_is_valid_and_has_the_services():
     cpu = services["worker-cpu"]
     assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu and "--device cpu" in " ".join(cpu["command"])
     assert (ROOT / "Dockerfile").read_text().startswith("# ") and "python:3.11-slim" in (ROOT / "Dockerfile").read_text()
+
+
+def test_a_quantized_worker_serves_through_the_queue(redis_server, client, tiny_gpt2_heads, tmp_path):
+    """`name=folder@int8` on a worker: the queue is the name's, answers equal an int8 engine's here."""
+    from model import Engine
+
+    worker = Worker(f"tiny8={tiny_gpt2_heads}@int8", redis_server.url, tmp_path, concurrency=2, env=FAST_ENV,
+                    name="tiny8").start()
+    backend = CeleryBackend(["tiny8"], redis_url=redis_server.url, timeout=60)
+    local = Engine.from_pretrained(f"tiny8={tiny_gpt2_heads}@int8", device="cpu")
+    try:
+        worker.wait_announced(client)
+        info = backend.model_info("tiny8")
+        assert info["precision"] == "int8" and info["weight_bytes"] > 0
+        request = CompletionRequest(text="Once upon a time", model="tiny8", n=2, greedy=True, max_new_tokens=6,
+                                    stop=None, fresh=True)
+        remote = backend.complete(request, timeout=60)
+        assert [s.token_ids for s in remote.suggestions] == [s.token_ids for s in local.completion(request).suggestions]
+    finally:
+        local.close()
+        backend.close()
+        worker.stop()
