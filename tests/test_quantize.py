@@ -21,11 +21,11 @@ from trained_support import mean_loss, top1, train_small_gpt2
 
 QUANTIZED = ("int8", "int4", "nf4")
 HALF = ("bfloat16", "float16")
-# Measured on the trained model (perplexity ratio ~1.0004 int8, ~1.003 int4, ~1.004 nf4; top-1
-# agreement with float32 ~0.98 int8, ~0.89 int4, ~0.85 nf4, ~0.98 bfloat16, ~0.998 float16):
-# the floors below leave a margin for another CPU's rounding.
+# Measured on the trained model (perplexity x1.0005 int8, x1.0045 int4, x1.012 nf4; top-1 agreement
+# with float32 0.976 int8, 0.849 int4, 0.817 nf4, 0.980 bfloat16, 0.999 float16): the floors
+# below leave a margin for another CPU's rounding.
 PPL_LIMIT = {"int8": 1.01, "int4": 1.05, "nf4": 1.05, "bfloat16": 1.01, "float16": 1.01}
-TOP1_FLOOR = {"int8": 0.95, "int4": 0.80, "nf4": 0.78, "bfloat16": 0.95, "float16": 0.97}
+TOP1_FLOOR = {"int8": 0.95, "int4": 0.78, "nf4": 0.75, "bfloat16": 0.95, "float16": 0.97}
 
 
 @pytest.fixture(scope="module")

@@ -281,6 +281,12 @@ def _print(results: dict) -> None:
         print(f"5. memory: weights {m['engine_weights_mb']:.0f} MB + cache pool {m['cache_pool_mb']:.0f} MB "
               f"({m['slots']} slots) = {m['engine_total_mb']:.0f} MB; reference weights "
               f"{m['reference_weights_mb']:.0f} MB; process peak RSS {m['process_peak_rss_mb']:.0f} MB")
+    w = results.get("writers")
+    if w:
+        from .writers import format_report as writers_report
+
+        print("7. many writers, typed in turn (3 x 8 suggestions a keystroke, ~300-token documents):\n"
+              + writers_report(w))
     p = results.get("precisions")
     if p:
         print(f"8. precisions (same weights; reference = float32 transformers at {p['reference_tok_s']:.1f} tok/s):")
@@ -292,12 +298,6 @@ def _print(results: dict) -> None:
                   f"{100 * row['keystroke_share']:.0f}% of our float32; weights {row['weight_mb']:.0f} MB = "
                   f"{100 * row['weight_share']:.0f}% of float32")
         print(f"   process peak RSS {p['process_peak_rss_mb']:.0f} MB")
-    w = results.get("writers")
-    if w:
-        from .writers import format_report as writers_report
-
-        print("7. many writers, typed in turn (3 x 8 suggestions a keystroke, ~300-token documents):\n"
-              + writers_report(w))
     q = results.get("queue")
     if q:
         from .queue_path import format_report
