@@ -29,12 +29,14 @@ def cli_gpt2(tmp_path_factory):
     done = subprocess.run([sys.executable, "-m", "app.cli", "make-tiny-model", str(out), "--seed", "7"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert str(out) in done.stdout
+    assert done.stdout.splitlines() == [f"wrote a tiny random gpt2 checkpoint to {out}"]  # one line, no blank ones
     return out
 
 
 def test_layout(cli_gpt2):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cli_gpt2.iterdir()}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in cli_gpt2.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights are as readable as the config
     assert not list(cli_gpt2.glob("*.bin"))
     config = json.loads((cli_gpt2 / "config.json").read_text())
     assert config["model_type"] == "gpt2"

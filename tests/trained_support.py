@@ -52,7 +52,7 @@ def train_small_gpt2(folder: Path, steps: int = 400, seed: int = 0) -> dict:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text[:cut]], trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS],
+    tok.train_from_iterator([text[:cut]], trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS], show_progress=False,
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))

@@ -7,6 +7,7 @@ tokenizer.json trained on a few paragraphs shipped with the package.
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -32,12 +33,13 @@ def train_tokenizer(model_type: str, vocab_size: int) -> Tokenizer:
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.BPEDecoder(suffix="</w>")
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], end_of_word_suffix="</w>")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], end_of_word_suffix="</w>",
+                                      show_progress=False)
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus_lines(), trainer)
     return tok
@@ -87,4 +89,12 @@ def make_tiny_model(out_dir: str | Path, model_type: str = "gpt2", seed: int = 0
             key = key.replace("wte.", "tokens_embed.").replace("wpe.", "positions_embed.")
         hub[key] = value
     save_file(hub, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _readable_like_the_rest(out / "model.safetensors")
     return out
+
+
+def _readable_like_the_rest(path: Path) -> None:
+    """safetensors writes its file private (0600); give it the mode the other files get (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
