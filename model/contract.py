@@ -140,6 +140,20 @@ def check_completion(request: CompletionRequest, max_n: Optional[int] = None,
                                                 and all(isinstance(s, str) and len(s) <= 256 for s in stop))):
         raise BadRequest('stop must be "auto", null, or a list of at most 16 strings')
     model = request.model if isinstance(request.model, str) else ""
-    return dataclasses.replace(request, text=clean_text(request.text), model=model, greedy=greedy,
-                               stop=list(stop) if isinstance(stop, tuple) else stop, fresh=bool(request.fresh),
-                               **values)
+    checked = dataclasses.replace(request, text=clean_text(request.text), model=model, greedy=greedy,
+                                  stop=list(stop) if isinstance(stop, tuple) else stop, fresh=bool(request.fresh),
+                                  **values)
+    checked.contract_checked = True  # not a field: it does not cross the queue, where the worker checks anew
+    return checked
+
+
+def checked_once(request: CompletionRequest, max_n: int, max_new_tokens: int) -> CompletionRequest:
+    """The request checked against the contract unless that was done already in this process, then
+    narrowed to what one loaded model can hold (`max_n` slots, `max_new_tokens`)."""
+    if not getattr(request, "contract_checked", False):
+        return check_completion(request, max_n, max_new_tokens)
+    for name, value, high in (("n", request.n, max_n), ("max_new_tokens", request.max_new_tokens, max_new_tokens)):
+        if value > high:
+            raise BadRequest(f"{name} must be a whole number between {LIMITS[name].low:g} and {high:g} "
+                             f"for this model (got {value})")
+    return request

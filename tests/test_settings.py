@@ -196,3 +196,22 @@ def test_readme_lists_the_request_contract():
         low, default = rows[name]
         assert float(low) == limit.low
         assert default == ("none" if limit.default is None else f"{limit.default:g}")
+
+
+def test_a_request_is_checked_against_the_contract_once(monkeypatch):
+    """The page checks a request; the engine in the same process only narrows it to the model."""
+    from model import contract
+    from model.errors import BadRequest
+    from model.types import CompletionRequest
+
+    calls = []
+    real = contract.check_completion
+    monkeypatch.setattr(contract, "check_completion", lambda *a, **k: calls.append(1) or real(*a, **k))
+    checked = contract.check_completion(CompletionRequest(text="Hi", n=4, temperature=0))
+    assert checked.greedy and calls == [1]
+    assert contract.checked_once(checked, max_n=8, max_new_tokens=64) is checked and calls == [1]
+    with pytest.raises(BadRequest):
+        contract.checked_once(checked, max_n=3, max_new_tokens=64)  # the model has fewer slots
+    raw = CompletionRequest.from_dict(checked.to_dict())  # across the queue the mark is gone: checked anew
+    contract.checked_once(raw, max_n=8, max_new_tokens=64)
+    assert calls == [1, 1]

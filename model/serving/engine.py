@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import settings
-from ..contract import MAX_LABELS, check_completion, clean_text
+from ..contract import MAX_LABELS, checked_once, clean_text
 from ..errors import BadRequest, CheckpointError
 from ..network.known import parse_model_spec
 from ..network.tokenizer import complete_utf8_prefix, load_tokenizer_folder
@@ -99,7 +99,7 @@ class Engine:
 
     # -- completion ----------------------------------------------------------------------
     def _job(self, request: CompletionRequest) -> Job:
-        r = check_completion(request, max_n=self.cache.slots, max_new_tokens=self.config.n_positions // 2)
+        r = checked_once(request, max_n=self.cache.slots, max_new_tokens=self.config.n_positions // 2)
         prompt = build_prompt(self.tokenizer, r.text, self.config.n_positions - r.max_new_tokens, self.eos)
         sampling = SamplingSettings(r.greedy, r.temperature, r.top_k, r.top_p, r.repetition_penalty)
         return Job(prompt, r.n, r.max_new_tokens, sampling, r.seed, r.max_time, r.stop, self.eos)
