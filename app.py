@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app.server import HINT, build_app, model_specs, prepare_backend, setup_logging  # noqa: E402
+from app.server import HINT, app_kwargs, build_app, model_specs, prepare_backend, setup_logging  # noqa: E402
 from app.web.ui import launch_kwargs  # noqa: E402
 from model import settings  # noqa: E402
 from model.errors import WWTError  # noqa: E402
@@ -25,4 +25,4 @@ except (WWTError, settings.SettingError) as e:
 demo = build_app(backend)
 
 if __name__ == "__main__":
-    demo.launch(footer_links=["api"], **launch_kwargs())
+    demo.launch(footer_links=["api"], app_kwargs=app_kwargs(backend), **launch_kwargs())

@@ -62,6 +62,14 @@ def build_app(backend):
     return demo
 
 
+def app_kwargs(backend) -> dict:
+    """What `launch(app_kwargs=...)` gives Gradio's FastAPI app: our own routes (POST /wwt/stream,
+    app/web/stream.py), listed before Gradio's so none of its routes can shadow them."""
+    from .web.stream import routes
+
+    return {"routes": routes(backend)}
+
+
 def _stop_like_ctrl_c(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -84,7 +92,7 @@ def serve(args) -> int:
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a service manager's stop ends the server as Ctrl+C does
     try:
         demo.launch(server_name=args.host, server_port=args.port, show_error=False, quiet=False,
-                    footer_links=["api"], **launch_kwargs())
+                    footer_links=["api"], app_kwargs=app_kwargs(backend), **launch_kwargs())
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2

@@ -106,6 +106,24 @@ class Completion(_JSON):
 
 
 @dataclass
+class PartialSuggestion(_JSON):
+    """One suggestion while it is being written (streaming; see model/streaming.py for what it promises)."""
+
+    index: int  # the row's seed offset: suggestion i samples with seed + i; replacements get new indices
+    text: str
+    finished: bool = False
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class CompletionUpdate(_JSON):
+    """What a streamed completion reports: the suggestions so far, and on the last update the answer."""
+
+    suggestions: list[PartialSuggestion]
+    completion: Optional[Completion] = None  # set on the last update only: the authoritative result
+
+
+@dataclass
 class ClassifyRequest(_JSON):
     text: str
     model: str = ""

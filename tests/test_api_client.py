@@ -96,3 +96,17 @@ def test_plain_http(server):
     assert event == "complete" and {x["label"] for x in data[0]["labels"]} == {"sunny", "rainy"}
     event, data = _http(server, "complete", ["Hi", "gpt9", 3, 8, 1.0, 0, 0.9, False, None])
     assert event == "error" and "unknown model 'gpt9'" in data["error"]
+
+
+def test_plain_http_with_fewer_inputs(server):
+    """Trailing inputs left out take their defaults; a missing text is a readable error, not {"error": null}."""
+    event, data = _http(server, "complete", ["Once upon a time"])
+    assert event == "complete" and data[0]["model"] == "tiny" and 1 <= len(data[0]["suggestions"]) <= 3
+    event, data = _http(server, "score", ["Hello world"])
+    assert event == "complete" and data[0]["tokens"]
+    event, data = _http(server, "complete", [])
+    assert event == "error"
+    assert data["error"] == ("/complete takes 9 inputs in this order: text, model, n, max_new_tokens, temperature, "
+                             "top_k, top_p, fresh, seed; got 0, so text is missing")
+    event, data = _http(server, "answer", ["Who?"])
+    assert event == "error" and "context is missing" in data["error"]

@@ -3,11 +3,13 @@ scripted backend for the failures a person must see as a message (never a traceb
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import sys
 
+import gradio as gr
 import pytest
 
 from app.web import callbacks, render
@@ -178,16 +180,16 @@ def test_classify_bad_input_is_a_message(backend):
 
 def test_answer_is_highlighted_in_the_context(backend):
     context = "Alice went to the market with Bob on Sunday."
-    spans, text, info = callbacks.answer(backend, context, "Who went to the market?", "heads")
-    assert "".join(piece for piece, _ in spans) == context
-    marked = [piece for piece, label in spans if label == "answer"]
-    assert marked == [text] and text in context
+    view, text, info = callbacks.answer(backend, context, "Who went to the market?", "heads")
+    passage = view.split('<div class="wwt-passage">', 1)[1].rsplit("</div>", 1)[0]
+    assert re.sub(r"</?mark[^>]*>", "", passage) == context  # one flowing text, nothing added
+    assert re.findall(r'<mark class="wwt-answer">(.*?)</mark>', passage) == [text] and text in context
     assert "extracted" in info and "score" in info and "heads" in info
 
 
 def test_generated_answer_is_marked_generated(backend):
-    spans, text, info = callbacks.answer(backend, "Alice went to the market.", "Who?", "tiny")
-    assert spans == [("Alice went to the market.", None)]
+    view, text, info = callbacks.answer(backend, "Alice went to the <market>.", "Who?", "tiny")
+    assert "<mark" not in view and "Alice went to the &lt;market&gt;." in view
     assert text.endswith("[generated]") and "generated" in info
 
 
@@ -206,6 +208,44 @@ def test_compare_sends_one_prompt_to_each_model(backend):
     for name in ("tiny", "heads"):
         assert f"{render.human_count(backend.model_info(name)['parameters'])} parameters" in html
     assert "ms" in html
+    # the chart: a panel per measure, a bar per model, the likelihood of the prompt included
+    panels = re.findall(r'<div class="wwt-chart-panel" data-metric="(\w+)">', html)
+    assert panels == ["parameters", "weight_bytes", "ms", "tokens_per_s", "perplexity"]
+    assert html.count('<div class="wwt-bar" data-model="tiny"') == 5
+    assert html.count('<div class="wwt-bar" data-model="heads"') == 5
+    assert html.count("log p -") == 2  # each card: mean log-probability per token of the prompt
+
+
+def test_likelihood_of_a_text():
+    scores = Scores(model="m", tokens=[TokenScore("A", 1, 1.0, 0), TokenScore(" b", 2, 0.5, 1),
+                                       TokenScore(" c", 3, 0.125, 4)])
+    out = callbacks.likelihood(scores)
+    assert out["scored_tokens"] == 2  # the first token, predicted by nothing, is left out
+    assert abs(out["mean_logprob"] - (math.log(0.5) + math.log(0.125)) / 2) < 1e-12
+    assert abs(out["perplexity"] - 4.0) < 1e-9
+    assert callbacks.likelihood(Scores(model="m", tokens=[TokenScore("A", 1, 1.0, 0)])) == {}
+
+
+def test_compare_chart_per_model_and_precision():
+    rows = [{"model": "gpt2", "ms": 80.0, "tokens_per_s": 50.0, "parameters": 124_439_808, "precision": "float32",
+             "weight_bytes": 497_759_232, "perplexity": 30.0, "mean_logprob": -3.4, "scored_tokens": 9},
+            {"model": "gpt2@int8", "ms": 60.0, "tokens_per_s": 70.0, "parameters": 124_439_808, "precision": "int8",
+             "weight_bytes": 131_000_000, "perplexity": 30.3, "mean_logprob": -3.41, "scored_tokens": 9},
+            {"model": "broken", "error": "no worker is serving broken"}]
+    html = render.compare_chart_html(rows)
+    assert html.count('data-model="gpt2"') == 5 and html.count('data-model="gpt2@int8"') == 5
+    assert 'data-model="broken"' not in html
+    assert "gpt2 (float32)" in html and "gpt2@int8 (int8)" not in html  # the name already says it
+    weights = html.split('data-metric="weight_bytes"')[1].split('data-metric="ms"')[0]
+    assert "width:100.0%" in weights and "width:26.3%" in weights  # bars to scale
+    assert "497.8 MB" in weights and "131.0 MB" in weights
+    assert render.compare_chart_html([{"model": "x", "error": "down"}]) == ""
+
+
+def test_suggest_says_how_many_were_asked_for():
+    fake = ScriptedBackend(suggestions=["one", "two"])
+    r = callbacks.suggest(fake, {"before": "Hi", "model": "m1", "n": 3})
+    assert r["ok"] and len(r["suggestions"]) == 2 and r["asked"] == 3  # the page says "2 of 3"
 
 
 def test_compare_bad_input(backend):
@@ -268,8 +308,22 @@ def test_render_helpers():
     ans = Answer(model="m", text="Bob", score=0.5, start=15, end=18)
     assert render.answer_spans("Alice met with Bob.", ans) == \
         [("Alice met with ", None), ("Bob", "answer"), (".", None)]
+    assert '<div class="wwt-passage">Alice met with <mark class="wwt-answer">Bob</mark>.</div>' in \
+        render.answer_html("Alice met with Bob.", ans)
     html = render.token_view_html(Scores(model="m", tokens=[TokenScore("a\n", 1, 0.5, 2), TokenScore("<", 2, 1, 0)]))
     assert "a↵\n" in html and "&lt;" in html and "first token" in html
+
+
+def test_the_page_refreshes_the_model_status(backend):
+    from app.web.ui import STATUS_REFRESH_S, build_ui
+
+    demo = build_ui(backend)
+    status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "wwt-model-status")
+    timers = [b for b in demo.blocks.values() if isinstance(b, gr.Timer)]
+    assert len(timers) == 1 and timers[0].value == STATUS_REFRESH_S <= 10
+    ticks = [fn for fn in demo.fns.values() if any(t[0] == timers[0]._id and t[1] == "tick" for t in fn.targets)]
+    assert len(ticks) == 1 and [b._id for b in ticks[0].outputs] == [status._id]
+    assert ticks[0].show_progress == "hidden"
 
 
 def test_serve_without_weights_fails_at_once_with_what_to_do(tmp_path):

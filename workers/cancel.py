@@ -23,3 +23,8 @@ def supersede(client, key: str, task_id: str) -> None:
 
 def is_cancelled(client, task_id: str) -> bool:
     return bool(client.exists(CANCEL_PREFIX + task_id))
+
+
+def cancel_task(client, task_id: str) -> None:
+    """Mark one task stale: its reader went away (a streamed request whose client hung up)."""
+    client.set(CANCEL_PREFIX + task_id, 1, ex=TTL_S)

@@ -12,11 +12,12 @@ import threading
 import time
 from typing import Optional
 
-from model.errors import BadRequest, Cancelled, UnknownModel, WWTError
+from model.errors import BadRequest, Cancelled, RequestTimeout, UnknownModel, WWTError
 from model.types import REQUEST_TYPES
 
 from . import cancel
 from .config import TASK_NAME
+from .progress import Publisher
 
 log = logging.getLogger("wwt.worker")
 
@@ -88,8 +89,33 @@ def _complete(engine, request, hard_limit: Optional[float], task_id: Optional[st
     return engine.completion_from(handle, timeout=hard_limit)
 
 
+def _complete_streaming(engine, request, hard_limit: Optional[float], task_id: str):
+    """A completion whose snapshots go to the app as they are decoded (progress.py); it stops
+    early, as `_complete` does, when the app marks the task stale (the reader went away, or a
+    newer request from the same editor)."""
+    client = _stats_client
+    publisher = Publisher(client, task_id)
+    handle = engine.submit(request)
+    checked = time.monotonic()
+    try:
+        for suggestions in handle.updates(timeout=hard_limit, tick=CANCEL_POLL_S):
+            if suggestions is not None:
+                publisher.partial(suggestions)
+            if time.monotonic() - checked >= CANCEL_POLL_S:
+                checked = time.monotonic()
+                try:
+                    stale = cancel.is_cancelled(client, task_id)
+                except Exception:  # Redis trouble must not fail the request itself
+                    stale = False
+                if stale:
+                    handle.cancel()
+    except RequestTimeout:
+        pass  # cancelled at the hard limit: the answer says so
+    return engine.completion_from(handle, timeout=hard_limit)
+
+
 def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: Optional[float] = None,
-        task_id: Optional[str] = None):
+        task_id: Optional[str] = None, stream: bool = False):
     """Answer one request with the engine of its model; returns the result dataclass."""
     request = _request(kind, data)
     engine = _engines.get(request.model) if request.model else (next(iter(_engines.values()), None)
@@ -105,6 +131,8 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
                 request = dataclasses.replace(request, max_time=min(limit or soft_limit, soft_limit))
             # any other max_time is left for the engine to reject with a clear message
         # ...and the hard limit bounds the whole wait (queued inside the engine included).
+        if stream and task_id is not None and _stats_client is not None:
+            return _complete_streaming(engine, request, hard_limit, task_id)
         return _complete(engine, request, hard_limit, task_id)
     if kind == "classify":
         return engine.classify(request.text, labels=request.labels)
@@ -113,18 +141,20 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
     return engine.score(request.text)
 
 
-def infer(task, kind: str, request: dict) -> dict:
-    """The Celery task body (bound): never raises for a request's fault."""
+def infer(task, kind: str, request: dict, stream: bool = False) -> dict:
+    """The Celery task body (bound): never raises for a request's fault. With `stream`, a
+    completion's partial suggestions are published as they are decoded (progress.py)."""
     hostname = getattr(task.request, "hostname", None) or "unknown"
     soft_limit = getattr(task.app.conf, "task_soft_time_limit", None)
     hard_limit = getattr(task.app.conf, "task_time_limit", None)
     _count(hostname, "started")
     started = time.perf_counter()
+    task_id = getattr(task.request, "id", None)
     try:
-        task_id = getattr(task.request, "id", None)
         if kind == "complete" and task_id and _stats_client is not None and cancel.is_cancelled(_stats_client, task_id):
             raise Cancelled("a newer request from the same editor replaced this one")
-        result = run(kind, request, soft_limit=soft_limit, hard_limit=hard_limit, task_id=task_id).to_dict()
+        result = run(kind, request, soft_limit=soft_limit, hard_limit=hard_limit, task_id=task_id,
+                     stream=bool(stream)).to_dict()
         _count(hostname, "done")
     except WWTError as e:
         result = {"error": e.to_dict()}
@@ -137,6 +167,8 @@ def infer(task, kind: str, request: dict) -> dict:
         _count(hostname, "failed")
     result["worker"] = hostname
     result["worker_ms"] = (time.perf_counter() - started) * 1000
+    if stream and task_id and _stats_client is not None:
+        Publisher(_stats_client, task_id).end()  # the reader now takes the result
     return result
 
 

@@ -2,12 +2,86 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
-from model.errors import UnknownModel
+from model.errors import UnknownModel, WWTError
+from model.streaming import done_event, error_event
 from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
                          ScoreRequest, Scores)
+
+
+log = logging.getLogger(__name__)
+
+
+class EventStream:
+    """The events of one streamed completion (model/streaming.py): iterate them on one thread;
+    `cancel()` may come from any other (an HTTP client that went away) and stops the work.
+
+    Nothing escapes as an exception: a failure is the last event, {"type": "error", ...}.
+    """
+
+    def __init__(self, events: Iterator[dict]):
+        self._events = iter(events)
+        self._lock = threading.Lock()
+        self._on_cancel: list[Callable[[], None]] = []
+        self.cancelled = False
+        self.ended = False
+
+    def on_cancel(self, fn: Callable[[], None]) -> None:
+        """Call `fn` when the stream is cancelled (at once if it already was)."""
+        with self._lock:
+            if not self.cancelled:
+                self._on_cancel.append(fn)
+                return
+        fn()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self.cancelled:
+                return
+            self.cancelled = True
+            calls, self._on_cancel = self._on_cancel, []
+        for fn in calls:
+            try:
+                fn()
+            except Exception:  # a cancellation that fails leaves the work to its own timeout
+                log.warning("cancelling a stream failed", exc_info=True)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.ended:
+            raise StopIteration
+        try:
+            event = next(self._events)
+        except StopIteration:
+            self.ended = True
+            raise
+        except WWTError as e:
+            event = error_event(e)
+        except Exception as e:  # a bug: logged for the operator, a readable line for the reader
+            log.exception("streamed completion failed")
+            event = error_event(WWTError(f"internal error: {e.__class__.__name__}"))
+        if event.get("type") in ("done", "error"):
+            self.ended = True
+            self._close_events()
+        return event
+
+    def close(self) -> None:
+        """(the iterating thread) Stop: the work is cancelled if it has not ended."""
+        if not self.ended:
+            self.cancel()
+        self.ended = True
+        self._close_events()
+
+    def _close_events(self) -> None:
+        close = getattr(self._events, "close", None)  # a generator runs its cleanup (finally) now
+        if close is not None:
+            close()
 
 
 class Backend(ABC):
@@ -39,6 +113,16 @@ class Backend(ABC):
                  supersede: Optional[str] = None) -> Completion:
         """Suggestions for `request`. With `supersede` (say, one editor's id), a newer request with
         the same key cancels this one if it is still running: its answer would be stale."""
+
+    def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                        supersede: Optional[str] = None) -> EventStream:
+        """`complete` as it is written: an EventStream of partial events, then one done or error
+        event (model/streaming.py). This default has no partials: one done event when the answer
+        is there; backends that can do better override it."""
+        def events():
+            yield done_event(self.complete(request, timeout, supersede))
+
+        return EventStream(events())
 
     @abstractmethod
     def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import uuid
 from typing import Optional
 
 import redis
@@ -18,18 +19,21 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
 from model import settings
-from model.errors import BackendUnavailable, NoWorker, RequestTimeout, UnknownModel, WorkerFailed, error_from_dict
+from model.errors import (BackendUnavailable, Cancelled, NoWorker, RequestTimeout, UnknownModel, WorkerFailed,
+                          error_from_dict)
 from model.network.config import GPTConfig
 from model.network.known import KNOWN_MODELS, KNOWN_SHAPES, parse_model_spec
+from model.streaming import GrowOnly, done_event, partial_event, partials_of
 from model.types import RESULT_TYPES, Completion, CompletionRequest
 from workers import cancel
 from workers.celery_app import make_app
 from workers.config import TASK_NAME, queue_name, redact
+from workers.progress import Subscription
 from workers.config import redis_url as default_redis_url
 from workers.registry import live_workers, served_models
 from workers.suggestion_cache import SuggestionCache
 
-from .base import Backend
+from .base import Backend, EventStream
 from .documents import RedisDocumentStore
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError,
@@ -136,15 +140,32 @@ class CeleryBackend(Backend):
     def _call(self, kind: str, request, timeout: Optional[float], started: float, supersede: Optional[str] = None):
         """Send one task to the model's queue and wait for its answer, within `timeout`."""
         timeout = self.timeout if timeout is None else timeout
+        pending, name = self._send(kind, request, timeout, supersede)
+        return self._answer(kind, pending, name, timeout, started)
+
+    def _send(self, kind: str, request, timeout: float, supersede: Optional[str] = None,
+              task_id: Optional[str] = None, stream: bool = False):
+        """(the task's AsyncResult, the model's name): the task is on the model's queue."""
         name = self._resolve(request.model)
         request = dataclasses.replace(request, model=name)
         try:
             pending = self.celery.send_task(TASK_NAME, args=[kind, request.to_dict()], queue=queue_name(name),
+                                            kwargs={"stream": True} if stream else None, task_id=task_id,
                                             expires=timeout)  # nobody waits for it after that: skip it
         except _REDIS_ERRORS as e:
             raise self._unavailable(e) from None
         if supersede is not None:  # the task this one replaces stops on its worker
             self._redis(cancel.supersede, self.redis, supersede, pending.id)
+        return pending, name
+
+    def _check_served(self, name: str) -> None:
+        """NoWorker if the model has no live worker left (it died before answering)."""
+        if not self._redis(live_workers, self.redis, name):
+            raise NoWorker(f"the worker serving {name} stopped before answering, and no other "
+                           f"worker is serving {name}")
+
+    def _answer(self, kind: str, pending, name: str, timeout: float, started: float):
+        """Wait for a sent task's result, within `timeout`, and rebuild it as its result type."""
         last_check = [time.monotonic()]
 
         def still_served():
@@ -152,9 +173,7 @@ class CeleryBackend(Backend):
             # going away) ends the wait now instead of at the timeout.
             if time.monotonic() - last_check[0] >= CHECK_EVERY_S:
                 last_check[0] = time.monotonic()
-                if not self._redis(live_workers, self.redis, name):
-                    raise NoWorker(f"the worker serving {name} stopped before answering, and no other "
-                                   f"worker is serving {name}")
+                self._check_served(name)
 
         try:
             value = pending.get(timeout=timeout, propagate=False, on_interval=still_served)
@@ -175,6 +194,65 @@ class CeleryBackend(Backend):
         t.total_ms = elapsed
         t.worker = str(value.get("worker", ""))  # which worker answered
         return result
+
+    # -- streaming ----------------------------------------------------------------------
+    def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                        supersede: Optional[str] = None) -> EventStream:
+        """Partials published by the worker on the task's Redis channel (workers/progress.py) as
+        they are decoded, then the task's result. A suggestion-cache hit is one done event at once.
+        Cancelling the stream marks the task stale; its worker frees the slots at its next check."""
+        def events():
+            started = time.perf_counter()
+            limit = self.timeout if timeout is None else timeout
+            req = dataclasses.replace(request, model=request.model or self._default())
+            if self.cache is not None and not req.fresh:
+                hit = self._redis(self.cache.lookup, req)
+                if hit is not None:
+                    hit.timings.total_ms = (time.perf_counter() - started) * 1000
+                    yield done_event(hit)
+                    return
+            task_id = str(uuid.uuid4())
+            subscription = self._redis(Subscription, self.redis, task_id)  # before the task can publish
+            stream.on_cancel(lambda: self._redis(cancel.cancel_task, self.redis, task_id))
+            try:
+                pending, name = self._send("complete", req, limit, supersede, task_id=task_id, stream=True)
+                yield from self._partials(subscription, pending, name, time.monotonic() + limit, limit, stream)
+                completion = self._answer("complete", pending, name, max(0.1, limit - (time.perf_counter() - started)),
+                                          started)
+            finally:
+                subscription.close()
+            if self.cache is not None:
+                try:
+                    self.cache.store(req, completion)
+                except _REDIS_ERRORS:
+                    pass  # the answer is good; only its caching failed
+            yield done_event(completion)
+
+        stream = EventStream(events())
+        return stream
+
+    def _partials(self, subscription: Subscription, pending, name: str, deadline: float, limit: float,
+                  stream: EventStream):
+        """Partial events from the task's channel until the worker says its answer is ready."""
+        grow = GrowOnly()  # a task redelivered after a worker died starts again: never shrink a text
+        checked = time.monotonic()
+        while not stream.cancelled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._redis(cancel.cancel_task, self.redis, pending.id)
+                raise RequestTimeout(f"{name} did not answer within {limit:g} s; the workers may be busy "
+                                     f"(start more with `wwt worker --model {name}`)")
+            message = self._redis(subscription.get, min(CHECK_EVERY_S, left))
+            if message is not None and message.get("type") == "partial":
+                yield partial_event(grow.apply(partials_of(message)))
+            elif message is not None and message.get("type") == "end":
+                return
+            if time.monotonic() - checked >= CHECK_EVERY_S:  # quiet for a while: is anyone still on it?
+                checked = time.monotonic()
+                if self._redis(pending.ready):
+                    return  # answered without a word on the channel (say, cancelled before it ran)
+                self._check_served(name)
+        raise Cancelled("the request was cancelled")
 
     # -- documents ----------------------------------------------------------------------
     def save_document(self, text: str) -> str:

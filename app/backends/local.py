@@ -11,10 +11,11 @@ from model import settings
 from model.errors import UnknownModel, WWTError
 from model.network.config import GPTConfig
 from model.network.known import KNOWN_SHAPES, ModelSpec, parse_model_spec
+from model.streaming import done_event, partial_event
 from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
                          ScoreRequest, Scores)
 
-from .base import Backend
+from .base import Backend, EventStream
 from .documents import FileDocumentStore
 
 log = logging.getLogger(__name__)
@@ -124,20 +125,48 @@ class LocalBackend(Backend):
 
         def run():
             engine = self.engine(request.model)
-            handle = engine.submit(request)
+            handle = self._start(engine, request, supersede)
+            try:
+                return engine.completion_from(handle, timeout)
+            finally:
+                self._ended(supersede, handle)
+
+        return _guarded(run)
+
+    def _start(self, engine, request: CompletionRequest, supersede: Optional[str]):
+        """Submit; with a supersede key, cancel the older request under it (its answer would be stale:
+        free its slots now)."""
+        handle = engine.submit(request)
+        if supersede is not None:
             with self._lock:
                 older = self._latest.get(supersede)
                 self._latest[supersede] = handle
             if older is not None:
-                older.cancel()  # its answer would be stale: free its slots now
-            try:
-                return engine.completion_from(handle, timeout)
-            finally:
-                with self._lock:
-                    if self._latest.get(supersede) is handle:
-                        del self._latest[supersede]
+                older.cancel()
+        return handle
 
-        return _guarded(run)
+    def _ended(self, supersede: Optional[str], handle) -> None:
+        if supersede is not None:
+            with self._lock:
+                if self._latest.get(supersede) is handle:
+                    del self._latest[supersede]
+
+    def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                        supersede: Optional[str] = None) -> EventStream:
+        """Partial events from the engine's snapshots (Engine.stream_from), as each step is decoded.
+        Cancelling the stream, or a newer request under the same supersede key, frees the slots."""
+        def events():
+            engine = self.engine(request.model)
+            handle = self._start(engine, request, supersede)
+            stream.on_cancel(handle.cancel)
+            try:
+                for update in engine.stream_from(handle, timeout):
+                    yield partial_event(update.suggestions) if update.completion is None else done_event(update.completion)
+            finally:
+                self._ended(supersede, handle)
+
+        stream = EventStream(events())
+        return stream
 
     def superseding(self) -> list[str]:
         """The supersede keys that still have a request running (none is kept once it ends)."""

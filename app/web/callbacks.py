@@ -8,6 +8,7 @@ message (and is passed to `warn`, which the page turns into a toast).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
@@ -93,17 +94,20 @@ def suggest(backend: Backend, data: dict) -> dict:
                                      fresh=data.get("fresh", False),
                                      **{name: data.get(name) for name in PAGE_SETTINGS})
         client = data.get("client")  # one editor: its newer request cancels its older one
-        return backend.complete(request, timeout(), supersede=client if isinstance(client, str) and client else None)
+        supersede = client if isinstance(client, str) and client else None
+        return request, backend.complete(request, timeout(), supersede=supersede)
 
-    result, error = friendly(run)
+    answer_, error = friendly(run)
     if error:
         return {"ok": False, "error": error}
+    request, result = answer_
     # The engine (and the suggestion cache) already keep distinct, non-empty, clean suggestions.
     items = [{"text": s.text, "finish": s.finish_reason} for s in result.suggestions]
     if not items:
         return {"ok": False, "error": f"{result.model} had nothing to suggest here; try again or change the settings"}
     return {"ok": True, "model": result.model, "ms": round(result.timings.total_ms, 1),
-            "suggestions": items, "info": render.timing_text(result.model, result.timings)}
+            "suggestions": items, "info": render.timing_text(result.model, result.timings),
+            "asked": request.n}  # fewer came back when duplicates were dropped: the page says so
 
 
 def share(backend: Backend, data: dict) -> dict:
@@ -181,7 +185,7 @@ def classify(backend: Backend, text: str, labels, model: Optional[str], warn: Wa
 
 
 def answer(backend: Backend, context: str, question: str, model: Optional[str], warn: Warn = None):
-    """-> (highlighted context pieces, answer text, info html)."""
+    """-> (the passage as flowing HTML with the answer marked, answer text, info html)."""
     def run():
         req = AnswerRequest(question=clean(question, "question", required=True),
                             context=clean(context, "context", required=True), model=check_model(backend, model))
@@ -197,7 +201,7 @@ def answer(backend: Backend, context: str, question: str, model: Optional[str], 
     else:
         extra = f"extracted from the passage · score {ans.score:.2f}"
         shown = ans.text
-    return render.answer_spans(context, ans), shown, render.info_html(ans.model, ans.timings, extra)
+    return render.answer_html(context, ans), shown, render.info_html(ans.model, ans.timings, extra)
 
 
 def prompt_tail(prompt: str, words: int = 6) -> str:
@@ -230,14 +234,28 @@ def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn:
         ms = t.total_ms or (time.perf_counter() - started) * 1000
         decode_s = (t.decode_ms or ms) / 1000
         info, _ = friendly(lambda: backend.model_info(name))
+        scores, score_error = friendly(lambda: backend.score(ScoreRequest(text=prompt, model=name), timeout()))
         return {"model": result.model, "ms": ms, "tokens_per_s": t.tokens_decoded / decode_s if decode_s else 0.0,
                 "parameters": (info or {}).get("parameters"), "precision": (info or {}).get("precision"),
                 "weight_bytes": (info or {}).get("weight_bytes"), "prompt_tail": prompt_tail(prompt),
-                "suggestions": [s.text for s in result.suggestions]}
+                "suggestions": [s.text for s in result.suggestions],
+                **(likelihood(scores) if scores is not None else {"score_error": score_error})}
 
     with ThreadPoolExecutor(max_workers=len(models)) as pool:
         rows = list(pool.map(one, models))
-    return render.compare_html(rows)
+    return render.compare_chart_html(rows) + render.compare_html(rows)
+
+
+def likelihood(scores) -> dict:
+    """How likely a model found a text: the mean log-probability per predicted token and its perplexity.
+
+    A first token that nothing predicts (rank 0) is left out; no predicted token -> {}.
+    """
+    logs = [math.log(max(t.prob, 1e-30)) for t in scores.tokens if t.rank]
+    if not logs:
+        return {}
+    mean = sum(logs) / len(logs)
+    return {"mean_logprob": mean, "perplexity": math.exp(-mean), "scored_tokens": len(logs)}
 
 
 # -- the named API endpoints (errors are raised; the page layer turns them into gr.Error) ---

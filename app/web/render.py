@@ -83,6 +83,14 @@ def answer_spans(context: str, answer: Answer) -> list[tuple[str, Optional[str]]
     return [(text, label) for text, label in pieces if text]
 
 
+def answer_html(context: str, answer: Answer) -> str:
+    """The passage as flowing text (its line ends kept), the answer span marked in place."""
+    pieces = "".join(f'<mark class="wwt-answer">{esc(text)}</mark>' if label else esc(text)
+                     for text, label in answer_spans(context, answer))
+    return (f'<div class="wwt-passage-label">Answer in the passage</div>'
+            f'<div class="wwt-passage">{pieces}</div>')
+
+
 def human_bytes(n) -> str:
     """1234567 -> '1.2 MB'."""
     n = float(n or 0)
@@ -108,6 +116,60 @@ def compare_html(rows: list[dict]) -> str:
                      f'<span>{human_count(row.get("parameters"))} parameters</span>'
                      + (f'<span>{esc(row["precision"])}</span>' if row.get("precision") else "")
                      + (f'<span>{human_bytes(row["weight_bytes"])} of weights</span>' if row.get("weight_bytes")
-                        else "") + '</div>')
+                        else "")
+                     + (f'<span title="perplexity of the prompt">log p {row["mean_logprob"]:.2f}/token</span>'
+                        if row.get("mean_logprob") is not None else "") + '</div>')
         cards.append(f'<div class="wwt-card"><h3>{esc(row["model"])}</h3>{facts}{body}</div>')
     return f'<div class="wwt-cards">{"".join(cards)}</div>'
+
+
+# One colour per model, the same in every panel of the chart.
+PALETTE = ("#6366f1", "#0ea5e9", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#14b8a6", "#f97316")
+
+# (key, title, how a value reads, what is better): the chart's panels, in order.
+CHART_METRICS = (
+    ("parameters", "Parameters", lambda v: human_count(int(v)), "size"),
+    ("weight_bytes", "Weight memory", human_bytes, "size"),
+    ("ms", "Latency on this prompt", lambda v: f"{v:,.0f} ms", "lower is better"),
+    ("tokens_per_s", "Tokens per second", lambda v: f"{v:,.1f}", "higher is better"),
+    ("perplexity", "Perplexity of your text", lambda v: f"{v:,.1f}" if v < 1000 else human_count(int(v)),
+     "lower: your text is likelier to it"),
+)
+
+
+def compare_chart_html(rows: list[dict]) -> str:
+    """What model size buys, at a glance: one panel per measure, one bar per model (and precision).
+
+    Bars are relative to the largest value in their panel; a model without a value (a
+    failed request, a size the backend does not know) has no bar and a '?'.
+    """
+    rows = [r for r in rows if not r.get("error")]
+    if not rows:
+        return ""
+    colour = {r["model"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
+    panels = []
+    for key, title, fmt, better in CHART_METRICS:
+        values = [r.get(key) for r in rows]
+        known = [v for v in values if isinstance(v, (int, float)) and v > 0 and math.isfinite(v)]
+        if not known:
+            continue
+        top = max(known)
+        bars = []
+        for row, value in zip(rows, values):
+            ok = isinstance(value, (int, float)) and value > 0 and math.isfinite(value)
+            width = max(2.0, 100.0 * value / top) if ok else 0.0
+            shown = fmt(value) if ok else "?"
+            title_text = shown
+            if key == "perplexity" and ok and row.get("mean_logprob") is not None:
+                title_text = f"perplexity {shown} · mean log-probability {row['mean_logprob']:.2f} per token " \
+                             f"over {row.get('scored_tokens', '?')} tokens"
+            label = row["model"] + (f" ({row['precision']})" if row.get("precision") and "@" not in row["model"]
+                                    else "")
+            bars.append(f'<div class="wwt-bar" data-model="{esc(row["model"])}" title="{esc(title_text)}">'
+                        f'<span class="wwt-bar-name">{esc(label)}</span>'
+                        f'<span class="wwt-bar-value">{esc(shown)}</span>'
+                        f'<span class="wwt-bar-track"><i style="width:{width:.1f}%;background:'
+                        f'{colour[row["model"]]}"></i></span></div>')
+        panels.append(f'<div class="wwt-chart-panel" data-metric="{key}"><h4>{esc(title)} '
+                      f'<small>{esc(better)}</small></h4>{"".join(bars)}</div>')
+    return f'<div class="wwt-chart" role="figure" aria-label="Model sizes compared">{"".join(panels)}</div>'

@@ -7,6 +7,7 @@ named API endpoints (/complete, /classify, /answer, /score) to them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,37 @@ def launch_kwargs() -> dict:
     return {"css": static_text("app.css"), "theme": theme()}
 
 
+# How often the model-status panel asks again (workers come and go; a model loads or fails).
+STATUS_REFRESH_S = 5.0
+
+# Dismiss the toasts of one tab when the person goes to another.
+CLOSE_TOASTS_JS = "() => { document.querySelectorAll('.toast-close').forEach((b) => b.click()); }"
+
+
+class WWTBlocks(gr.Blocks):
+    """gr.Blocks whose named API endpoints may be called with fewer inputs than they take.
+
+    A plain-HTTP call may leave out trailing inputs: they take their defaults, as through
+    gradio_client and Python. Leaving out one without a default (the text) is a readable
+    error, where Gradio's own check would answer `{"error": null}`.
+    """
+
+    api_functions: dict = {}
+
+    def validate_inputs(self, block_fn, inputs):
+        fn = self.api_functions.get(getattr(block_fn, "api_name", None))
+        if fn is not None and len(inputs) < len(block_fn.inputs):
+            params = list(inspect.signature(fn).parameters.values())
+            missing = params[len(inputs):len(block_fn.inputs)]
+            required = [p.name for p in missing if p.default is inspect.Parameter.empty]
+            if required:
+                raise gr.Error(f"/{block_fn.api_name} takes {len(params)} inputs in this order: "
+                               f"{', '.join(p.name for p in params)}; got {len(inputs)}, so "
+                               f"{', '.join(required)} is missing", print_exception=False)
+            inputs.extend(p.default for p in missing)
+        super().validate_inputs(block_fn, inputs)
+
+
 def _slider(name: str, label: str, info: str, step) -> gr.Slider:
     limit = LIMITS[name]
     return gr.Slider(limit.low, limit.high, value=limit.default, step=step, label=label, info=info, elem_id=f"wwt-{name}")
@@ -82,11 +114,11 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
     def share(data):
         return callbacks.share(backend, data)
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    with WWTBlocks(title=title, analytics_enabled=False) as demo:
         gr.HTML(f'<div class="wwt-header"><h1>✍️ {title}</h1><p>Write, press <kbd>Tab</kbd>, and pick what '
                 f'the model would write next. GPT-2 family, served by a <b>{backend.kind}</b> backend.</p></div>',
                 apply_default_css=False, js_on_load=None)
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_id="wwt-model-row"):
             model = gr.Dropdown(models, value=default_model, label="Model", scale=1, min_width=260, elem_id="wwt-model",
                                 info="used by every tab" + ("; loads on first use" if backend.kind == "local" else ""),
                                 allow_custom_value=False)
@@ -94,8 +126,9 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                                    container=True,
                                    padding=True, apply_default_css=False, js_on_load=None,
                                    elem_id="wwt-model-status")
+        status_timer = gr.Timer(STATUS_REFRESH_S)
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Write", id="write"):
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -142,8 +175,7 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                         gr.Examples(QA_EXAMPLES, [qa_context, qa_question])
                     with gr.Column():
                         qa_answer = gr.Textbox(label="Answer", interactive=False, elem_id="wwt-qa-answer")
-                        qa_view = gr.HighlightedText(label="Answer in the passage", elem_id="wwt-qa-view",
-                                                     color_map={"answer": "#fbbf24"}, show_legend=False)
+                        qa_view = gr.HTML(apply_default_css=False, js_on_load=None, elem_id="wwt-qa-view")
                         qa_info = gr.HTML(apply_default_css=False, js_on_load=None, elem_id="wwt-qa-info")
 
             with gr.Tab("Compare model sizes", id="compare"):
@@ -165,29 +197,33 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
 
         def on_model(name, progress=gr.Progress(track_tqdm=True)):
             progress(0, desc=f"loading {name}")
-            return callbacks.load_model(backend, name, warn)
+            return callbacks.load_model(backend, name)
 
         model.change(on_model, model, model_status, api_visibility="private")
+        # Kept live: a worker that dies (or a model another person loads) shows without a reload.
+        status_timer.tick(lambda name: callbacks.model_status(backend, name), model, model_status,
+                          show_progress="hidden", queue=False, api_visibility="private")
+        tabs.select(None, None, None, js=CLOSE_TOASTS_JS, queue=False)
 
         def on_tokens(text, name, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.token_view(backend, text, name, warn)
+            return callbacks.token_view(backend, text, name)
 
         token_button.click(on_tokens, [editor, model], token_out, api_visibility="private")
 
         def on_classify(text, labels, name, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.classify(backend, text, labels, name, warn)
+            return callbacks.classify(backend, text, labels, name)
 
         gr.on([cls_button.click, cls_text.submit], on_classify, [cls_text, cls_labels, model],
               [cls_out, cls_info], api_visibility="private")
 
         def on_answer(context, question, name, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.answer(backend, context, question, name, warn)
+            return callbacks.answer(backend, context, question, name)
 
         gr.on([qa_button.click, qa_question.submit], on_answer, [qa_context, qa_question, model],
               [qa_view, qa_answer, qa_info], api_visibility="private")
 
         def on_compare(prompt, chosen, length_, n_, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.compare(backend, prompt, chosen, length_, n_, warn)
+            return callbacks.compare(backend, prompt, chosen, length_, n_)
 
         cmp_button.click(on_compare, [cmp_prompt, cmp_models, cmp_length, cmp_n], cmp_out,
                          api_visibility="private")
@@ -218,6 +254,7 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
         def score(text: str, model: str = "") -> dict:
             return _api(callbacks.api_score, backend, text, model)
 
+        demo.api_functions = {"complete": complete, "classify": classify, "answer": answer, "score": score}
         gr.api(complete, api_name="complete",
                api_description="Continuations of `text`: suggestions (text, tokens, log-probabilities) and timings.")
         gr.api(classify, api_name="classify",

@@ -96,6 +96,23 @@ def continuation(tokenizer: GPTTokenizer, prompt: Prompt, generated: list[int]) 
     return full[len(prompt.text_prefix):] if full.startswith(prompt.text_prefix) else full
 
 
+def settled_text(text: str, stop) -> str:
+    """The part of an unfinished suggestion's text that no stop rule can take back (for streaming).
+
+    With a list of stop strings, the end of the text that could begin a stop string is held
+    back until the next tokens show whether it does ("... th" under " the"). "auto" never takes
+    text back: a line end, a sentence's end or the word budget is acted on in the step it
+    appears, so each cut falls at or after the end of the text shown before that step.
+    """
+    if isinstance(stop, (list, tuple)):
+        longest = max((len(s) for s in stop if s), default=0)
+        for cut in range(max(0, len(text) - longest + 1), len(text)):
+            tail = text[cut:]
+            if any(s.startswith(tail) for s in stop if s):
+                return text[:cut]
+    return text
+
+
 def apply_stop(text: str, stop) -> tuple[str, bool]:
     """(text cut at the first stop, whether a stop was reached)."""
     if stop is None or text == "":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -19,8 +19,8 @@ from ..errors import BadRequest, CheckpointError
 from ..network.known import parse_model_spec
 from ..network.tokenizer import complete_utf8_prefix, load_tokenizer_folder
 from ..network.weights import resolve_checkpoint
-from ..types import (Answer, Classification, Completion, CompletionRequest, LabelScore, Scores, Suggestion,
-                     Timings, TokenScore)
+from ..types import (Answer, Classification, Completion, CompletionRequest, CompletionUpdate, LabelScore,
+                     PartialSuggestion, Scores, Suggestion, Timings, TokenScore)
 from .autocomplete import build_prompt
 from .cpu_kernels import packed_bytes, prepare_for_cpu
 from .decode_graph import FixedShapeDecoder
@@ -116,6 +116,29 @@ class Engine:
         suggestions, timings = handle.result(timeout)
         return Completion(model=self.name, suggestions=suggestions, timings=timings,
                           healed=handle.job.prompt.heal.decode("utf-8", errors="replace"))
+
+    def stream(self, request: CompletionRequest, timeout: Optional[float] = None) -> Iterator[CompletionUpdate]:
+        """A completion as it is written: see `stream_from`."""
+        return self.stream_from(self.submit(request), timeout)
+
+    def stream_from(self, handle: Handle, timeout: Optional[float] = None) -> Iterator[CompletionUpdate]:
+        """Updates of a submitted request: its suggestions after each step that changed them, then
+        one last update whose `completion` is the answer `completion_from` gives (authoritative;
+        what partial texts promise is in model/streaming.py). Raises what `completion_from` raises.
+
+        Closing the iterator before the end (a reader that went away) cancels the request, which
+        frees its slots at the next step.
+        """
+        try:
+            for suggestions in handle.updates(timeout):
+                yield CompletionUpdate(suggestions=list(suggestions))
+            completion = self.completion_from(handle)
+        finally:
+            if not handle.done():
+                handle.cancel()
+        final = [PartialSuggestion(index=i, text=s.text, finished=True, finish_reason=s.finish_reason)
+                 for i, s in enumerate(completion.suggestions)]
+        yield CompletionUpdate(suggestions=final, completion=completion)
 
     def complete(self, text: str, n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 0.9, repetition_penalty: float = 1.0, greedy: bool = False,

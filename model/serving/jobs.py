@@ -17,6 +17,7 @@ import torch
 from ..errors import RequestTimeout, WWTError
 from ..types import Suggestion, Timings
 from .autocomplete import Prompt
+from .progress import Progress
 from .sampling import SamplingSettings
 
 
@@ -33,6 +34,7 @@ class Row:
     text: str = ""
     finish: Optional[str] = None
     collected: bool = False  # looked at by the job's round of distinct suggestions
+    kept: Optional[bool] = None  # once collected: whether it became a suggestion (not a duplicate or empty)
 
 
 class Job:
@@ -62,6 +64,7 @@ class Job:
         self.admitted = 0.0
         self.decode_started = 0.0
         self.done = threading.Event()
+        self.progress = Progress()  # snapshots for a streaming reader (progress.py)
         self.result: Optional[list[Suggestion]] = None
         self.error: Optional[WWTError] = None
 
@@ -106,6 +109,36 @@ class Handle:
             raise self._job.error
         return self._job.result, self._job.timings
 
+    def updates(self, timeout: Optional[float] = None, tick: Optional[float] = None):
+        """The request's suggestions as they are written: yields a tuple of PartialSuggestion after
+        each step that changed them (the newest only, if the reader is slower than the steps),
+        and returns when the request has ended (then `result` gives the answer).
+
+        With `tick`, also yields None when that long passed without a change, so the reader can
+        look at something else (the worker checks for a cancellation mark). Past `timeout` the
+        request is cancelled and RequestTimeout raised, as `result` does.
+        """
+        progress = self._job.progress
+        progress.watched = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        while True:
+            wait = tick
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+                wait = left if wait is None else min(wait, left)
+            version, snapshot, closed = progress.wait(seen, wait)
+            if version != seen:
+                seen = version
+                yield snapshot
+            elif closed:
+                return
+            elif deadline is not None and time.monotonic() >= deadline:
+                self.cancel()
+                raise RequestTimeout(f"no answer within {timeout:g} s")
+            elif tick is not None:
+                yield None
+
     def cancel(self) -> None:
         self._job.cancelled = True
         self._wake()
@@ -120,6 +153,7 @@ class Call:
     def __init__(self, fn):
         self.fn = fn
         self.done = threading.Event()
+        self.progress = Progress()  # snapshots for a streaming reader (progress.py)
         self.result = None
         self.error: Optional[BaseException] = None
 

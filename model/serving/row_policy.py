@@ -82,7 +82,8 @@ class RowPolicy:
                 continue
             row.collected = True
             key = suggestion_key(row.text)
-            if key and key not in job.seen_texts and len(job.accepted) < job.n:
+            row.kept = bool(key and key not in job.seen_texts and len(job.accepted) < job.n)
+            if row.kept:
                 job.seen_texts.add(key)
                 job.accepted.append(Suggestion(text=row.text, token_ids=list(row.tokens),
                                                logprobs=list(row.logprobs), finish_reason=row.finish))

@@ -25,6 +25,7 @@ from .decode_graph import FixedShapeDecoder
 from .jobs import Call, Handle, Job, Row
 from .kv_cache import KVCache
 from .planner import Planner
+from .progress import snapshot
 from .row_policy import RowPolicy
 from .runner import ModelRunner
 from .slots import SlotPool
@@ -148,6 +149,9 @@ class Scheduler:
         self._prefill()
         self._decode()
         self.counters["steps"] += 1
+        for job in self.planner.running:  # streaming readers see the step's tokens now (progress.py)
+            if job.progress.watched:
+                job.progress.publish(snapshot(job))
 
     def _prefill(self) -> None:
         for group in self.planner.prefill_chunks():
@@ -236,6 +240,9 @@ class Scheduler:
             error = Cancelled("the request was cancelled")
         job.error = error
         job.result = list(job.accepted)
+        if job.progress.watched:
+            job.progress.publish(snapshot(job))
         job.done.set()
+        job.progress.close()
         with self._cond:
             self._cond.notify_all()

@@ -1,0 +1,187 @@
+"""POST /wwt/stream: suggestions as they are written, as Server-Sent Events.
+
+Request (same origin as the page; under a root path, relative to the app's root):
+
+    POST /wwt/stream
+    Content-Type: application/json
+    {"before": "text before the cursor", "model": "", "n": 3, "max_new_tokens": 64,
+     "temperature": 1.0, "top_k": 0, "top_p": 0.9, "fresh": false, "client": "editor-id",
+     "seed": null}
+
+Every field but `before` may be left out (the page's defaults; an empty model is the
+default one). The body is checked by the same contract as the editor's Tab
+(callbacks.completion_request). `client` is a supersede key: a newer request with the same
+key cancels this one. `seed` (a whole number >= 0) makes the answer repeatable.
+
+Response: 200, `text/event-stream`, one event per message, each `data` a JSON object:
+
+    event: partial
+    data: {"type": "partial", "suggestions": [{"index": 0, "text": " and the", "finished": false,
+           "finish_reason": null}, ...]}
+
+    event: done
+    data: {"type": "done", "result": {"model": ..., "suggestions": [{"text", "token_ids",
+           "logprobs", "finish_reason"}], "timings": {...}, "healed": ...}}
+
+    event: error
+    data: {"type": "error", "error": "max_new_tokens must be ...", "kind": "bad_request"}
+
+Zero or more partial events, then exactly one done or error event, then the stream ends.
+Bad input is an error event too (still status 200), so a client has one path to read. Each
+partial holds every suggestion so far in full (not a delta): a missed or skipped one loses
+nothing, and events a slow reader has not taken yet are merged into the newest. A partial
+text only grows; the done event is authoritative (model/streaming.py says exactly what is
+promised). Closing the connection cancels the request: its KV-cache slots are freed at once
+(distributed: within the worker's cancel check, 0.2 s).
+
+Why SSE over a mounted route: the editor must cancel by hanging up and read each event the
+moment it is written; Gradio's generator endpoints need a queue join and a second request,
+and keep running after the client is gone. SSE (rather than NDJSON) because proxies, Spaces'
+included, pass `text/event-stream` through unbuffered, and it is what Gradio's own API uses,
+so `curl -N` reads both alike. POST, because the text can be long: the browser reads the
+body with fetch() (EventSource can only GET).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from app.backends.base import Backend, EventStream
+from model.errors import BadRequest, WWTError
+from model.streaming import error_event
+
+from .callbacks import PAGE_SETTINGS, completion_request, timeout
+
+log = logging.getLogger(__name__)
+
+PATH = "/wwt/stream"
+MAX_STREAMS = 64  # streams written at once; past it a request is answered "busy" at once
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+_NOT_JSON = object()
+
+
+def start(backend: Backend, data) -> EventStream:
+    """The events for one request body (a dict), checked against the contract first."""
+    try:
+        if data is _NOT_JSON:
+            raise BadRequest("the request body must be JSON")
+        if not isinstance(data, dict):
+            raise BadRequest("the request body must be a JSON object")
+        seed = data.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise BadRequest(f"seed must be a whole number of at least 0 (got {seed!r})")
+        request = completion_request(backend, data.get("before", ""), data.get("model"),
+                                     fresh=data.get("fresh", False), seed=seed,
+                                     **{name: data.get(name) for name in PAGE_SETTINGS})
+        client = data.get("client")
+        return backend.stream_complete(request, timeout(),
+                                       supersede=client if isinstance(client, str) and client else None)
+    except WWTError as e:
+        return _one(error_event(e))
+    except Exception as e:  # a bug: logged, and a readable line for the client
+        log.exception("stream request failed")
+        return _one(error_event(WWTError(f"internal error ({e.__class__.__name__}); try again")))
+
+
+def _one(event: dict) -> EventStream:
+    return EventStream(iter([event]))
+
+
+def sse(event: dict) -> bytes:
+    return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+class _Slots:
+    """A count of the streams being written, bounded by MAX_STREAMS."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.lock = limit, 0, threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.used >= self.limit:
+                return False
+            self.used += 1
+            return True
+
+    def give(self) -> None:
+        with self.lock:
+            self.used -= 1
+
+
+async def _events(backend: Backend, data, request: Request, slots: _Slots):
+    """Run the (blocking) event iterator on its own thread and send each event as it comes;
+    partials that pile up behind a slow reader are merged into the newest (each is complete)."""
+    if not slots.take():
+        yield sse({"type": "error", "error": "the server is busy writing other suggestions; try again in a moment",
+                   "kind": "busy"})
+        return
+    try:
+        events = await asyncio.to_thread(start, backend, data)  # asks the backend which models it offers
+    except BaseException:
+        slots.give()
+        raise
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the server's loop is gone (shutting down)
+            events.cancel()
+
+    def pump() -> None:
+        try:
+            for event in events:
+                put(event)
+        finally:
+            put(None)
+            slots.give()
+
+    async def hang_up() -> None:  # for servers that do not cancel the response when the client goes
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        events.cancel()
+
+    threading.Thread(target=pump, name="wwt-stream", daemon=True).start()
+    watcher = asyncio.create_task(hang_up())
+    try:
+        ended = False
+        while not ended:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            for event, following in zip(batch, batch[1:] + [None]):
+                if event is None:
+                    ended = True
+                    break
+                if event["type"] == "partial" and following is not None and following["type"] == "partial":
+                    continue  # the newer snapshot holds everything this one does
+                yield sse(event)
+    finally:
+        watcher.cancel()
+        if not events.ended:
+            events.cancel()  # the client went away: free the slots now
+
+
+def routes(backend: Backend) -> list:
+    """The routes to mount on the app's server (server.app_kwargs passes them to Gradio's FastAPI)."""
+    slots = _Slots(MAX_STREAMS)
+
+    async def endpoint(request: Request):
+        try:
+            data = await request.json()
+        except Exception:
+            data = _NOT_JSON
+        return StreamingResponse(_events(backend, data, request, slots), media_type="text/event-stream",
+                                 headers=HEADERS)
+
+    return [Route(PATH, endpoint, methods=["POST"])]
