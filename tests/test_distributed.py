@@ -522,3 +522,16 @@ def test_a_quantized_worker_serves_through_the_queue(redis_server, client, tiny_
         local.close()
         backend.close()
         worker.stop()
+
+
+@pytest.mark.timeout(30)
+def test_the_no_worker_hint_names_the_spec_the_app_was_given(redis_server, tmp_path):
+    """A folder model needs `name=folder` (and its precision) on the worker's command line."""
+    folder = tmp_path / "weights"
+    b = CeleryBackend([f"mine={folder}@int8"], redis_url=redis_server.url, timeout=30)
+    try:
+        with pytest.raises(NoWorker) as e:
+            b.complete(_req("Hi", model="mine", fresh=True), timeout=30)
+        assert f"wwt worker --model mine={folder}@int8" in e.value.message
+    finally:
+        b.close()

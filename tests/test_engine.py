@@ -43,6 +43,11 @@ def prompt_of(engine: Engine, text: str, max_new_tokens: int = 8):
     return build_prompt(engine.tokenizer, clean_text(text), engine.config.n_positions - max_new_tokens, engine.eos)
 
 
+def whole_characters(tok, token_ids) -> str:
+    """What a suggestion shows of these tokens (complete text: nothing is cut at its end)."""
+    return clean_output(tok.decode_bytes(token_ids).decode("utf-8", errors="replace"))
+
+
 def ids(suggestions) -> list[list[int]]:
     return [s.token_ids for s in suggestions]
 
@@ -425,7 +430,7 @@ def test_token_healing_spells_out_what_was_typed(engine, greedy):
                 b = tok.token_bytes(t)
                 assert b.startswith(pending) or pending.startswith(b), (text, b, pending)
                 pending = b"" if b.startswith(pending) else pending[len(b):]
-            full = clean_output(tok.decode(prompt.tokens + s.token_ids))  # suggestions hold no control characters
+            full = clean_output(whole_characters(tok, prompt.tokens + s.token_ids))  # nor control characters
             assert full.startswith(text + s.text), (text, s.text, full)
 
 
@@ -452,9 +457,9 @@ def test_odd_texts_give_suggestions(engine, text):
         cleaned = clean_text(text)
         prompt = prompt_of(engine, cleaned, 5)
         for s in done.suggestions:
-            full = engine.tokenizer.decode(prompt.tokens + s.token_ids)
+            full = whole_characters(engine.tokenizer, prompt.tokens + s.token_ids)
             if prompt.tokens == [engine.eos]:
-                full = engine.tokenizer.decode(s.token_ids)
+                full = whole_characters(engine.tokenizer, s.token_ids)
             assert clean_output(full).startswith(cleaned + s.text)  # no control characters in a suggestion
     assert idle(engine)
 
@@ -922,3 +927,17 @@ def test_with_fewer_slots_than_documents_the_least_recently_typed_loses_its_pref
         assert reused >= len(old) - 1, name  # still held
     reused, old = typed("gamma")
     assert reused < len(old) // 2  # evicted: only the shared first word or so is left somewhere
+
+
+def test_a_character_spelled_over_several_tokens_shows_only_when_complete(engine):
+    """"€" is three bytes; generated one byte token at a time, the suggestion never ends in half of it."""
+    from model.serving.autocomplete import Prompt, continuation
+
+    tok = engine.tokenizer
+    table = tok.all_token_bytes()
+    byte_token = {b: i for i, b in enumerate(table) if len(b) == 1}
+    euro = "€".encode("utf-8")
+    generated = [byte_token[b"A"]] + [byte_token[bytes([b])] for b in euro]
+    prompt = Prompt(tokens=[1], heal=b"")
+    shown = [continuation(tok, prompt, generated[:i]) for i in range(1, len(generated) + 1)]
+    assert shown == ["A", "A", "A", "A€"]

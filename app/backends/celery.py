@@ -49,6 +49,8 @@ class CeleryBackend(Backend):
                  timeout: Optional[float] = None, cache: bool = True, **_ignored):
         self.url = default_redis_url(redis_url)
         self.names = [parse_model_spec(s).name for s in (model_specs or []) if s and s.strip()]
+        # the spec each name was given as (`tiny=/path@int8`): what a worker for it must be started with
+        self.specs = {parse_model_spec(s).name: s.strip() for s in (model_specs or []) if s and s.strip()}
         self.timeout = timeout if timeout is not None else settings.get_float("WWT_REQUEST_TIMEOUT")
         self.celery = make_app(self.url)  # QueueMisconfigured (a WWTError) if the settings contradict
         self.redis = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=10)
@@ -89,6 +91,10 @@ class CeleryBackend(Backend):
             info["parameters"] = GPTConfig(**KNOWN_SHAPES[name], model_type=model_type).parameter_count()
         return info
 
+    def _spec(self, name: str) -> str:
+        """How to start a worker for `name`: the spec the app was given (a folder needs `name=folder`)."""
+        return self.specs.get(name, name)
+
     def _default(self) -> str:
         names = self.names or self.models()
         if not names:
@@ -106,7 +112,7 @@ class CeleryBackend(Backend):
                 self._served_at[name] = time.monotonic()
             return name
         if name in self.names or name in KNOWN_MODELS:
-            raise NoWorker(f"no worker is serving {name}; start one with `wwt worker --model {name}`")
+            raise NoWorker(f"no worker is serving {name}; start one with `wwt worker --model {self._spec(name)}`")
         raise UnknownModel(f"unknown model {name!r}: it is not a known model "
                            f"({', '.join(KNOWN_MODELS)}) and no worker is serving it")
 
@@ -179,7 +185,7 @@ class CeleryBackend(Backend):
             value = pending.get(timeout=timeout, propagate=False, on_interval=still_served)
         except CeleryTimeout:
             raise RequestTimeout(f"{name} did not answer within {timeout:g} s; the workers may be busy "
-                                 f"(start more with `wwt worker --model {name}`)") from None
+                                 f"(start more with `wwt worker --model {self._spec(name)}`)") from None
         except _REDIS_ERRORS as e:
             raise self._unavailable(e) from None
         if pending.failed() or not isinstance(value, dict):
@@ -241,7 +247,7 @@ class CeleryBackend(Backend):
             if left <= 0:
                 self._redis(cancel.cancel_task, self.redis, pending.id)
                 raise RequestTimeout(f"{name} did not answer within {limit:g} s; the workers may be busy "
-                                     f"(start more with `wwt worker --model {name}`)")
+                                     f"(start more with `wwt worker --model {self._spec(name)}`)")
             message = self._redis(subscription.get, min(CHECK_EVERY_S, left))
             if message is not None and message.get("type") == "partial":
                 yield partial_event(grow.apply(partials_of(message)))

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..contract import CHARS_PER_TOKEN, stable_tail
+from ..contract import CHARS_PER_TOKEN, clean_output, stable_tail
 from ..errors import BadRequest
 from ..network.tokenizer import GPTTokenizer, complete_utf8_prefix
 
@@ -87,11 +87,15 @@ class HealingMasks:
 
 
 def continuation(tokenizer: GPTTokenizer, prompt: Prompt, generated: list[int]) -> str:
-    """The text the generated tokens add after what the person typed (never half a character)."""
+    """The text the generated tokens add after what the person typed, never ending in half a character.
+
+    A character still being spelled out over several tokens is left out until its last byte
+    comes; bytes that can form no character at all (a model may emit any byte) show as U+FFFD,
+    as the reference decodes them. No control characters."""
     if tokenizer.byte_level:
         data = tokenizer.decode_bytes(generated)
         data = data[len(prompt.heal):] if data.startswith(prompt.heal) else data
-        return complete_utf8_prefix(data).decode("utf-8", errors="replace")
+        return clean_output(complete_utf8_prefix(data).decode("utf-8", errors="replace"))
     full = tokenizer.decode(prompt.tokens + generated)
     return full[len(prompt.text_prefix):] if full.startswith(prompt.text_prefix) else full
 
