@@ -64,10 +64,26 @@ def build_app(backend):
 
 def app_kwargs(backend) -> dict:
     """What `launch(app_kwargs=...)` gives Gradio's FastAPI app: our own routes (POST /wwt/stream,
-    app/web/stream.py), listed before Gradio's so none of its routes can shadow them."""
+    app/web/stream.py; GET /healthz and /metrics, app/web/ops.py), listed before Gradio's so none
+    of its routes can shadow them."""
+    from .web import ops
     from .web.stream import routes
 
-    return {"routes": routes(backend)}
+    from .web import limits
+
+    # limits.py: the request-body limit in front of every route, and DELETE /wwt/doc/{id}
+    return {"routes": routes(backend) + ops.routes(backend) + limits.routes(backend),
+            "middleware": limits.middleware()}
+
+
+def redis_warning(backend) -> Optional[str]:
+    """The warning for a Redis used without a password on a non-loopback address (celery mode)."""
+    url = getattr(backend, "url", None)
+    if getattr(backend, "kind", "") != "celery" or not url:
+        return None
+    from workers.config import insecure_redis_warning
+
+    return insecure_redis_warning(url)
 
 
 def _stop_like_ctrl_c(signum, frame) -> None:
@@ -87,6 +103,9 @@ def serve(args) -> int:
         return 2
     from .web.ui import launch_kwargs
 
+    warning = redis_warning(backend)
+    if warning:
+        log.warning(warning)
     demo = build_app(backend)
     print(f"Write With Transformer: {', '.join(backend.models())} on the {backend.kind} backend", flush=True)
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a service manager's stop ends the server as Ctrl+C does

@@ -62,10 +62,16 @@ class Cancelled(WWTError):
     kind = "cancelled"
 
 
+class LimitReached(WWTError):
+    """A limit that protects the service was reached (share rate, storage, body size); nothing was stored."""
+
+    kind = "limit"
+
+
 _KINDS = {
     cls.kind: cls
     for cls in (WWTError, BadRequest, UnknownModel, CheckpointError, NoWorker,
-                BackendUnavailable, WorkerFailed, RequestTimeout, Cancelled)
+                BackendUnavailable, WorkerFailed, RequestTimeout, Cancelled, LimitReached)
 }
 
 

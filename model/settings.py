@@ -51,6 +51,16 @@ _ALL = (
     Setting("WWT_REQUEST_TIMEOUT", "60", "seconds the app waits for an answer before it says so", "app"),
     Setting("WWT_DATA_DIR", "~/.cache/write-with-transformer", "embedded mode: where shared documents are "
             "kept", "app"),
+    Setting("WWT_SHARE_LIMIT", "10", "shares one client (its IP address) may make per WWT_SHARE_WINDOW_S; "
+            "0 turns the limit off", "app"),
+    Setting("WWT_SHARE_WINDOW_S", "600", "seconds of the per-client share limit's window", "app"),
+    Setting("WWT_DOCUMENTS_MAX_MB", "200", "total size of all shared documents kept (embedded: bytes on "
+            "disk in the folder; distributed: bytes in Redis' document keys); a share past it is refused",
+            "app"),
+    Setting("WWT_MAX_BODY_MB", "4", "largest HTTP request body the app reads; a larger one is answered "
+            "413 before it is read (uploads are refused past 1 kB: the app takes no files)", "app"),
+    Setting("WWT_SESSION_CAPACITY", "200", "Gradio sessions whose state the app keeps in memory (each "
+            "plain-HTTP call opens one); the least recently used go first", "app"),
     # -- the queue and the workers ---------------------------------------------------------
     Setting("WWT_CONCURRENCY", "8", "tasks one worker runs at once (threads sharing its one engine, which "
             "batches them)", "queue"),

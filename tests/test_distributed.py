@@ -478,11 +478,34 @@ def _compose_cli():
     return None
 
 
-def test_compose_file_is_valid_and_has_the_services():
+def _compose_config(cli, tmp_path, password):
+    """`compose config -q` with only the given REDIS_PASSWORD (an empty env file: no .env is read)."""
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+    if password is not None:
+        env["REDIS_PASSWORD"] = password
+    return subprocess.run([*cli, "--env-file", str(env_file), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_compose_refuses_to_start_without_a_redis_password(tmp_path):
+    """No silent fallback password: without REDIS_PASSWORD compose stops and says what to set."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text and "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}" in text
+    assert "${REDIS_PASSWORD:-" not in text and "${REDIS_PASSWORD}" not in text
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    out = _compose_config(cli, tmp_path, None)
+    assert out.returncode != 0
+    assert "set REDIS_PASSWORD in .env" in out.stderr + out.stdout
+
+
+def test_compose_file_is_valid_and_has_the_services(tmp_path):
     cli = _compose_cli()
     if cli is not None:  # the real validator when it is installed
-        out = subprocess.run([*cli, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+        out = _compose_config(cli, tmp_path, "s3cret-for-the-test")
         assert out.returncode == 0, out.stderr
     spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = spec["services"]
@@ -491,6 +514,7 @@ def test_compose_file_is_valid_and_has_the_services():
     assert "--requirepass" in command and "--appendonly yes" in command
     assert "healthcheck" in redis_svc and "ports" not in redis_svc
     assert "serve" in services["web"]["command"] and "celery" in services["web"]["command"]
+    assert "/healthz" in " ".join(services["web"]["healthcheck"]["test"])  # ready = a worker serves the model
     for size in ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         worker = services[f"worker-{size}"]
         assert worker["command"][:4] == ["wwt", "worker", "--model", size]

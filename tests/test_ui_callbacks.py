@@ -141,6 +141,15 @@ def test_share_and_reopen(backend):
     assert callbacks.open_shared(backend, None, warns) is None
 
 
+def test_unshare_deletes_by_link(backend):
+    r = callbacks.share(backend, {"text": "short-lived"}, client="127.0.0.1")
+    assert callbacks.unshare(backend, {"id": r["id"]}) == {"ok": True}
+    assert callbacks.open_shared(backend, r["id"]) is None
+    again = callbacks.unshare(backend, {"id": r["id"]})
+    assert again["ok"] is False and "no shared document" in again["error"]
+    assert callbacks.unshare(backend, None) == {"ok": False, "error": "that is not a valid document link"}
+
+
 def test_token_view_colours_every_token_and_escapes_html(backend):
     html = callbacks.token_view(backend, "<b>bold</b> & more", "tiny")
     assert "<b>" not in html and "&lt;" in html and "&gt;" in html and "&amp;" in html
@@ -296,7 +305,7 @@ def test_the_page_has_the_named_endpoints_and_the_editor(backend):
     names = {fn.api_name for fn in demo.fns.values() if fn.api_name}
     assert {"complete", "classify", "answer", "score"} <= names
     editor = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "wwt-editor")
-    assert {fn.__name__ for fn in editor.server_fns} == {"suggest", "share"}
+    assert {fn.__name__ for fn in editor.server_fns} == {"suggest", "share", "unshare"}
     assert editor.props["settings"]["model"] == "tiny"
 
 

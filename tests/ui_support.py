@@ -113,7 +113,7 @@ class ScriptedBackend(Backend):
         self._maybe_fail(request)
         raise NotImplementedError
 
-    def save_document(self, text):
+    def save_document(self, text, client=None):
         self._maybe_fail(text)
         doc_id = f"doc{len(self.documents):013d}xyz"
         self.documents[doc_id] = text
@@ -122,3 +122,7 @@ class ScriptedBackend(Backend):
     def load_document(self, doc_id):
         self._maybe_fail(doc_id)
         return self.documents[doc_id]
+
+    def delete_document(self, doc_id):
+        self._maybe_fail(doc_id)
+        del self.documents[doc_id]

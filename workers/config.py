@@ -42,6 +42,25 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+
+
+def insecure_redis_warning(url: str) -> str | None:
+    """A warning when the Redis URL names no password and a host other than this machine:
+    anyone who can reach that address can read the documents and queue work. None otherwise."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        password = parts.password
+    except ValueError:
+        return None
+    if parts.scheme == "unix" or password or not host or host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"Redis at {redact(url)} is used without a password on a non-loopback address: anyone who can "
+            "reach it can read shared documents and queue work; give Redis a password (--requirepass) "
+            "and put it in the URL: redis://:PASSWORD@host:6379/0")
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 

@@ -29,6 +29,10 @@ _lock = threading.Lock()
 STATS_KEY = "wwt:stats:tasks"
 WORKER_STATS_PREFIX = "wwt:stats:worker:"
 WORKER_STATS_TTL_S = 7 * 24 * 3600
+# Each worker process counts under its own node name (which holds its pid), so every restart
+# starts a key: an index by last use keeps the newest MAX_WORKER_STATS and deletes the others.
+WORKER_STATS_INDEX = "wwt:stats:workers"
+MAX_WORKER_STATS = 64
 
 
 def serve(name: str, engine, stats_client=None) -> None:
@@ -51,9 +55,23 @@ def _count(hostname: str, field: str) -> None:
         pipe.hincrby(STATS_KEY, field, 1)
         pipe.hincrby(key, field, 1)
         pipe.expire(key, WORKER_STATS_TTL_S)
-        pipe.execute()
+        pipe.zadd(WORKER_STATS_INDEX, {hostname: time.time()})
+        pipe.expire(WORKER_STATS_INDEX, WORKER_STATS_TTL_S)
+        pipe.zcard(WORKER_STATS_INDEX)
+        if pipe.execute()[-1] > MAX_WORKER_STATS:
+            _forget_old_workers(client)
     except Exception as e:  # counting must never fail a request
         log.warning("could not update task counters: %s", e)
+
+
+def _forget_old_workers(client) -> None:
+    """Delete the counters of all but the MAX_WORKER_STATS most recently counting workers."""
+    old = client.zrange(WORKER_STATS_INDEX, 0, -MAX_WORKER_STATS - 1)
+    if old:
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(*[WORKER_STATS_PREFIX + (n.decode() if isinstance(n, bytes) else n) for n in old])
+        pipe.zrem(WORKER_STATS_INDEX, *old)
+        pipe.execute()
 
 
 def _request(kind: str, data: dict):

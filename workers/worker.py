@@ -25,7 +25,7 @@ from model.network.known import parse_model_spec
 from . import tasks
 from model import settings
 
-from .config import queue_name, redact, redis_url
+from .config import insecure_redis_warning, queue_name, redact, redis_url
 
 log = logging.getLogger("wwt.worker")
 
@@ -86,6 +86,9 @@ def run_worker(args) -> int:
     except WWTError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
+    warning = insecure_redis_warning(url)
+    if warning:
+        log.warning(warning)
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
     try:
         client.ping()

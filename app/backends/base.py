@@ -7,7 +7,7 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Callable, Iterator, Optional
 
-from model.errors import UnknownModel, WWTError
+from model.errors import BadRequest, UnknownModel, WWTError
 from model.streaming import done_event, error_event
 from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
                          ScoreRequest, Scores)
@@ -134,11 +134,16 @@ class Backend(ABC):
     def score(self, request: ScoreRequest, timeout: Optional[float] = None) -> Scores: ...
 
     @abstractmethod
-    def save_document(self, text: str) -> str:
-        """Store a document; returns an unguessable id for a share link."""
+    def save_document(self, text: str, client: Optional[str] = None) -> str:
+        """Store a document; returns an unguessable id for a share link. `client` (the caller's
+        address) is held to the per-client share rate; a refusal (LimitReached) stores nothing."""
 
     @abstractmethod
     def load_document(self, doc_id: str) -> str: ...
+
+    def delete_document(self, doc_id: str) -> None:
+        """Delete a shared document: whoever holds the link (the id) may. BadRequest when there is none."""
+        raise BadRequest("this app cannot delete shared documents")
 
     def close(self) -> None:
         """Release what the backend holds (engines, connections)."""

@@ -261,8 +261,11 @@ class CeleryBackend(Backend):
         raise Cancelled("the request was cancelled")
 
     # -- documents ----------------------------------------------------------------------
-    def save_document(self, text: str) -> str:
-        return self.documents.save(text)
+    def save_document(self, text: str, client: Optional[str] = None) -> str:
+        return self.documents.save(text, client)
+
+    def delete_document(self, doc_id: str) -> None:
+        return self.documents.delete(doc_id)
 
     def load_document(self, doc_id: str) -> str:
         return self.documents.load(doc_id)

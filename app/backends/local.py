@@ -182,8 +182,11 @@ class LocalBackend(Backend):
     def score(self, request: ScoreRequest, timeout: Optional[float] = None) -> Scores:
         return _guarded(lambda: self.engine(request.model).score(request.text))
 
-    def save_document(self, text: str) -> str:
-        return _guarded(lambda: self.documents.save(text))
+    def save_document(self, text: str, client: Optional[str] = None) -> str:
+        return _guarded(lambda: self.documents.save(text, client))
+
+    def delete_document(self, doc_id: str) -> None:
+        return _guarded(lambda: self.documents.delete(doc_id))
 
     def load_document(self, doc_id: str) -> str:
         return _guarded(lambda: self.documents.load(doc_id))

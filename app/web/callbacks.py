@@ -19,7 +19,7 @@ from model import contract
 from model.errors import BadRequest, UnknownModel, WWTError
 from model.types import AnswerRequest, ClassifyRequest, CompletionRequest, ScoreRequest
 
-from . import render
+from . import ops, render
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,21 @@ def clean(text, what: str = "text", required: bool = False) -> str:
     return contract.clean_text(text, what, required)
 
 
+MAX_SHOWN = 60  # characters of a caller's value repeated in a message
+
+
+def shown(value, limit: int = MAX_SHOWN) -> str:
+    """repr(value), cut to `limit` characters: a message never echoes a caller's 10 MB back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def check_model(backend: Backend, name: Optional[str]) -> str:
     if not name:
         return backend.default_model()
     offered = backend.models()
-    if name not in offered:
-        raise UnknownModel(f"unknown model {name!r}; this app offers {', '.join(offered) or 'none'}")
+    if not isinstance(name, str) or name not in offered:
+        raise UnknownModel(f"unknown model {shown(name)}; this app offers {', '.join(offered) or 'none'}")
     return name
 
 
@@ -78,7 +87,11 @@ def parse_labels(labels) -> Optional[list]:
         return None
     if isinstance(labels, str):
         labels = labels.split(",")
-    out = [clean(str(label), "label").strip() for label in labels]
+    elif not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
+        raise BadRequest(f"labels must be text (comma-separated) or a list of texts (got {shown(labels)})")
+    if len(labels) > 10 * contract.MAX_LABELS:  # before cleaning a million of them
+        raise BadRequest(f"at most {contract.MAX_LABELS} candidate labels (got {len(labels):,})")
+    out = [clean(label, "label").strip() for label in labels]
     out = [label for label in out if label]
     return out or None
 
@@ -90,12 +103,13 @@ def suggest(backend: Backend, data: dict) -> dict:
     data = data if isinstance(data, dict) else {}
 
     def run():
-        request = completion_request(backend, data.get("before", ""), data.get("model"),
-                                     fresh=data.get("fresh", False),
-                                     **{name: data.get(name) for name in PAGE_SETTINGS})
-        client = data.get("client")  # one editor: its newer request cancels its older one
-        supersede = client if isinstance(client, str) and client else None
-        return request, backend.complete(request, timeout(), supersede=supersede)
+        with ops.observe("suggest", backend, data.get("model")):
+            request = completion_request(backend, data.get("before", ""), data.get("model"),
+                                         fresh=data.get("fresh", False),
+                                         **{name: data.get(name) for name in PAGE_SETTINGS})
+            client = data.get("client")  # one editor: its newer request cancels its older one
+            supersede = client if isinstance(client, str) and client else None
+            return request, backend.complete(request, timeout(), supersede=supersede)
 
     answer_, error = friendly(run)
     if error:
@@ -110,11 +124,19 @@ def suggest(backend: Backend, data: dict) -> dict:
             "asked": request.n}  # fewer came back when duplicates were dropped: the page says so
 
 
-def share(backend: Backend, data: dict) -> dict:
-    """Save the document; the page turns the id into a ?doc= link."""
+def share(backend: Backend, data: dict, client: Optional[str] = None) -> dict:
+    """Save the document; the page turns the id into a ?doc= link. `client`: the caller's address,
+    held to the per-client share rate."""
     text = data.get("text", "") if isinstance(data, dict) else ""
-    doc_id, error = friendly(lambda: backend.save_document(clean(text, "document", required=True)))
+    doc_id, error = friendly(lambda: backend.save_document(clean(text, "document", required=True), client))
     return {"ok": False, "error": error} if error else {"ok": True, "id": doc_id}
+
+
+def unshare(backend: Backend, data: dict) -> dict:
+    """Delete a shared document: whoever holds its link (the id) may."""
+    doc_id = data.get("id") if isinstance(data, dict) else None
+    _, error = friendly(lambda: backend.delete_document(doc_id if isinstance(doc_id, str) else ""))
+    return {"ok": False, "error": error} if error else {"ok": True}
 
 
 def open_shared(backend: Backend, doc_id: Optional[str], warn: Warn = None) -> Optional[str]:
@@ -263,25 +285,29 @@ def likelihood(scores) -> dict:
 def api_complete(backend: Backend, text: str, model: str = "", n: int = 3, max_new_tokens: int = 8,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9, fresh: bool = False,
                  seed: Optional[int] = None) -> dict:
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise BadRequest(f"seed must be a whole number of at least 0 (got {seed!r})")
-    req = completion_request(backend, text, model, fresh=fresh, seed=seed, n=n, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p)
-    return backend.complete(req, timeout()).to_dict()
+    with ops.observe("complete", backend, model):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise BadRequest(f"seed must be a whole number of at least 0 (got {shown(seed)})")
+        req = completion_request(backend, text, model, fresh=fresh, seed=seed, n=n, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, top_p=top_p)
+        return backend.complete(req, timeout()).to_dict()
 
 
 def api_classify(backend: Backend, text: str, labels="", model: str = "") -> dict:
-    req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
-                          labels=parse_labels(labels))
-    return backend.classify(req, timeout()).to_dict()
+    with ops.observe("classify", backend, model):
+        req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
+                              labels=parse_labels(labels))
+        return backend.classify(req, timeout()).to_dict()
 
 
 def api_answer(backend: Backend, question: str, context: str, model: str = "") -> dict:
-    req = AnswerRequest(question=clean(question, "question", required=True),
-                        context=clean(context, "context", required=True), model=check_model(backend, model))
-    return backend.answer(req, timeout()).to_dict()
+    with ops.observe("answer", backend, model):
+        req = AnswerRequest(question=clean(question, "question", required=True),
+                            context=clean(context, "context", required=True), model=check_model(backend, model))
+        return backend.answer(req, timeout()).to_dict()
 
 
 def api_score(backend: Backend, text: str, model: str = "") -> dict:
-    req = ScoreRequest(text=clean(text, required=True), model=check_model(backend, model))
-    return backend.score(req, timeout()).to_dict()
+    with ops.observe("score", backend, model):
+        req = ScoreRequest(text=clean(text, required=True), model=check_model(backend, model))
+        return backend.score(req, timeout()).to_dict()

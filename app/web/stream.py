@@ -48,6 +48,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
@@ -56,7 +57,8 @@ from app.backends.base import Backend, EventStream
 from model.errors import BadRequest, WWTError
 from model.streaming import error_event
 
-from .callbacks import PAGE_SETTINGS, completion_request, timeout
+from . import ops
+from .callbacks import PAGE_SETTINGS, completion_request, shown, timeout
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def start(backend: Backend, data) -> EventStream:
             raise BadRequest("the request body must be a JSON object")
         seed = data.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise BadRequest(f"seed must be a whole number of at least 0 (got {seed!r})")
+            raise BadRequest(f"seed must be a whole number of at least 0 (got {shown(seed)})")
         request = completion_request(backend, data.get("before", ""), data.get("model"),
                                      fresh=data.get("fresh", False), seed=seed,
                                      **{name: data.get(name) for name in PAGE_SETTINGS})
@@ -120,7 +122,11 @@ class _Slots:
 async def _events(backend: Backend, data, request: Request, slots: _Slots):
     """Run the (blocking) event iterator on its own thread and send each event as it comes;
     partials that pile up behind a slow reader are merged into the newest (each is complete)."""
+    started = time.perf_counter()
+    model = await asyncio.to_thread(ops.model_label, backend, data.get("model") if isinstance(data, dict) else None)
+    outcome = ["cancelled"]  # until a done or error event is written: the reader hung up
     if not slots.take():
+        ops.record("stream", model, started, "busy")
         yield sse({"type": "error", "error": "the server is busy writing other suggestions; try again in a moment",
                    "kind": "busy"})
         return
@@ -165,8 +171,11 @@ async def _events(backend: Backend, data, request: Request, slots: _Slots):
                     break
                 if event["type"] == "partial" and following is not None and following["type"] == "partial":
                     continue  # the newer snapshot holds everything this one does
+                if event["type"] in ("done", "error"):
+                    outcome[0] = None if event["type"] == "done" else event.get("kind", "error")
                 yield sse(event)
     finally:
+        ops.record("stream", model, started, outcome[0])
         watcher.cancel()
         if not events.ended:
             events.cancel()  # the client went away: free the slots now

@@ -50,9 +50,17 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
 
 
+# The app takes no files: Gradio's /gradio_api/upload refuses anything larger than this.
+MAX_UPLOAD = "1kb"
+
+
 def launch_kwargs() -> dict:
-    """What Gradio 6 takes at launch() rather than in gr.Blocks: css and theme."""
-    return {"css": static_text("app.css"), "theme": theme()}
+    """What Gradio 6 takes at launch() rather than in gr.Blocks: css and theme, the upload cap, and
+    how many sessions' state is kept (each plain-HTTP call opens one; WWT_SESSION_CAPACITY)."""
+    from model import settings
+
+    return {"css": static_text("app.css"), "theme": theme(), "max_file_size": MAX_UPLOAD,
+            "state_session_capacity": max(1, settings.get_int("WWT_SESSION_CAPACITY"))}
 
 
 # How often the model-status panel asks again (workers come and go; a model loads or fails).
@@ -102,6 +110,12 @@ def _api(fn, *args):
         raise gr.Error(f"internal error ({e.__class__.__name__})", print_exception=False) from None
 
 
+def client_address(request: Optional[gr.Request]) -> Optional[str]:
+    """The caller's IP address as Gradio gives it (the per-client share limit counts by it)."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or None
+
+
 def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Blocks:
     models = backend.models()
     default_model = backend.default_model() if models else None
@@ -111,8 +125,11 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
     def suggest(data):
         return callbacks.suggest(backend, data)
 
-    def share(data):
-        return callbacks.share(backend, data)
+    def share(data, request: gr.Request):
+        return callbacks.share(backend, data, client_address(request))
+
+    def unshare(data):
+        return callbacks.unshare(backend, data)
 
     with WWTBlocks(title=title, analytics_enabled=False) as demo:
         gr.HTML(f'<div class="wwt-header"><h1>✍️ {title}</h1><p>Write, press <kbd>Tab</kbd>, and pick what '
@@ -134,7 +151,7 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                     with gr.Column(scale=3):
                         editor = gr.HTML(
                             "", html_template=static_text("editor.html"), js_on_load=static_text("editor.js"),
-                            server_functions=[suggest, share], apply_default_css=False, elem_id="wwt-editor",
+                            server_functions=[suggest, share, unshare], apply_default_css=False, elem_id="wwt-editor",
                             settings={"model": default_model, **callbacks.DEFAULTS, "auto": False},
                         )
                         with gr.Row():

@@ -202,6 +202,10 @@ class Engine:
         label_ids = [self.tokenizer.encode(" " + l) for l in labels]
         longest = max(len(l) for l in label_ids)
         suffix = self.tokenizer.encode(ZERO_SHOT_SUFFIX)
+        room = self.config.n_positions - len(suffix) - 1  # at least one token of the text stays
+        if longest > room:
+            raise BadRequest(f"a candidate label is {longest:,} tokens long; {self.name} reads labels of at most "
+                             f"{room:,} tokens (its context is {self.config.n_positions:,})")
         body = self._text_ids(text, self.config.n_positions - longest - len(suffix))
         prompt = body + suffix
         rows = [prompt + l + [0] * (longest - len(l)) for l in label_ids]

@@ -447,8 +447,23 @@ element.querySelector(".wwt-share").addEventListener("click", async () => {
   url.search = "?doc=" + encodeURIComponent(r.id);
   url.hash = "";
   linkUrl.value = url.toString();
+  linkDoc = r.id;
   linkRow.hidden = false;
-  setStatus("saved · anyone with the link can open this document");
+  setStatus("saved · anyone with the link can open (or delete) this document");
+});
+
+// Whoever holds a link may delete the document behind it: the one just shared, or the ?doc= one open.
+let linkDoc = SHARED;
+if (SHARED) { linkUrl.value = window.location.href; linkRow.hidden = false; }
+element.querySelector(".wwt-unshare").addEventListener("click", async () => {
+  if (!linkDoc) return;
+  clearError();
+  let r;
+  try { r = await server.unshare({id: linkDoc}); } catch (e) { r = {ok: false, error: "the server did not answer"}; }
+  if (!r || !r.ok) { showError(r && r.error ? r.error : "could not delete"); return; }
+  linkDoc = null;
+  linkRow.hidden = true;
+  setStatus("shared copy deleted · the link no longer opens it");
 });
 
 element.querySelector(".wwt-copy").addEventListener("click", async () => {

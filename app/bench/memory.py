@@ -1,0 +1,119 @@
+"""RSS of a `wwt serve` process before and after many mixed plain-HTTP requests.
+
+    python -m app.bench.memory [--requests 2000] [--model tiny=./tiny]
+
+Starts `wwt serve` on a free port (a tiny random model unless --model is given), warms it up,
+reads its resident memory (VmRSS), sends the requests from 8 threads (/score, /complete and
+/classify with small texts, 1 in 20 with a 1 MB text, 1 in 50 with a 5 MB body that is
+refused 413), and reads it again. Prints the figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def call(url: str, endpoint: str, data: list) -> int:
+    body = json.dumps({"data": data}).encode()
+    req = urllib.request.Request(f"{url}gradio_api/call/{endpoint}", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            event = json.load(r)["event_id"]
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (ConnectionError, urllib.error.URLError):
+        return -1
+    with urllib.request.urlopen(f"{url}gradio_api/call/{endpoint}/{event}", timeout=120) as r:
+        r.read()
+    return 200
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args(argv)
+    root = Path(__file__).resolve().parents[2]
+    folder = Path(tempfile.mkdtemp(prefix="wwt-memory-"))
+    model = args.model
+    if model is None:
+        subprocess.run([sys.executable, "-m", "app.cli", "make-tiny-model", str(folder / "tiny")], check=True,
+                       cwd=root, stdout=subprocess.DEVNULL)
+        model = f"tiny={folder / 'tiny'}"
+    from workers.processes import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WWT_DATA_DIR": str(folder / "data"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(folder / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--model", model],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "gradio_api/info", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    print((folder / "serve.log").read_text()[-3000:])
+                    return 1
+                time.sleep(0.3)
+        name = model.split("=")[0].split("@")[0]
+        big = "The quick brown fox jumps over the lazy dog. " * 22_000  # ~1 MB
+        huge = "x" * 5_000_000
+
+        def job(i: int) -> int:
+            if i % 50 == 0:
+                return call(url, "score", [huge, name])
+            text = big if i % 20 == 0 else f"Request number {i} says hello"
+            kind = i % 3
+            if kind == 0:
+                return call(url, "score", [text, name])
+            if kind == 1:
+                return call(url, "complete", [text, name, 2, 4, 1.0, 0, 0.9, False, i])
+            return call(url, "classify", [text, "a, b", name])
+
+        for i in range(40):  # warm-up
+            job(i * 3 + 1)
+        time.sleep(1)
+        before = rss_mb(proc.pid)
+        start = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(job, range(args.requests)))
+        elapsed = time.monotonic() - start
+        time.sleep(2)
+        after = rss_mb(proc.pid)
+        counts = {c: codes.count(c) for c in sorted(set(codes))}
+        print(f"{args.requests} requests in {elapsed:.1f} s, status counts {counts}")
+        print(f"RSS warm {before:.0f} MB -> after {after:.0f} MB (+{after - before:.0f} MB)")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

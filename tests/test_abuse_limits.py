@@ -1,0 +1,301 @@
+"""Abuse limits and bounded memory (issue 12, points 1 and 4): share rate per client, a bound on
+the documents' total size, deletion by whoever holds the link, expired files swept on save, a
+request-body limit (413), uploads capped, Gradio's session state bounded.
+
+Unit tests on both document stores (the Redis one against a real redis-server), then real HTTP
+against a `wwt serve` subprocess.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from app.backends.documents import BLOCK, FileDocumentStore, RedisDocumentStore, ShareRateLimiter
+from model.errors import BadRequest, LimitReached
+from ui_support import Server
+from workers.processes import RedisServer
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.glob("*.json")) if folder.exists() else []
+
+
+# -- the embedded store ---------------------------------------------------------------------------
+
+def test_file_store_rate_limit_per_client_stores_nothing_when_refused(tmp_path):
+    store = FileDocumentStore(tmp_path / "docs", limiter=ShareRateLimiter(limit=2, window_s=600))
+    store.save("one", "10.0.0.1")
+    store.save("two", "10.0.0.1")
+    before = _files(store.folder)
+    with pytest.raises(LimitReached) as e:
+        store.save("three", "10.0.0.1")
+    assert "too many shares from your address: at most 2 every 10 minutes" in e.value.message
+    assert "nothing was saved" in e.value.message
+    assert _files(store.folder) == before
+    store.save("another client is not held back", "10.0.0.2")
+    assert len(_files(store.folder)) == 3
+
+
+def test_file_store_rate_window_slides(tmp_path):
+    store = FileDocumentStore(tmp_path / "docs", limiter=ShareRateLimiter(limit=1, window_s=0.3))
+    store.save("one", "c")
+    with pytest.raises(LimitReached):
+        store.save("two", "c")
+    time.sleep(0.35)
+    store.save("three", "c")
+
+
+def test_file_store_total_bound_counts_bytes_on_disk(tmp_path):
+    store = FileDocumentStore(tmp_path / "docs", max_bytes=3 * BLOCK, limiter=ShareRateLimiter(limit=0))
+    ids = [store.save(f"small {i}") for i in range(3)]  # each takes one block
+    assert store.total_bytes() == 3 * BLOCK
+    with pytest.raises(LimitReached) as e:
+        store.save("one too many")
+    assert "storage is full; nothing was saved" in e.value.message
+    assert len(_files(store.folder)) == 3
+    store.delete(ids[0])  # deleting makes room again
+    assert store.total_bytes() == 2 * BLOCK
+    store.save("fits now")
+    # a megabyte of non-ASCII text takes about a megabyte (not 6x, as \\u escapes would)
+    big = FileDocumentStore(tmp_path / "big", max_bytes=10**8, limiter=ShareRateLimiter(limit=0))
+    doc = big.save("é" * 400_000)
+    assert (big.folder / f"{doc}.json").stat().st_size < 900_000
+    assert big.load(doc) == "é" * 400_000
+
+
+def test_file_store_delete_by_link(tmp_path):
+    store = FileDocumentStore(tmp_path / "docs", limiter=ShareRateLimiter(limit=0))
+    doc = store.save("to be deleted")
+    store.delete(doc)
+    with pytest.raises(BadRequest, match="no shared document at that link"):
+        store.load(doc)
+    with pytest.raises(BadRequest, match="deleted already"):
+        store.delete(doc)
+    with pytest.raises(BadRequest, match="not a valid document link"):
+        store.delete("../../etc/passwd")
+    assert _files(store.folder) == []
+
+
+def test_file_store_sweeps_expired_files_on_save(tmp_path):
+    store = FileDocumentStore(tmp_path / "docs", ttl_s=3600, max_bytes=4 * BLOCK, limiter=ShareRateLimiter(limit=0))
+    old = [store.save(f"old {i}") for i in range(4)]
+    past = time.time() - 7200
+    for doc in old:
+        os.utime(store.folder / f"{doc}.json", (past, past))
+    # the store is full of expired documents: a save sweeps them (none is ever read) and fits
+    fresh = store.save("fresh")
+    assert _files(store.folder) == [f"{fresh}.json"]
+    assert store.total_bytes() == BLOCK
+    # and on its own schedule: a save after SWEEP_EVERY_S removes expired files even when not full
+    for doc in [store.save("a")]:
+        os.utime(store.folder / f"{doc}.json", (past, past))
+    store._swept_at -= 3600
+    store.save("b")
+    assert len(_files(store.folder)) == 2
+
+
+def test_file_store_total_survives_a_restart(tmp_path):
+    a = FileDocumentStore(tmp_path / "docs", max_bytes=2 * BLOCK, limiter=ShareRateLimiter(limit=0))
+    a.save("one")
+    a.save("two")
+    b = FileDocumentStore(tmp_path / "docs", max_bytes=2 * BLOCK, limiter=ShareRateLimiter(limit=0))
+    with pytest.raises(LimitReached):
+        b.save("three")
+
+
+# -- the distributed store (real Redis) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path_factory.mktemp("docs-redis")).start()
+    yield server.client()
+    server.stop()
+
+
+def test_redis_store_bound_rate_and_delete(redis_client):
+    redis_client.flushdb()
+    store = RedisDocumentStore(redis_client, max_bytes=25, limit=3, window_s=600)
+    a = store.save("0123456789", "1.2.3.4")
+    b = store.save("0123456789", "1.2.3.4")
+    assert store.total_bytes() == 20
+    keys = set(redis_client.keys("wwt:doc:*"))
+    with pytest.raises(LimitReached, match="storage is full"):
+        store.save("0123456789", "5.6.7.8")
+    assert set(redis_client.keys("wwt:doc:*")) == keys and store.total_bytes() == 20  # nothing stored
+    store.delete(a)
+    with pytest.raises(BadRequest, match="no shared document"):
+        store.load(a)
+    with pytest.raises(BadRequest, match="deleted already"):
+        store.delete(a)
+    assert store.total_bytes() == 10
+    store.save("0123456789", "1.2.3.4")  # the third share of 1.2.3.4
+    store.delete(b)
+    with pytest.raises(LimitReached, match="too many shares from your address: at most 3 every 10 minutes"):
+        store.save("x", "1.2.3.4")
+    assert store.total_bytes() == 10
+    store.save("x", "5.6.7.8")
+
+
+def test_redis_store_expired_entries_leave_the_count(redis_client):
+    redis_client.flushdb()
+    store = RedisDocumentStore(redis_client, ttl_s=1, max_bytes=25, limit=0)
+    store.save("0123456789")
+    store.save("0123456789")
+    time.sleep(1.2)  # Redis expired the documents; the next save drops them from the count
+    store.save("0123456789")
+    assert store.total_bytes() == 10
+    assert redis_client.zcard(store.expiry_key) == 1 and redis_client.hlen(store.sizes_key) == 1
+
+
+# -- real HTTP against `wwt serve` ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("limits")
+    s = Server([f"tiny={tiny_gpt2}"], folder, extra_env={
+        "WWT_SHARE_LIMIT": "3", "WWT_SHARE_WINDOW_S": "600", "WWT_MAX_BODY_MB": "2",
+        "WWT_DOCUMENTS_MAX_MB": "50", "WWT_SESSION_CAPACITY": "50"}).start()
+    s.docs = folder / "data" / "documents"
+    yield s
+    s.stop()
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 60):
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _editor_id(server) -> int:
+    with urllib.request.urlopen(server.url + "config", timeout=10) as r:
+        config = json.load(r)
+    return next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "wwt-editor")
+
+
+def _server_fn(server, fn: str, data) -> dict:
+    body = json.dumps({"session_hash": uuid.uuid4().hex, "component_id": _editor_id(server), "fn_name": fn,
+                       "data": data}).encode()
+    status, out = _post(server.url + "gradio_api/component_server", body)
+    assert status == 200, out
+    return json.loads(out)
+
+
+def test_share_flood_is_refused_with_a_message_and_stores_nothing(server):
+    ids = []
+    for i in range(3):
+        r = _server_fn(server, "share", {"text": f"draft {i}"})
+        assert r["ok"], r
+        ids.append(r["id"])
+    before = _files(server.docs)
+    r = _server_fn(server, "share", {"text": "one too many"})
+    assert r["ok"] is False and "too many shares from your address: at most 3 every 10 minutes" in r["error"]
+    assert _files(server.docs) == before
+
+
+def test_delete_by_link_from_the_api_and_the_page(server):
+    doc = server.docs / "anything"
+    # shares are used up by the flood test in this module (same client address); save directly
+    from app.backends.documents import FileDocumentStore as Store
+    a = Store(server.docs, limiter=ShareRateLimiter(limit=0)).save("delete me over HTTP")
+    b = Store(server.docs, limiter=ShareRateLimiter(limit=0)).save("delete me from the page")
+    req = urllib.request.Request(f"{server.url}wwt/doc/{a}", method="DELETE")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.load(r) == {"ok": True}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"{server.url}wwt/doc/{a}", method="DELETE"), timeout=10)
+    assert e.value.code == 404 and "no shared document" in json.load(e.value)["error"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"{server.url}wwt/doc/not-an-id", method="DELETE"), timeout=10)
+    assert e.value.code == 400
+    assert _server_fn(server, "unshare", {"id": b}) == {"ok": True}
+    r = _server_fn(server, "unshare", {"id": b})
+    assert r["ok"] is False and "no shared document" in r["error"]
+    assert f"{a}.json" not in _files(server.docs) and f"{b}.json" not in _files(server.docs)
+    assert not doc.exists()
+
+
+def _headers_only(server, path: str, length: int):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_an_oversized_body_is_refused_413(server):
+    # a Content-Length over WWT_MAX_BODY_MB=2 is answered before a byte of the body is sent
+    for path in ("gradio_api/call/complete", "wwt/stream", "gradio_api/component_server", "gradio_api/upload"):
+        status, out = _headers_only(server, "/" + path, 3_000_000)
+        assert status == 413, (path, status, out[:200])
+        assert "larger than this app accepts (2 MB)" in json.loads(out)["error"]
+    # chunked (no Content-Length) is counted as it arrives
+    def chunks():
+        for _ in range(30):
+            yield b"y" * 100_000
+    req = urllib.request.Request(server.url + "gradio_api/call/complete", data=chunks(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        status = urllib.request.urlopen(req, timeout=30).status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (ConnectionError, urllib.error.URLError):
+        status = 413  # the server may close the connection while the client still writes
+    assert status == 413
+    # the server is still up, and a body under the bound works
+    status, _ = _post(server.url + "gradio_api/call/complete", json.dumps({"data": ["Hi", "tiny", 1, 1]}).encode())
+    assert status == 200
+
+
+def _upload(server, size: int):
+    boundary = "wwtboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\n"
+            f"Content-Type: text/plain\r\n\r\n").encode() + b"a" * size + f"\r\n--{boundary}--\r\n".encode()
+    return _post(server.url + "gradio_api/upload", body, f"multipart/form-data; boundary={boundary}")
+
+
+def test_uploads_are_capped(server):
+    status, out = _upload(server, 50_000)  # under the body limit, over the upload cap
+    assert status == 413, (status, out[:300])
+    boundary = "b"
+    status, out = _headers_only(server, "/gradio_api/upload", 50_000_000)  # refused before it is read
+    assert status == 413 and "larger than this app accepts" in json.loads(out)["error"]
+
+
+def test_session_state_is_bounded(monkeypatch):
+    """Each plain-HTTP call opens a Gradio session; at most WWT_SESSION_CAPACITY are kept."""
+    from app.server import build_app
+    from app.web.ui import launch_kwargs
+    from ui_support import ScriptedBackend
+    from workers.processes import free_port
+
+    monkeypatch.setenv("WWT_SESSION_CAPACITY", "20")
+    demo = build_app(ScriptedBackend())
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        for i in range(40):
+            status, _ = _post(f"http://127.0.0.1:{port}/gradio_api/call/score",
+                              json.dumps({"data": [f"Hello {i}"]}).encode())
+            assert status == 200
+        assert 0 < len(demo.state_holder.session_data) <= 20
+    finally:
+        demo.close()
