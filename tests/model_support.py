@@ -68,3 +68,17 @@ def random_ids(shape, seed: int, vocab: int = VOCAB) -> torch.Tensor:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+def slow_down(engine, delay: float) -> None:
+    """Make every forward pass of an engine take at least `delay` seconds, so a request is reliably
+    still running when a test looks at it."""
+    import time
+
+    inner = engine.model.transformer.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(delay)
+        return inner(*args, **kwargs)
+
+    engine.model.transformer.forward = forward

@@ -21,6 +21,7 @@ from model.errors import BadRequest, Cancelled, RequestTimeout
 from model.serving.slots import common_prefix
 from model.network.tiny import corpus_lines
 from model.types import CompletionRequest
+from model_support import slow_down
 
 # Token-for-token comparisons hold in float32 on the CPU; set this to try another device.
 DEVICE = os.environ.get("WWT_TEST_DEVICE", "cpu")
@@ -28,15 +29,6 @@ STORY = "The weather in the valley turned cold that night. Snow covered the"
 
 
 # -- utilities ----------------------------------------------------------------------------------
-def slow_down(engine: Engine, delay: float) -> None:
-    """Make every forward pass take at least `delay` seconds, so a request is reliably still running."""
-    inner = engine.model.transformer.forward
-
-    def forward(*args, **kwargs):
-        time.sleep(delay)
-        return inner(*args, **kwargs)
-
-    engine.model.transformer.forward = forward
 
 
 def prompt_of(engine: Engine, text: str, max_new_tokens: int = 8):

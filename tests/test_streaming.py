@@ -20,9 +20,9 @@ from app.backends.local import LocalBackend
 from model import Engine
 from model.errors import Cancelled, RequestTimeout
 from model.network.tiny import make_tiny_model
-from model.serving.autocomplete import settled_text
 from model.streaming import GrowOnly
 from model.types import CompletionRequest, PartialSuggestion
+from model_support import slow_down
 from ui_support import Server
 from workers.processes import free_port
 
@@ -30,15 +30,6 @@ DEVICE = "cpu"
 STORY = "The weather in the valley turned cold that night. Snow covered the"
 
 
-def slow_down(engine: Engine, delay: float) -> None:
-    """Make every forward pass take at least `delay` seconds, so a request is reliably still running."""
-    inner = engine.model.transformer.forward
-
-    def forward(*args, **kwargs):
-        time.sleep(delay)
-        return inner(*args, **kwargs)
-
-    engine.model.transformer.forward = forward
 
 
 def wait_until(predicate, timeout: float = 30.0) -> bool:
