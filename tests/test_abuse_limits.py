@@ -275,7 +275,6 @@ def _upload(server, size: int):
 def test_uploads_are_capped(server):
     status, out = _upload(server, 50_000)  # under the body limit, over the upload cap
     assert status == 413, (status, out[:300])
-    boundary = "b"
     status, out = _headers_only(server, "/gradio_api/upload", 50_000_000)  # refused before it is read
     assert status == 413 and "larger than this app accepts" in json.loads(out)["error"]
 
