@@ -54,11 +54,15 @@ def prepare_backend(kind: str, specs: list[str], redis_url: Optional[str] = None
 
 
 def build_app(backend):
-    """The Gradio app with a queue that lets requests run side by side (the engine batches them)."""
+    """The Gradio app with a queue that lets requests run side by side (the engine batches them).
+
+    The queue holds at most WWT_QUEUE_MAX_SIZE calls: past it Gradio answers at once (HTTP 503,
+    "Queue is full") instead of letting hundreds wait. The editor's server functions bypass this
+    queue; the engine's waiting bounds (WWT_MAX_WAITING, WWT_MAX_WAITING_PER_CLIENT) cover them."""
     from .web.ui import build_ui
 
     demo = build_ui(backend)
-    demo.queue(default_concurrency_limit=16)
+    demo.queue(default_concurrency_limit=16, max_size=settings.get_int("WWT_QUEUE_MAX_SIZE", default=None) or None)
     return demo
 
 

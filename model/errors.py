@@ -68,10 +68,17 @@ class LimitReached(WWTError):
     kind = "limit"
 
 
+class Busy(WWTError):
+    """Too many requests are waiting (for this model, or from this client); nothing was queued.
+    Asking again in a moment is the remedy."""
+
+    kind = "busy"
+
+
 _KINDS = {
     cls.kind: cls
     for cls in (WWTError, BadRequest, UnknownModel, CheckpointError, NoWorker,
-                BackendUnavailable, WorkerFailed, RequestTimeout, Cancelled, LimitReached)
+                BackendUnavailable, WorkerFailed, RequestTimeout, Cancelled, LimitReached, Busy)
 }
 
 

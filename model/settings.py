@@ -61,17 +61,23 @@ _ALL = (
             "413 before it is read (uploads are refused past 1 kB: the app takes no files)", "app"),
     Setting("WWT_SESSION_CAPACITY", "200", "Gradio sessions whose state the app keeps in memory (each "
             "plain-HTTP call opens one); the least recently used go first", "app"),
+    Setting("WWT_QUEUE_MAX_SIZE", "64", "requests the Gradio queue (named API endpoints, page events) "
+            "holds; past it a call is answered at once that the queue is full (HTTP 503); 0: no bound",
+            "app"),
+    Setting("WWT_MAX_WAITING_PER_CLIENT", "4", "completion requests one client (its IP address, else its "
+            "editor id) may have waiting for a model's slots; past it a request is refused as busy at once "
+            "(a newer keystroke of one editor still replaces its older request first); 0: no bound", "app"),
     # -- the queue and the workers ---------------------------------------------------------
     Setting("WWT_CONCURRENCY", "8", "tasks one worker runs at once (threads sharing its one engine, which "
             "batches them)", "queue"),
-    Setting("WWT_TASK_SOFT_TIME_LIMIT", "30", "seconds a request may decode; the engine then stops and "
+    Setting("WWT_TASK_SOFT_TIME_LIMIT", "15", "seconds a request may decode; the engine then stops and "
             "returns what it has", "queue"),
-    Setting("WWT_TASK_TIME_LIMIT", "60", "hard limit in seconds for one task; the visibility timeout must "
+    Setting("WWT_TASK_TIME_LIMIT", "20", "hard limit in seconds for one task; the visibility timeout must "
             "exceed it", "queue"),
     Setting("WWT_VISIBILITY_TIMEOUT", "", "seconds before a task taken by a worker that died is handed to "
-            "another worker; empty: twice the hard limit", "queue"),
+            "another worker; empty: the hard limit plus 10", "queue"),
     Setting("WWT_RESTORE_INTERVAL", "", "seconds between sweeps for tasks left by a dead worker; empty: a "
-            "quarter of the visibility timeout, at most 10", "queue"),
+            "quarter of the visibility timeout, at most 5", "queue"),
     Setting("WWT_RESULT_EXPIRES", "300", "seconds a task's result is kept in Redis", "queue"),
     Setting("WWT_HEARTBEAT_S", "5", "seconds between a worker's announcements of the model it serves",
             "queue"),
@@ -91,6 +97,9 @@ _ALL = (
     Setting("WWT_CPU_ONE_ROW", "auto", "on CPU in float32, how a decode step with one row multiplies by "
             "each weight matrix: auto (time the candidates at load and keep the fastest), split, plain or "
             "packed", "engine"),
+    Setting("WWT_MAX_WAITING", "32", "completion requests that may wait for a model's KV-cache slots; "
+            "past it a request is refused at once with a busy error and nothing is queued (time spent "
+            "waiting counts toward a request's deadline); 0: no bound", "engine"),
     # -- the Hugging Face Hub (read by huggingface_hub and model/network/weights.py) ---------------
     Setting("HF_HUB_OFFLINE", "", "1: never reach the Hub; only cached or local weights", "hub"),
     Setting("HF_HOME", "~/.cache/huggingface", "where downloaded weights are cached", "hub"),

@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
 
 from app.backends.celery import CeleryBackend
-from model.errors import Cancelled, BackendUnavailable, BadRequest, NoWorker, UnknownModel
+from model.errors import Cancelled, BackendUnavailable, BadRequest, NoWorker, UnknownModel, WorkerFailed
 from model.network.tiny import make_tiny_model
 from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, Suggestion
 from workers.config import QueueMisconfigured, queue_name, redact
@@ -273,10 +274,16 @@ def test_cli_complete_goes_through_a_worker(redis_server, client, pair):
 # -- failures of workers and of Redis --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def slow_pair(redis_server, client, tmp_path_factory):
+def slow_model(tmp_path_factory):
+    """A model big enough that a long request takes seconds on the CPU."""
+    return make_tiny_model(tmp_path_factory.mktemp("slow"), "gpt2", seed=3, n_positions=512, n_embd=256,
+                           n_layer=8, n_head=8)
+
+
+@pytest.fixture(scope="module")
+def slow_pair(redis_server, client, slow_model, tmp_path_factory):
     """Two workers on one queue for a model big enough that a long request takes seconds."""
-    folder = make_tiny_model(tmp_path_factory.mktemp("slow"), "gpt2", seed=3, n_positions=512, n_embd=256,
-                             n_layer=8, n_head=8)
+    folder = slow_model
     logs = tmp_path_factory.mktemp("slow-logs")
     workers = [Worker(f"slow={folder}", redis_server.url, logs, concurrency=1, env=SLOW_ENV,
                       name=f"slow{i}").start() for i in range(2)]
@@ -344,8 +351,12 @@ def test_a_task_of_a_killed_worker_is_finished_by_another(redis_server, client, 
         victim = wait_for(lambda: next((n for n in nodes if count(n, "started")), None),
                           30, "a worker to start the task", every=0.01)
         nodes[victim].kill()  # mid-task: decoding takes 1.5 s (the soft limit)
+        killed = time.monotonic()
         assert count(victim, "done") == 0, "the task finished before the kill"
         caller.join(90)
+        # Redelivered after the workers' visibility timeout (5 s) and a sweep, decoded for 1.5 s: a
+        # liveness bound, generous, not a speed claim.
+        assert time.monotonic() - killed < 30, "the redelivered task took too long"
         assert "result" in box, f"the request did not complete after its worker was killed: {box}"
         survivor = next(n for n in nodes if n != victim)
         assert box["result"].suggestions
@@ -361,6 +372,83 @@ def test_a_task_of_a_killed_worker_is_finished_by_another(redis_server, client, 
             backend.complete(request, timeout=300)
     finally:
         caller.join(1)
+        backend.close()
+
+
+# Workers with the default visibility timeout (hard limit + 10 s): the task of a worker that dies
+# cannot be redelivered before a 20 s request's deadline, so the caller is told at once.
+DEFAULT_VISIBILITY_ENV = {**FAST_ENV, "WWT_TASK_SOFT_TIME_LIMIT": "10", "WWT_TASK_TIME_LIMIT": "12"}
+DEAD_WORKER_BOUND_S = 15  # heartbeat 1 s: an announcement expires within 3 s; a liveness bound, generous
+
+
+def _long_request(seed):
+    return CompletionRequest(text="Once upon a time", model="slow", n=10, max_new_tokens=256, stop=None,
+                             seed=seed, fresh=True)
+
+
+def _call_in_thread(backend, request, timeout, box):
+    def call():
+        try:
+            box["result"] = backend.complete(request, timeout=timeout)
+        except Exception as e:  # shown by the assertions
+            box["error"] = e
+        box["at"] = time.monotonic()
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_workers_request_fails_in_seconds_with_the_reason(redis_server, client, slow_model,
+                                                                   tmp_path_factory):
+    """SIGKILL mid-task, another worker alive, redelivery too late for the deadline: the caller hears
+    "the worker stopped" within a few heartbeats, not at its timeout; then, with every worker dead,
+    waiting callers hear "no worker" within seconds and new callers at once."""
+    logs = tmp_path_factory.mktemp("dead-logs")
+    workers = [Worker(f"slow={slow_model}", redis_server.url, logs, concurrency=1, env=DEFAULT_VISIBILITY_ENV,
+                      name=f"dead{i}").start() for i in range(2)]
+    backend = CeleryBackend(["slow"], redis_url=redis_server.url)
+    threads = []
+    try:
+        for w in workers:
+            w.wait_announced(client)
+        nodes = {w.node(): w for w in workers}
+        base = {n: worker_stats(client, n).get("started", 0) for n in nodes}
+        box = {}
+        threads.append(_call_in_thread(backend, _long_request(11), 20, box))
+        victim = wait_for(lambda: next((n for n in nodes if worker_stats(client, n).get("started", 0) > base[n]),
+                                       None), 30, "a worker to start the task", every=0.01)
+        nodes[victim].kill()
+        killed = time.monotonic()
+        threads[-1].join(30)
+        assert isinstance(box.get("error"), WorkerFailed), box
+        assert "the worker serving slow stopped (it may have crashed)" in box["error"].message
+        assert box["at"] - killed < DEAD_WORKER_BOUND_S, f"told after {box['at'] - killed:.1f} s"
+
+        # The last worker dies with requests waiting on it (one running, others queued behind it).
+        survivor = next(w for n, w in nodes.items() if n != victim)
+        started = worker_stats(client, survivor.node()).get("started", 0)
+        boxes = [{} for _ in range(4)]
+        threads += [_call_in_thread(backend, _long_request(20 + i), 20, b) for i, b in enumerate(boxes)]
+        wait_for(lambda: worker_stats(client, survivor.node()).get("started", 0) > started, 30,
+                 "the last worker to start a task", every=0.01)
+        survivor.kill()
+        killed = time.monotonic()
+        for t in threads[-4:]:
+            t.join(30)
+        for b in boxes:
+            assert isinstance(b.get("error"), NoWorker), b
+            assert b["at"] - killed < DEAD_WORKER_BOUND_S, f"told after {b['at'] - killed:.1f} s"
+        assert any("stopped (it may have crashed)" in b["error"].message for b in boxes)
+        # Later callers are not held behind anything: "no worker" at once.
+        t0 = time.monotonic()
+        with pytest.raises(NoWorker, match="no worker is serving slow"):
+            backend.complete(_long_request(30), timeout=20)
+        assert time.monotonic() - t0 < 2
+    finally:
+        for t in threads:
+            t.join(1)
+        for w in workers:
+            w.stop()
         backend.close()
 
 

@@ -17,7 +17,7 @@ import torch
 from model import Engine
 from model.contract import clean_output, clean_text
 from model.serving.autocomplete import apply_stop, build_prompt
-from model.errors import BadRequest, Cancelled, RequestTimeout
+from model.errors import BadRequest, Busy, Cancelled, RequestTimeout
 from model.serving.slots import common_prefix
 from model.network.tiny import corpus_lines
 from model.types import CompletionRequest
@@ -933,3 +933,62 @@ def test_a_character_spelled_over_several_tokens_shows_only_when_complete(engine
     prompt = Prompt(tokens=[1], heal=b"")
     shown = [continuation(tok, prompt, generated[:i]) for i in range(1, len(generated) + 1)]
     assert shown == ["A", "A", "A", "A€"]
+
+
+# -- admission control --------------------------------------------------------------------------
+def _hold_every_slot(engine: Engine):
+    """A long request on all four slots, so what comes next waits (slowed engine)."""
+    running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))
+    assert wait_until(lambda: len(engine.scheduler.pool.busy()) == 4)
+    return running
+
+
+def test_a_full_waiting_list_refuses_at_once_and_changes_nothing(make_engine):
+    engine = make_engine(slots=4, delay=0.005)
+    engine.scheduler.max_waiting = 3
+    running = _hold_every_slot(engine)
+    waiting = [engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4)) for _ in range(3)]
+    before, queued = engine.stats(), list(engine.scheduler.planner.waiting)
+    with pytest.raises(Busy) as refused:
+        engine.submit(CompletionRequest("Once upon", n=1, max_new_tokens=4))
+    assert refused.value.kind == "busy"
+    assert refused.value.message == f"busy: 3 requests are waiting for {engine.name}; try again in a moment"
+    assert not running.done(), "the refusal waited for the running request"
+    assert engine.stats() == before and list(engine.scheduler.planner.waiting) == queued
+    waiting[0].cancel()  # a cancelled request holds no waiting place
+    accepted = engine.submit(CompletionRequest("Once upon", n=1, max_new_tokens=4))
+    for handle in [running, accepted, *waiting[1:]]:
+        handle.cancel()
+    assert idle(engine)
+    engine.scheduler.max_waiting = None
+    assert_good_suggestions(engine.complete("Hello there", n=2, max_new_tokens=4, seed=1))
+
+
+def test_one_client_holds_at_most_its_share_of_the_waiting_list(make_engine):
+    engine = make_engine(slots=4, delay=0.005)
+    engine.scheduler.max_waiting, engine.scheduler.max_waiting_per_client = 10, 2
+    running = _hold_every_slot(engine)
+    mine = [engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4), client="10.0.0.1")
+            for _ in range(2)]
+    with pytest.raises(Busy, match="2 of your requests are already waiting"):
+        engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4), client="10.0.0.1")
+    others = [engine.submit(CompletionRequest("Hello", n=1, max_new_tokens=4), client="10.0.0.2"),
+              engine.submit(CompletionRequest("Hello", n=1, max_new_tokens=4))]  # no client: not counted
+    mine[0].cancel()
+    mine.append(engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4), client="10.0.0.1"))
+    for handle in [running, *mine, *others]:
+        handle.cancel()
+    assert idle(engine)
+
+
+def test_time_spent_waiting_counts_toward_max_time(make_engine):
+    engine = make_engine(slots=4, delay=0.005)
+    running = _hold_every_slot(engine)
+    limited = engine.submit(CompletionRequest("Once upon", n=1, greedy=True, max_new_tokens=50, max_time=0.3))
+    assert limited.job.deadline == pytest.approx(limited.job.submitted + 0.3)
+    suggestions, timings = limited.result(timeout=30)
+    assert suggestions == []  # its whole max_time went by in the waiting list
+    assert not running.done(), "max_time started only when the request got its slots"
+    assert timings.total_ms >= 300
+    running.cancel()
+    assert idle(engine)

@@ -176,8 +176,8 @@ def slow_local(tiny_gpt2):
         slow_down(engine, 0.005)
         submit = engine.submit
 
-        def recording_submit(request):
-            handle = submit(request)
+        def recording_submit(request, client=None):
+            handle = submit(request, client)
             handles.append(handle)
             return handle
 
@@ -387,3 +387,23 @@ def test_a_reader_that_goes_away_stops_the_task_on_its_worker(queue):
     assert list(backend.stream_complete(CompletionRequest("Hello", model="slow", n=1, max_new_tokens=3,
                                                           fresh=True)))[-1]["type"] == "done"
     assert wait_until(lambda: worker_stats(client, node).get("done", 0) > done)
+
+
+def test_http_stream_past_the_waiting_bound_is_one_busy_error_event(in_process):
+    url, backend = in_process
+    engine = backend.engine("tiny")
+    engine.scheduler.max_waiting = 1
+    running = engine.submit(CompletionRequest(STORY, n=8, greedy=True, max_new_tokens=100, stop=None))
+    assert wait_until(lambda: len(engine.scheduler.pool.busy()) == 8)
+    waiting = engine.submit(CompletionRequest("Hello", n=1, max_new_tokens=4))
+    try:
+        with post_stream(url, {"before": "Once upon", "model": "tiny"}) as response:
+            events = list(read_events(response))
+        assert events == [{"type": "error", "kind": "busy",
+                           "error": "busy: 1 request is waiting for tiny; try again in a moment"}]
+        assert not running.done()
+    finally:
+        running.cancel()
+        waiting.cancel()
+        engine.scheduler.max_waiting = None
+    assert idle(engine)

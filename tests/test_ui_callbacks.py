@@ -352,3 +352,57 @@ def test_suggest_passes_the_editor_id_so_a_newer_request_cancels_the_older():
     callbacks.suggest(fake, {"before": "Hello", "model": "m1"})
     callbacks.suggest(fake, {"before": "Hello", "model": "m1", "client": 42})  # not an id: ignored
     assert fake.supersede_keys == ["editor-7", None, None]
+
+
+def test_a_busy_refusal_reaches_the_editor_and_the_api_as_a_readable_message(tiny_gpt2):
+    import threading
+    import time
+
+    from model.errors import Busy
+    from model.types import CompletionRequest
+    from model_support import slow_down
+
+    b = LocalBackend([f"tiny={tiny_gpt2}"], slots=4)
+    try:
+        engine = b.engine("tiny")
+        slow_down(engine, 0.005)
+        engine.scheduler.max_waiting, engine.scheduler.max_waiting_per_client = 1, 1
+        running = engine.submit(CompletionRequest("Once upon a time " * 4, n=4, greedy=True, max_new_tokens=100,
+                                                  stop=None))
+        deadline = time.monotonic() + 30
+        while len(engine.scheduler.pool.busy()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        waiting = engine.submit(CompletionRequest("Hello", n=1, max_new_tokens=4))
+        busy = "busy: 1 request is waiting for tiny; try again in a moment"
+        assert callbacks.suggest(b, settings(before="Once upon"), client="10.0.0.9") == {"ok": False, "error": busy}
+        with pytest.raises(Busy, match="^busy: 1 request is waiting for tiny"):
+            callbacks.api_complete(b, "Once upon", "tiny")
+        waiting.cancel()
+        engine.scheduler.max_waiting = None
+        # One editor typing fast: each newer keystroke cancels its older one first, so the
+        # per-client bound (1 here) never refuses the editor's own latest request.
+        answers = {}
+
+        def keystroke(i):
+            answers[i] = callbacks.suggest(b, settings(before=f"Once upon {i}", client="editor-1"), client="10.0.0.9")
+
+        first = threading.Thread(target=keystroke, args=(1,))
+        first.start()
+        while engine.scheduler.waiting() < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        second = threading.Thread(target=keystroke, args=(2,))
+        second.start()
+        first.join(30)
+        assert answers[1]["ok"] is False and "cancel" in answers[1]["error"]
+        running.cancel()
+        second.join(30)
+        assert answers[2]["ok"], answers[2]
+    finally:
+        b.close()
+
+
+def test_the_gradio_queue_is_bounded(backend, monkeypatch):
+    from app.server import build_app
+
+    monkeypatch.setenv("WWT_QUEUE_MAX_SIZE", "7")
+    assert build_app(backend)._queue.max_size == 7

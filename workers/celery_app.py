@@ -33,14 +33,17 @@ def time_limits() -> dict:
     if not 0 < soft <= hard:
         raise QueueMisconfigured(f"WWT_TASK_SOFT_TIME_LIMIT ({soft:g}) must be positive and at most "
                                  f"WWT_TASK_TIME_LIMIT ({hard:g})")
-    visibility = _seconds("WWT_VISIBILITY_TIMEOUT", default=2 * hard)
+    # Defaults chosen so that redelivery can help a waiting caller: with the default request
+    # timeout (60 s), a task whose worker died is handed to another worker after
+    # visibility + one sweep (20 + 10 + 5 = 35 s) and decodes for at most the soft limit (15 s).
+    visibility = _seconds("WWT_VISIBILITY_TIMEOUT", default=hard + 10)
     if visibility <= hard:
         # Redis has no real acknowledgements: a task not acknowledged within the visibility
         # timeout is handed to another worker. If that could happen while the first worker is
         # still legitimately running it (within its hard limit), every long task would run twice.
         raise QueueMisconfigured(f"WWT_VISIBILITY_TIMEOUT ({visibility:g} s) must be longer than "
                                  f"WWT_TASK_TIME_LIMIT ({hard:g} s)")
-    restore = _seconds("WWT_RESTORE_INTERVAL", default=min(10.0, visibility / 4))
+    restore = _seconds("WWT_RESTORE_INTERVAL", default=min(5.0, visibility / 4))
     return {"soft": soft, "hard": hard, "visibility": visibility, "restore": max(0.1, restore)}
 
 

@@ -78,6 +78,29 @@ def live_workers(client, model: str) -> list[dict]:
     return live
 
 
+HOLDER_PREFIX = "wwt:holder:"  # task id -> the worker node running it now (JSON), for a short while
+
+
+def record_holder(client, task_id: str, node: str, redeliver_s: float, ttl: float) -> None:
+    """Say that `node` runs task `task_id` now. `redeliver_s` is how long after a worker takes a task
+    the broker hands it to another worker if the first one died (visibility timeout plus one restore
+    sweep): the app waiting for the task uses it to decide whether waiting for redelivery can help.
+    A redelivered copy overwrites the record with its new worker."""
+    payload = json.dumps({"node": node, "redeliver_s": redeliver_s})
+    client.set(HOLDER_PREFIX + task_id, payload, px=max(1, int(ttl * 1000)))
+
+
+def task_holder(client, task_id: str) -> Optional[dict]:
+    """The record of the worker that took `task_id`, or None while it waits in the queue."""
+    value = client.get(HOLDER_PREFIX + task_id)
+    if value is None:
+        return None
+    try:
+        return json.loads(_s(value))
+    except json.JSONDecodeError:
+        return None
+
+
 def served_models(client) -> dict[str, list[dict]]:
     """Every model with at least one live worker, and its workers."""
     out = {}

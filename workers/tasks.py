@@ -18,12 +18,14 @@ from model.types import REQUEST_TYPES
 from . import cancel
 from .config import TASK_NAME
 from .progress import Publisher
+from .registry import record_holder
 
 log = logging.getLogger("wwt.worker")
 
 # What this process serves: model name -> engine, set by worker.py before consuming starts.
 _engines: dict = {}
 _stats_client = None
+_node: Optional[str] = None  # this worker's node name in the heartbeat registry (registry.py)
 _lock = threading.Lock()
 
 STATS_KEY = "wwt:stats:tasks"
@@ -35,13 +37,32 @@ WORKER_STATS_INDEX = "wwt:stats:workers"
 MAX_WORKER_STATS = 64
 
 
-def serve(name: str, engine, stats_client=None) -> None:
-    """Make `engine` answer tasks for model `name` in this process; count tasks in `stats_client`."""
-    global _stats_client
+def serve(name: str, engine, stats_client=None, node: Optional[str] = None) -> None:
+    """Make `engine` answer tasks for model `name` in this process; count tasks in `stats_client`.
+    `node` is the name this worker announces itself under: each task it takes is recorded under it."""
+    global _stats_client, _node
     with _lock:
         _engines[name] = engine
         if stats_client is not None:
             _stats_client = stats_client
+        if node is not None:
+            _node = node
+
+
+def _record_holder(task, task_id: Optional[str], hostname: str, hard_limit: Optional[float]) -> None:
+    """Tell the app which worker runs this task, so it notices at once when that worker dies."""
+    client = _stats_client
+    if client is None or not task_id:
+        return
+    options = getattr(task.app.conf, "broker_transport_options", None) or {}
+    visibility = float(options.get("visibility_timeout", 3600))
+    restore = float(options.get("unacked_restore_interval", 10))
+    try:
+        # Lives as long as the task can (its hard limit), plus the wait for its redelivery.
+        record_holder(client, task_id, _node or hostname, visibility + restore,
+                      ttl=(hard_limit or 60) + visibility + restore)
+    except Exception as e:  # the record helps the app fail fast; it must never fail the request
+        log.warning("could not record the holder of task %s: %s", task_id, e)
 
 
 def _count(hostname: str, field: str) -> None:
@@ -168,9 +189,14 @@ def infer(task, kind: str, request: dict, stream: bool = False) -> dict:
     _count(hostname, "started")
     started = time.perf_counter()
     task_id = getattr(task.request, "id", None)
+    _record_holder(task, task_id, hostname, hard_limit)
     try:
-        if kind == "complete" and task_id and _stats_client is not None and cancel.is_cancelled(_stats_client, task_id):
-            raise Cancelled("a newer request from the same editor replaced this one")
+        # A stale task is skipped: a newer request from the same editor replaced it, or its caller
+        # gave up on it (its worker died and the caller was told so: a late redelivered copy must
+        # not run for nobody).
+        if task_id and _stats_client is not None and cancel.is_cancelled(_stats_client, task_id):
+            raise Cancelled("a newer request from the same editor replaced this one" if kind == "complete"
+                            else "the caller stopped waiting for this request")
         result = run(kind, request, soft_limit=soft_limit, hard_limit=hard_limit, task_id=task_id,
                      stream=bool(stream)).to_dict()
         _count(hostname, "done")

@@ -103,9 +103,8 @@ def run_worker(args) -> int:
     except WWTError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
-    tasks.serve(spec.name, engine, stats_client=client)
-
     node = node_name(spec.name)
+    tasks.serve(spec.name, engine, stats_client=client, node=node)
     heartbeat = Heartbeat(client, spec.name, node, engine_info(engine, spec, device, concurrency))
 
     def on_ready(**_):

@@ -92,6 +92,9 @@ class Backend(ABC):
     """
 
     kind = "abstract"
+    # Whether complete / stream_complete take a `client` keyword (the caller's address, held to a
+    # per-client bound on waiting requests); callers pass it only where this is True.
+    admits_clients = False
 
     @abstractmethod
     def models(self) -> list[str]:

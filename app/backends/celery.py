@@ -30,7 +30,7 @@ from workers.celery_app import make_app
 from workers.config import TASK_NAME, queue_name, redact
 from workers.progress import Subscription
 from workers.config import redis_url as default_redis_url
-from workers.registry import live_workers, served_models
+from workers.registry import live_workers, served_models, task_holder
 from workers.suggestion_cache import SuggestionCache
 
 from .base import Backend, EventStream
@@ -39,7 +39,18 @@ from .documents import RedisDocumentStore
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError,
                  ConnectionError, OSError)
 SERVED_CACHE_S = 1.0  # a model seen served is trusted this long without asking Redis again
-CHECK_EVERY_S = 1.0   # while waiting, how often to check that the model still has a worker
+CHECK_EVERY_S = 1.0   # while waiting, how often to check that the model (and the task's worker) is alive
+REDELIVERY_MARGIN_S = 2.0  # wait for a dead worker's task to be redelivered only if it comes this early
+
+
+class _Watch:
+    """What one request's wait knows about the task's workers: when each worker that took it was
+    first seen (the app's own clock), and what to say if the wait ends at the deadline."""
+
+    def __init__(self, name: str, task_id: str, deadline: float):
+        self.name, self.task_id, self.deadline = name, task_id, deadline
+        self.first_seen: dict[str, float] = {}
+        self.note = ""
 
 
 class CeleryBackend(Backend):
@@ -164,30 +175,73 @@ class CeleryBackend(Backend):
             self._redis(cancel.supersede, self.redis, supersede, pending.id)
         return pending, name
 
-    def _check_served(self, name: str) -> None:
-        """NoWorker if the model has no live worker left (it died before answering)."""
-        if not self._redis(live_workers, self.redis, name):
-            raise NoWorker(f"the worker serving {name} stopped before answering, and no other "
-                           f"worker is serving {name}")
-
-    def _answer(self, kind: str, pending, name: str, timeout: float, started: float):
-        """Wait for a sent task's result, within `timeout`, and rebuild it as its result type."""
-        last_check = [time.monotonic()]
-
-        def still_served():
-            # Called by Celery between waits: a worker that died with no other left (or Redis
-            # going away) ends the wait now instead of at the timeout.
-            if time.monotonic() - last_check[0] >= CHECK_EVERY_S:
-                last_check[0] = time.monotonic()
-                self._check_served(name)
-
+    def _check_alive(self, watch: _Watch) -> None:
+        """Between slices of a wait: NoWorker when the model has no live worker left, WorkerFailed when
+        the worker that took the task died and its redelivery to another cannot come before the
+        deadline. Either way the task is marked stale, so a late redelivered copy is skipped and the
+        caller, who has been answered, is never answered twice."""
+        name = watch.name
+        live = self._redis(live_workers, self.redis, name)
+        holder = self._redis(task_holder, self.redis, watch.task_id)
+        node = holder.get("node") if holder else None
+        if not live:
+            self._give_up(watch.task_id)
+            if node:
+                raise NoWorker(f"the worker serving {name} stopped (it may have crashed) before answering, and no "
+                               f"other worker is serving {name}; start one with "
+                               f"`wwt worker --model {self._spec(name)}`")
+            raise NoWorker(f"no worker is serving {name} any more; start one with "
+                           f"`wwt worker --model {self._spec(name)}`")
+        if not node or node in {w.get("node") for w in live}:
+            return  # still queued (the workers are busy), or its worker is alive and on it
+        now = time.monotonic()
+        seen = watch.first_seen.setdefault(node, now)
         try:
-            value = pending.get(timeout=timeout, propagate=False, on_interval=still_served)
-        except CeleryTimeout:
-            raise RequestTimeout(f"{name} did not answer within {timeout:g} s; the workers may be busy "
-                                 f"(start more with `wwt worker --model {self._spec(name)}`)") from None
-        except _REDIS_ERRORS as e:
-            raise self._unavailable(e) from None
+            redeliver_s = float(holder.get("redeliver_s", 0))
+        except (TypeError, ValueError):
+            redeliver_s = 0.0
+        if redeliver_s > 0 and seen + redeliver_s + REDELIVERY_MARGIN_S < watch.deadline:
+            # The broker hands the task to another worker before the deadline: wait for that.
+            watch.note = (f"; the worker that took it stopped (it may have crashed) and another "
+                          f"worker did not finish it in time")
+            return
+        self._give_up(watch.task_id)
+        raise WorkerFailed(f"the worker serving {name} stopped (it may have crashed) while answering; "
+                           f"try again")
+
+    def _give_up(self, task_id: str) -> None:
+        try:
+            cancel.cancel_task(self.redis, task_id)
+        except _REDIS_ERRORS:
+            pass  # the task's expiry still keeps a late copy from running
+
+    def _timed_out(self, watch: _Watch, limit: float) -> RequestTimeout:
+        self._give_up(watch.task_id)
+        name = watch.name
+        return RequestTimeout(f"{name} did not answer within {limit:g} s{watch.note or '; the workers may be busy'} "
+                              f"(start more with `wwt worker --model {self._spec(name)}`)")
+
+    def _answer(self, kind: str, pending, name: str, timeout: float, started: float,
+                watch: Optional[_Watch] = None, limit: Optional[float] = None):
+        """Wait for a sent task's result, within `timeout`, and rebuild it as its result type.
+
+        The wait is cut in slices of CHECK_EVERY_S; between slices the heartbeat registry says
+        whether the model, and the worker that took the task, are still alive (_check_alive), so a
+        dead worker ends the wait within a few heartbeats instead of at the timeout."""
+        watch = watch or _Watch(name, pending.id, time.monotonic() + timeout)
+        limit = timeout if limit is None else limit
+        while True:
+            left = watch.deadline - time.monotonic()
+            if left <= 0:
+                raise self._timed_out(watch, limit)
+            try:
+                value = pending.get(timeout=min(CHECK_EVERY_S, left), propagate=False)
+                break
+            except CeleryTimeout:
+                pass
+            except _REDIS_ERRORS as e:
+                raise self._unavailable(e) from None
+            self._check_alive(watch)
         if pending.failed() or not isinstance(value, dict):
             raise WorkerFailed(f"the worker serving {name} failed the request: {value!r}")
         if "error" in value:
@@ -222,9 +276,9 @@ class CeleryBackend(Backend):
             stream.on_cancel(lambda: self._redis(cancel.cancel_task, self.redis, task_id))
             try:
                 pending, name = self._send("complete", req, limit, supersede, task_id=task_id, stream=True)
-                yield from self._partials(subscription, pending, name, time.monotonic() + limit, limit, stream)
-                completion = self._answer("complete", pending, name, max(0.1, limit - (time.perf_counter() - started)),
-                                          started)
+                watch = _Watch(name, pending.id, time.monotonic() + limit)
+                yield from self._partials(subscription, pending, watch, limit, stream)
+                completion = self._answer("complete", pending, name, limit, started, watch=watch, limit=limit)
             finally:
                 subscription.close()
             if self.cache is not None:
@@ -237,17 +291,14 @@ class CeleryBackend(Backend):
         stream = EventStream(events())
         return stream
 
-    def _partials(self, subscription: Subscription, pending, name: str, deadline: float, limit: float,
-                  stream: EventStream):
+    def _partials(self, subscription: Subscription, pending, watch: _Watch, limit: float, stream: EventStream):
         """Partial events from the task's channel until the worker says its answer is ready."""
         grow = GrowOnly()  # a task redelivered after a worker died starts again: never shrink a text
         checked = time.monotonic()
         while not stream.cancelled:
-            left = deadline - time.monotonic()
+            left = watch.deadline - time.monotonic()
             if left <= 0:
-                self._redis(cancel.cancel_task, self.redis, pending.id)
-                raise RequestTimeout(f"{name} did not answer within {limit:g} s; the workers may be busy "
-                                     f"(start more with `wwt worker --model {self._spec(name)}`)")
+                raise self._timed_out(watch, limit)
             message = self._redis(subscription.get, min(CHECK_EVERY_S, left))
             if message is not None and message.get("type") == "partial":
                 yield partial_event(grow.apply(partials_of(message)))
@@ -257,7 +308,7 @@ class CeleryBackend(Backend):
                 checked = time.monotonic()
                 if self._redis(pending.ready):
                     return  # answered without a word on the channel (say, cancelled before it ran)
-                self._check_served(name)
+                self._check_alive(watch)
         raise Cancelled("the request was cancelled")
 
     # -- documents ----------------------------------------------------------------------

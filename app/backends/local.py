@@ -36,6 +36,7 @@ class LocalBackend(Backend):
     """Engines in this process, loaded on first use; the least recently used is unloaded past a memory budget."""
 
     kind = "local"
+    admits_clients = True  # complete / stream_complete take `client` (the per-client waiting bound)
 
     def __init__(self, models: list[str], device: Optional[str] = None, slots: Optional[int] = None,
                  memory_budget_gb: Optional[float] = None, documents: Optional[FileDocumentStore] = None,
@@ -119,13 +120,15 @@ class LocalBackend(Backend):
         return info
 
     def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                 supersede: Optional[str] = None) -> Completion:
+                 supersede: Optional[str] = None, client: Optional[str] = None) -> Completion:
+        """`client` (the caller's address) is held to WWT_MAX_WAITING_PER_CLIENT waiting requests
+        (without one, the supersede key is); past that, or past WWT_MAX_WAITING, Busy at once."""
         if supersede is None:
-            return _guarded(lambda: self.engine(request.model).completion(request, timeout))
+            return _guarded(lambda: self.engine(request.model).completion(request, timeout, client=client))
 
         def run():
             engine = self.engine(request.model)
-            handle = self._start(engine, request, supersede)
+            handle = self._start(engine, request, supersede, client)
             try:
                 return engine.completion_from(handle, timeout)
             finally:
@@ -133,16 +136,18 @@ class LocalBackend(Backend):
 
         return _guarded(run)
 
-    def _start(self, engine, request: CompletionRequest, supersede: Optional[str]):
-        """Submit; with a supersede key, cancel the older request under it (its answer would be stale:
-        free its slots now)."""
-        handle = engine.submit(request)
-        if supersede is not None:
-            with self._lock:
-                older = self._latest.get(supersede)
-                self._latest[supersede] = handle
+    def _start(self, engine, request: CompletionRequest, supersede: Optional[str], client: Optional[str] = None):
+        """Submit; with a supersede key, cancel the older request under it first (its answer would be
+        stale: free its slots now, and its waiting place, so a fast typist is not refused as busy
+        because of their own older keystrokes)."""
+        if supersede is None:
+            return engine.submit(request, client)
+        with self._lock:
+            older = self._latest.pop(supersede, None)
             if older is not None:
                 older.cancel()
+            handle = engine.submit(request, client if client is not None else supersede)
+            self._latest[supersede] = handle
         return handle
 
     def _ended(self, supersede: Optional[str], handle) -> None:
@@ -152,12 +157,12 @@ class LocalBackend(Backend):
                     del self._latest[supersede]
 
     def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                        supersede: Optional[str] = None) -> EventStream:
+                        supersede: Optional[str] = None, client: Optional[str] = None) -> EventStream:
         """Partial events from the engine's snapshots (Engine.stream_from), as each step is decoded.
         Cancelling the stream, or a newer request under the same supersede key, frees the slots."""
         def events():
             engine = self.engine(request.model)
-            handle = self._start(engine, request, supersede)
+            handle = self._start(engine, request, supersede, client)
             stream.on_cancel(handle.cancel)
             try:
                 for update in engine.stream_from(handle, timeout):

@@ -48,6 +48,15 @@ def friendly(call: Callable, warn: Warn = None):
     return None, message
 
 
+def complete(backend: Backend, request: CompletionRequest, supersede: Optional[str] = None,
+             client: Optional[str] = None):
+    """backend.complete, with the caller's address for the per-client waiting bound where the
+    backend takes one (Backend.admits_clients)."""
+    if client is not None and getattr(backend, "admits_clients", False):
+        return backend.complete(request, timeout(), supersede=supersede, client=client)
+    return backend.complete(request, timeout(), supersede=supersede)
+
+
 # -- input checks --------------------------------------------------------------------------
 
 def clean(text, what: str = "text", required: bool = False) -> str:
@@ -98,8 +107,10 @@ def parse_labels(labels) -> Optional[list]:
 
 # -- the Write tab ---------------------------------------------------------------------------
 
-def suggest(backend: Backend, data: dict) -> dict:
-    """The editor's Tab: continuations of the text before the cursor, as JSON for the page."""
+def suggest(backend: Backend, data: dict, client: Optional[str] = None) -> dict:
+    """The editor's Tab: continuations of the text before the cursor, as JSON for the page.
+    `client`: the caller's address (per-client waiting bound); a refusal such as "busy: ...;
+    try again in a moment" comes back as {"ok": False, "error": message} for the error line."""
     data = data if isinstance(data, dict) else {}
 
     def run():
@@ -109,7 +120,7 @@ def suggest(backend: Backend, data: dict) -> dict:
                                          **{name: data.get(name) for name in PAGE_SETTINGS})
             client = data.get("client")  # one editor: its newer request cancels its older one
             supersede = client if isinstance(client, str) and client else None
-            return request, backend.complete(request, timeout(), supersede=supersede)
+            return request, complete(backend, request, supersede, client)
 
     answer_, error = friendly(run)
     if error:
@@ -284,13 +295,13 @@ def likelihood(scores) -> dict:
 
 def api_complete(backend: Backend, text: str, model: str = "", n: int = 3, max_new_tokens: int = 8,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9, fresh: bool = False,
-                 seed: Optional[int] = None) -> dict:
+                 seed: Optional[int] = None, client: Optional[str] = None) -> dict:
     with ops.observe("complete", backend, model):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise BadRequest(f"seed must be a whole number of at least 0 (got {shown(seed)})")
         req = completion_request(backend, text, model, fresh=fresh, seed=seed, n=n, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p)
-        return backend.complete(req, timeout()).to_dict()
+        return complete(backend, req, client=client).to_dict()
 
 
 def api_classify(backend: Backend, text: str, labels="", model: str = "") -> dict:

@@ -54,7 +54,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from app.backends.base import Backend, EventStream
-from model.errors import BadRequest, WWTError
+from model.errors import BadRequest, Busy, WWTError
 from model.streaming import error_event
 
 from . import ops
@@ -63,15 +63,16 @@ from .callbacks import PAGE_SETTINGS, completion_request, shown, timeout
 log = logging.getLogger(__name__)
 
 PATH = "/wwt/stream"
-MAX_STREAMS = 64  # streams written at once; past it a request is answered "busy" at once
+MAX_STREAMS = 64  # streams written at once; past it a request is answered Busy (kind "busy") at once
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 _NOT_JSON = object()
 
 
-def start(backend: Backend, data) -> EventStream:
-    """The events for one request body (a dict), checked against the contract first."""
+def start(backend: Backend, data, client=None) -> EventStream:
+    """The events for one request body (a dict), checked against the contract first. `client`:
+    the caller's address, held to the per-client waiting bound where the backend has one."""
     try:
         if data is _NOT_JSON:
             raise BadRequest("the request body must be JSON")
@@ -83,9 +84,11 @@ def start(backend: Backend, data) -> EventStream:
         request = completion_request(backend, data.get("before", ""), data.get("model"),
                                      fresh=data.get("fresh", False), seed=seed,
                                      **{name: data.get(name) for name in PAGE_SETTINGS})
-        client = data.get("client")
-        return backend.stream_complete(request, timeout(),
-                                       supersede=client if isinstance(client, str) and client else None)
+        editor = data.get("client")
+        supersede = editor if isinstance(editor, str) and editor else None
+        if client is not None and getattr(backend, "admits_clients", False):
+            return backend.stream_complete(request, timeout(), supersede=supersede, client=client)
+        return backend.stream_complete(request, timeout(), supersede=supersede)
     except WWTError as e:
         return _one(error_event(e))
     except Exception as e:  # a bug: logged, and a readable line for the client
@@ -127,11 +130,11 @@ async def _events(backend: Backend, data, request: Request, slots: _Slots):
     outcome = ["cancelled"]  # until a done or error event is written: the reader hung up
     if not slots.take():
         ops.record("stream", model, started, "busy")
-        yield sse({"type": "error", "error": "the server is busy writing other suggestions; try again in a moment",
-                   "kind": "busy"})
+        yield sse(error_event(Busy(f"busy: {slots.limit} suggestions are being written; try again in a moment")))
         return
     try:
-        events = await asyncio.to_thread(start, backend, data)  # asks the backend which models it offers
+        client = getattr(request.client, "host", None) or None
+        events = await asyncio.to_thread(start, backend, data, client)  # asks the backend which models it offers
     except BaseException:
         slots.give()
         raise

@@ -83,8 +83,8 @@ class WWTBlocks(gr.Blocks):
     def validate_inputs(self, block_fn, inputs):
         fn = self.api_functions.get(getattr(block_fn, "api_name", None))
         if fn is not None and len(inputs) < len(block_fn.inputs):
-            params = list(inspect.signature(fn).parameters.values())
-            missing = params[len(inputs):len(block_fn.inputs)]
+            params = list(inspect.signature(fn).parameters.values())[:len(block_fn.inputs)]  # not gr.Request
+            missing = params[len(inputs):]
             required = [p.name for p in missing if p.default is inspect.Parameter.empty]
             if required:
                 raise gr.Error(f"/{block_fn.api_name} takes {len(params)} inputs in this order: "
@@ -111,7 +111,7 @@ def _api(fn, *args):
 
 
 def client_address(request: Optional[gr.Request]) -> Optional[str]:
-    """The caller's IP address as Gradio gives it (the per-client share limit counts by it)."""
+    """The caller's IP address as Gradio gives it (the per-client share limit and waiting bound count by it)."""
     client = getattr(request, "client", None)
     return getattr(client, "host", None) or None
 
@@ -122,8 +122,8 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
     warn = partial(gr.Warning, duration=8)
 
     # -- server functions the editor calls directly (no queue: keystroke latency matters) --
-    def suggest(data):
-        return callbacks.suggest(backend, data)
+    def suggest(data, request: gr.Request):
+        return callbacks.suggest(backend, data, client_address(request))
 
     def share(data, request: gr.Request):
         return callbacks.share(backend, data, client_address(request))
@@ -258,9 +258,9 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
         # -- named API endpoints ------------------------------------------------------------
         def complete(text: str, model: str = "", n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 0.9, fresh: bool = False,
-                     seed: Optional[int] = None) -> dict:
+                     seed: Optional[int] = None, request: gr.Request = None) -> dict:
             return _api(callbacks.api_complete, backend, text, model, n, max_new_tokens, temperature, top_k,
-                        top_p, fresh, seed)
+                        top_p, fresh, seed, client_address(request))
 
         def classify(text: str, labels: str = "", model: str = "") -> dict:
             return _api(callbacks.api_classify, backend, text, labels, model)

@@ -68,7 +68,9 @@ class Engine:
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda" and settings.get_bool("WWT_CUDA_GRAPH")
         fixed = FixedShapeDecoder(lm, self.cache, capture=self.device.type == "cuda") if cuda_graph else None
-        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed)
+        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed, name=name)
+        self.scheduler.max_waiting = settings.get_int("WWT_MAX_WAITING", default=None) or None
+        self.scheduler.max_waiting_per_client = settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device=None, dtype=None, slots: Optional[int] = None,
@@ -104,12 +106,18 @@ class Engine:
         sampling = SamplingSettings(r.greedy, r.temperature, r.top_k, r.top_p, r.repetition_penalty)
         return Job(prompt, r.n, r.max_new_tokens, sampling, r.seed, r.max_time, r.stop, self.eos)
 
-    def submit(self, request: CompletionRequest) -> Handle:
-        """Queue a completion; the handle waits for it or cancels it."""
-        return self.scheduler.submit(self._job(request))
+    def submit(self, request: CompletionRequest, client: Optional[str] = None) -> Handle:
+        """Queue a completion; the handle waits for it or cancels it.
 
-    def completion(self, request: CompletionRequest, timeout: Optional[float] = None) -> Completion:
-        return self.completion_from(self.submit(request), timeout)
+        Raises Busy at once, queueing nothing, when WWT_MAX_WAITING requests already wait for
+        slots, or WWT_MAX_WAITING_PER_CLIENT of them come from `client` (an IP address or an
+        editor id; None: not counted per client).
+        """
+        return self.scheduler.submit(self._job(request), client)
+
+    def completion(self, request: CompletionRequest, timeout: Optional[float] = None,
+                   client: Optional[str] = None) -> Completion:
+        return self.completion_from(self.submit(request, client), timeout)
 
     def completion_from(self, handle: Handle, timeout: Optional[float] = None) -> Completion:
         """Wait for a submitted request (cancelling it if `timeout` passes) and package its answer."""

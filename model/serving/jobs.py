@@ -50,6 +50,7 @@ class Job:
         self.stop = stop
         self.eos = eos
         self.submitted = time.perf_counter()
+        # max_time runs from submission: time spent waiting for slots counts toward it.
         self.deadline = None if max_time is None else self.submitted + max_time
         self.slots: list[int] = []
         self.prefilled = 0  # prompt tokens whose keys/values are in the base slot
@@ -60,6 +61,7 @@ class Job:
         self.accepted: list[Suggestion] = []
         self.seen_texts: set[str] = set()
         self.cancelled = False
+        self.client: Optional[str] = None  # who asked (Scheduler.submit), for the per-client bound
         self.timings = Timings()
         self.admitted = 0.0
         self.decode_started = 0.0

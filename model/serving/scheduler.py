@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import Cancelled, WWTError
+from ..errors import Busy, Cancelled, WWTError
 from ..network.gpt import GPTModel
 from ..network.tokenizer import GPTTokenizer
 from .decode_graph import FixedShapeDecoder
@@ -40,7 +40,12 @@ __all__ = ["Call", "Handle", "Job", "Scheduler"]
 
 class Scheduler:
     def __init__(self, model: GPTModel, tokenizer: GPTTokenizer, cache: KVCache,
-                 fixed_shape: Optional[FixedShapeDecoder] = None):
+                 fixed_shape: Optional[FixedShapeDecoder] = None, name: str = "this model"):
+        self.name = name
+        # Admission bounds (Engine sets them from WWT_MAX_WAITING / WWT_MAX_WAITING_PER_CLIENT);
+        # None or 0: no bound. Only requests still waiting for slots count, not running ones.
+        self.max_waiting: Optional[int] = None
+        self.max_waiting_per_client: Optional[int] = None
         self.cache = cache
         self.pool = SlotPool(cache.slots)
         self.planner = Planner(self.pool)
@@ -57,14 +62,42 @@ class Scheduler:
         self._worker.add(self)
 
     # -- the callers' side ---------------------------------------------------------------
-    def submit(self, job: Job) -> Handle:
+    def submit(self, job: Job, client: Optional[str] = None) -> Handle:
+        """Queue `job`; Busy (at once, nothing queued) past the waiting bounds. `client` is who
+        asked (an IP address, an editor id): one client may hold at most max_waiting_per_client
+        of the waiting places."""
         with self._cond:
             if self._closed:
                 raise Cancelled("the engine is shut down")
+            self._admit_or_refuse(client)
+            job.client = client
             self.planner.waiting.append(job)
             self.counters["requests"] += 1
             self._cond.notify_all()
         return Handle(job, self._wake)
+
+    def waiting(self) -> int:
+        """Requests waiting for slots (not counting cancelled or timed-out ones not yet swept)."""
+        with self._cond:
+            return len(self._live_waiting(time.perf_counter()))
+
+    def _live_waiting(self, now: float) -> list[Job]:
+        return [j for j in self.planner.waiting if not j.cancelled and not j.out_of_time(now)]
+
+    def _admit_or_refuse(self, client: Optional[str]) -> None:
+        """(under the lock) Raise Busy when the waiting list, or this client's share of it, is full."""
+        bound, per_client = self.max_waiting, self.max_waiting_per_client
+        if not bound and not (per_client and client is not None):
+            return
+        live = self._live_waiting(time.perf_counter())
+        if bound and len(live) >= bound:
+            are = "request is" if len(live) == 1 else "requests are"
+            raise Busy(f"busy: {len(live)} {are} waiting for {self.name}; try again in a moment")
+        if per_client and client is not None:
+            mine = sum(1 for j in live if j.client == client)
+            if mine >= per_client:
+                    raise Busy(f"busy: {mine} of your requests are already waiting for {self.name}; "
+                           f"try again in a moment")
 
     def call(self, fn):
         """Run fn() on the model thread between two steps; return its result or raise its error.
