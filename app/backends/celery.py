@@ -202,8 +202,8 @@ class CeleryBackend(Backend):
             redeliver_s = 0.0
         if redeliver_s > 0 and seen + redeliver_s + REDELIVERY_MARGIN_S < watch.deadline:
             # The broker hands the task to another worker before the deadline: wait for that.
-            watch.note = (f"; the worker that took it stopped (it may have crashed) and another "
-                          f"worker did not finish it in time")
+            watch.note = ("; the worker that took it stopped (it may have crashed) and another "
+                          "worker did not finish it in time")
             return
         self._give_up(watch.task_id)
         raise WorkerFailed(f"the worker serving {name} stopped (it may have crashed) while answering; "
