@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,33 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
-    root = Path(__file__).resolve().parents[2]
-    folder = Path(tempfile.mkdtemp(prefix="wwt-memory-"))
-    model = args.model
-    if model is None:
-        subprocess.run([sys.executable, "-m", "app.cli", "make-tiny-model", str(folder / "tiny")], check=True,
-                       cwd=root, stdout=subprocess.DEVNULL)
-        model = f"tiny={folder / 'tiny'}"
-    from workers.processes import free_port
+    from .load import start_server  # a throwaway `wwt serve` (the tiny model unless --model names one)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WWT_DATA_DIR": str(folder / "data"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(folder / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--model", model],
-                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, url, name = start_server(args.model)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url + "gradio_api/info", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    print((folder / "serve.log").read_text()[-3000:])
-                    return 1
-                time.sleep(0.3)
-        name = model.split("=")[0].split("@")[0]
         big = "The quick brown fox jumps over the lazy dog. " * 22_000  # ~1 MB
         huge = "x" * 5_000_000
 
@@ -111,7 +86,6 @@ def main(argv=None) -> int:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
     return 0
 
 
