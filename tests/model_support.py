@@ -82,3 +82,20 @@ def slow_down(engine, delay: float) -> None:
         return inner(*args, **kwargs)
 
     engine.model.transformer.forward = forward
+
+
+def wait_until(predicate, timeout: float = 30.0) -> bool:
+    """Poll for a state another thread or process reaches (a liveness wait, not a timing assertion)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def idle(engine) -> bool:
+    """Whether the engine's slots all come free (its requests are done)."""
+    return wait_until(lambda: not engine.scheduler.pool.busy())

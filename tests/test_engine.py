@@ -21,7 +21,7 @@ from model.errors import BadRequest, Busy, Cancelled, RequestTimeout
 from model.serving.slots import common_prefix
 from model.network.tiny import corpus_lines
 from model.types import CompletionRequest
-from model_support import slow_down
+from model_support import idle, slow_down, wait_until
 
 # Token-for-token comparisons hold in float32 on the CPU; set this to try another device.
 DEVICE = os.environ.get("WWT_TEST_DEVICE", "cpu")
@@ -44,18 +44,6 @@ def ids(suggestions) -> list[list[int]]:
     return [s.token_ids for s in suggestions]
 
 
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    """Poll for a state the scheduler thread reaches (a liveness wait, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-def idle(engine: Engine) -> bool:
-    return wait_until(lambda: not engine.scheduler.pool.busy())
 
 
 def assert_good_suggestions(suggestions, n: int = None):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ from model.errors import Cancelled, RequestTimeout
 from model.network.tiny import make_tiny_model
 from model.streaming import GrowOnly
 from model.types import CompletionRequest, PartialSuggestion
-from model_support import slow_down
+from model_support import idle, slow_down, wait_until
 from ui_support import Server
 from workers.processes import free_port
 
@@ -32,18 +31,6 @@ STORY = "The weather in the valley turned cold that night. Snow covered the"
 
 
 
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    """Poll for a state another thread or process reaches (a liveness wait, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-def idle(engine: Engine) -> bool:
-    return wait_until(lambda: not engine.scheduler.pool.busy())
 
 
 @pytest.fixture
