@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from model.network.tiny import make_tiny_model
@@ -23,3 +25,26 @@ def tiny_gpt2_heads(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_openai(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-openai"), "openai-gpt", seed=2)
+
+
+@pytest.fixture
+def make_engine(tiny_gpt2):
+    """Engines on the tiny checkpoint (or `path`), closed after the test; `delay` slows every forward
+    pass so a request is reliably still running when the test looks at it. WWT_TEST_DEVICE picks
+    the device (token-for-token comparisons hold in float32 on the CPU)."""
+    from model import Engine
+    from model_support import slow_down
+
+    made = []
+
+    def make(path=None, slots: int = 8, delay: float = 0.0):
+        engine = Engine.from_pretrained(str(path or tiny_gpt2), slots=slots,
+                                        device=os.environ.get("WWT_TEST_DEVICE", "cpu"))
+        if delay:
+            slow_down(engine, delay)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()

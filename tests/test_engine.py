@@ -21,7 +21,7 @@ from model.errors import BadRequest, Busy, Cancelled, RequestTimeout
 from model.serving.slots import common_prefix
 from model.network.tiny import corpus_lines
 from model.types import CompletionRequest
-from model_support import idle, slow_down, wait_until
+from model_support import idle, wait_until
 
 # Token-for-token comparisons hold in float32 on the CPU; set this to try another device.
 DEVICE = os.environ.get("WWT_TEST_DEVICE", "cpu")
@@ -63,22 +63,6 @@ def long_document(words: int) -> str:
     while len(text.split()) < words:
         text = text + " " + text
     return " ".join(text.split()[:words])
-
-
-@pytest.fixture
-def make_engine(tiny_gpt2):
-    made = []
-
-    def make(path=None, slots: int = 8, delay: float = 0.0) -> Engine:
-        engine = Engine.from_pretrained(str(path or tiny_gpt2), slots=slots, device=DEVICE)
-        if delay:
-            slow_down(engine, delay)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -33,22 +33,6 @@ STORY = "The weather in the valley turned cold that night. Snow covered the"
 
 
 
-@pytest.fixture
-def make_engine(tiny_gpt2):
-    made = []
-
-    def make(slots: int = 8, delay: float = 0.0) -> Engine:
-        engine = Engine.from_pretrained(str(tiny_gpt2), slots=slots, device=DEVICE)
-        if delay:
-            slow_down(engine, delay)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
-
-
 def assert_growing(snapshots: list[list[dict]]) -> dict[int, str]:
     """Every text starts with the one shown before it for the same index; the last text of each."""
     last: dict[int, str] = {}

@@ -44,7 +44,8 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, every: 
         time.sleep(every)
 
 
-def _stop(proc: Optional[subprocess.Popen], grace: float, sig: int = signal.SIGTERM) -> None:
+def stop_process(proc: Optional[subprocess.Popen], grace: float, sig: int = signal.SIGTERM) -> None:
+    """`sig` (SIGTERM), then SIGKILL if the process is still there after `grace` seconds."""
     if proc is not None and proc.poll() is None:
         proc.send_signal(sig)
         try:
@@ -111,7 +112,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        _stop(self.proc, 10)
+        stop_process(self.proc, 10)
         self.proc = None
 
     def __enter__(self) -> "RedisServer":
@@ -182,7 +183,7 @@ class WorkerProcess:
 
     def stop(self, grace: float = 15) -> None:
         """SIGTERM (a warm shutdown), SIGKILL after `grace` seconds."""
-        _stop(self.proc, grace)
+        stop_process(self.proc, grace)
 
     def __enter__(self) -> "WorkerProcess":
         if self.proc is None:

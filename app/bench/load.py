@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from workers.processes import stop_process
+
 from .memory import rss_mb
 
 WORDS = ("the weather in the valley turned cold that night and snow covered the roofs while people "
@@ -157,11 +159,7 @@ def main(argv=None) -> int:
             time.sleep(2)  # let the previous rate drain
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, 30)
     return 0
 
 

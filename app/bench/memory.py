@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from workers.processes import stop_process
 
 
 def rss_mb(pid: int) -> float:
@@ -81,11 +82,7 @@ def main(argv=None) -> int:
         print(f"{args.requests} requests in {elapsed:.1f} s, status counts {counts}")
         print(f"RSS warm {before:.0f} MB -> after {after:.0f} MB (+{after - before:.0f} MB)")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
     return 0
 
 
