@@ -57,8 +57,9 @@ def build_app(backend):
     """The Gradio app with a queue that lets requests run side by side (the engine batches them).
 
     The queue holds at most WWT_QUEUE_MAX_SIZE calls: past it Gradio answers at once (HTTP 503,
-    "Queue is full") instead of letting hundreds wait. The editor's server functions bypass this
-    queue; the engine's waiting bounds (WWT_MAX_WAITING, WWT_MAX_WAITING_PER_CLIENT) cover them."""
+    "busy: the server's queue is full ..." in our words, web/limits.py) instead of letting hundreds
+    wait. The editor's server functions bypass this queue; the engine's waiting bounds
+    (WWT_MAX_WAITING, WWT_MAX_WAITING_PER_CLIENT) cover them."""
     from .web.ui import build_ui
 
     demo = build_ui(backend)
@@ -75,19 +76,18 @@ def app_kwargs(backend) -> dict:
 
     from .web import limits
 
-    # limits.py: the request-body limit in front of every route, and DELETE /wwt/doc/{id}
+    # limits.py: the request-body limit in front of every route, a full queue's 503 in our words,
+    # and DELETE /wwt/doc/{id}
     return {"routes": routes(backend) + ops.routes(backend) + limits.routes(backend),
             "middleware": limits.middleware()}
 
 
 def redis_warning(backend) -> Optional[str]:
-    """The warning for a Redis used without a password on a non-loopback address (celery mode)."""
-    url = getattr(backend, "url", None)
-    if getattr(backend, "kind", "") != "celery" or not url:
-        return None
-    from workers.config import insecure_redis_warning
+    """The warning for a Redis used without a password on a non-loopback address (celery mode),
+    with the address; the page shows it too, without the address (callbacks.model_status)."""
+    from .web.callbacks import redis_warning as warning
 
-    return insecure_redis_warning(url)
+    return warning(backend, name_url=True)
 
 
 def _stop_like_ctrl_c(signum, frame) -> None:

@@ -62,7 +62,8 @@ _ALL = (
     Setting("WWT_SESSION_CAPACITY", "200", "Gradio sessions whose state the app keeps in memory (each "
             "plain-HTTP call opens one); the least recently used go first", "app"),
     Setting("WWT_QUEUE_MAX_SIZE", "64", "requests the Gradio queue (named API endpoints, page events) "
-            "holds; past it a call is answered at once that the queue is full (HTTP 503); 0: no bound",
+            "holds; past it a call is answered at once that the queue is full (HTTP 503, a busy message); "
+            "0: no bound",
             "app"),
     Setting("WWT_MAX_WAITING_PER_CLIENT", "4", "completion requests one client (its IP address, else its "
             "editor id) may have waiting for a model's slots; past it a request is refused as busy at once "

@@ -298,3 +298,48 @@ def test_session_state_is_bounded(monkeypatch):
         assert 0 < len(demo.state_holder.session_data) <= 20
     finally:
         demo.close()
+
+
+# -- Gradio's queue full (WWT_QUEUE_MAX_SIZE): HTTP 503 in our words ---------------------------------
+
+QUEUE_FULL = "busy: the server's queue is full (1 request waiting); try again in a moment"
+
+
+def test_a_full_gradio_queue_answers_503_in_our_words(monkeypatch):
+    """Real HTTP against the app as `wwt serve` builds it: every concurrent slot held, one call waiting
+    (WWT_QUEUE_MAX_SIZE=1), then the next is refused at once with 503 and our busy wording."""
+    from ui_support import GatedBackend, fill_gradio_queue, launch_in_process, post_json
+
+    monkeypatch.setenv("WWT_QUEUE_MAX_SIZE", "1")
+    backend = GatedBackend(models=("m1",))
+    demo, url = launch_in_process(backend)
+    try:
+        assert fill_gradio_queue(url, backend) >= 1
+        for path in ("gradio_api/call/score", "gradio_api/call/complete"):
+            started = time.monotonic()
+            status, out = post_json(url + path, {"data": ["one too many"]})
+            assert status == 503, (path, status, out)
+            assert time.monotonic() - started < 5  # at once, not after a wait
+            body = json.loads(out)
+            assert body == {"detail": QUEUE_FULL, "error": QUEUE_FULL, "kind": "busy"}, body
+            assert b"Queue is full" not in out
+        # other answers pass through as Gradio gives them
+        status, out = post_json(url + "gradio_api/call/nope", {"data": []})
+        assert status not in (200, 503) and b"busy" not in out
+        backend.release()
+        from model_support import wait_until
+
+        assert wait_until(lambda: post_json(url + "gradio_api/call/score", {"data": ["again"]})[0] == 200, 30)
+    finally:
+        backend.release()
+        demo.close()
+
+
+def test_only_gradios_queue_full_answer_is_reworded():
+    from app.web.limits import reworded_queue_full
+
+    out = reworded_queue_full(b'{"detail": "Queue is full. Max size is 64 and size is 64."}')
+    assert json.loads(out)["detail"] == "busy: the server's queue is full (64 requests waiting); try again in a moment"
+    for body in (b'{"detail": "Queue is stopped."}', b"not json", b'["Queue is full. Max size is 1 and size is 1."]',
+                 b'{"detail": 503}'):
+        assert reworded_queue_full(body) is None

@@ -620,3 +620,35 @@ def test_backend_down_shows_a_message_in_the_editor(browser, tmp_path_factory):
         page.page.close()
     finally:
         s.stop()
+
+
+def test_a_full_queue_is_said_in_our_words_on_the_page(browser, monkeypatch):
+    """Gradio's page client replaces a 503's text with its own; the page says the server's busy
+    message instead (app/web/static/queue_full.js), as a plain HTTP caller reads it."""
+    from ui_support import GatedBackend, fill_gradio_queue, launch_in_process, post_json
+
+    monkeypatch.setenv("WWT_QUEUE_MAX_SIZE", "1")
+    backend = GatedBackend(models=("m1",))
+    demo, url = launch_in_process(backend)
+    try:
+        page = Page(browser, url)
+        page.page.wait_for_function("!!window.fetch.wwtQueueFull", timeout=WAIT_MS)
+        joins = []  # the page's own load event goes through the queue first: let it finish
+        for _ in range(200):
+            joins = [r for r in page.requests if "queue/join" in r.url]
+            if joins:
+                break
+            page.page.wait_for_timeout(100)
+        assert joins and joins[0].response().status == 200
+        page.page.wait_for_timeout(500)
+        fill_gradio_queue(url, backend)
+        assert post_json(url + "gradio_api/call/score", {"data": ["one too many"]})[0] == 503
+        page.page.locator("#wwt-token-button").click()
+        toast = page.page.locator(".toast-wrap", has_text="busy: the server's queue is full")
+        toast.first.wait_for(timeout=WAIT_MS)
+        assert "(1 request waiting); try again in a moment" in toast.first.text_content()
+        assert page.page.locator(".toast-wrap", has_text="currently busy").count() == 0
+        page.page.close()
+    finally:
+        backend.release()
+        demo.close()

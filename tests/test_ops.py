@@ -177,6 +177,99 @@ def test_a_redis_url_without_a_password_on_another_host_warns(url, warns):
         assert "without a password" in warning and "s3cret" not in warning
 
 
+@pytest.fixture
+def celery_backend():
+    """A CeleryBackend for a Redis URL; it connects only when asked something, so no Redis is needed
+    as long as the test answers model_info and models itself."""
+    from app.backends import make_backend
+
+    made = []
+
+    def make(url: str):
+        backend = make_backend("celery", ["tiny"], redis_url=url)
+        backend.model_info = lambda name: {"name": name, "served": True, "workers": ["w1@host"]}
+        backend.models = lambda: ["tiny"]
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+@pytest.mark.parametrize("url,warns", [
+    ("redis://10.1.2.3:6379/0", True),
+    ("redis://:pw@10.1.2.3:6379/0", False),
+    ("redis://127.0.0.1:6379/0", False),
+])
+def test_the_page_status_shows_the_redis_warning(celery_backend, url, warns):
+    from app.web import callbacks
+
+    backend = celery_backend(url)
+    html = callbacks.model_status(backend, "tiny")
+    assert "tiny · 1 worker(s)" in html
+    assert ("used without a password on a non-loopback address" in html) == warns
+    assert ('class="wwt-warning" role="alert"' in html) == warns
+    assert "10.1.2.3" not in html and ":pw@" not in html  # every visitor sees the page: no address
+    # also when Redis cannot be asked about the model
+    from model.errors import BackendUnavailable
+
+    def down(name):
+        raise BackendUnavailable("cannot reach Redis")
+
+    backend.model_info = down
+    html = callbacks.model_status(backend, "tiny")
+    assert "cannot reach Redis" in html and ("without a password" in html) == warns
+
+
+def test_the_page_is_built_with_the_redis_warning_in_its_status(celery_backend):
+    from app.web.ui import build_ui
+
+    demo = build_ui(celery_backend("redis://10.1.2.3:6379/0"))
+    status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "wwt-model-status")
+    assert "used without a password" in status.value
+
+
+def test_local_backend_status_has_no_redis_warning():
+    from app.web import callbacks
+    from ui_support import ScriptedBackend
+
+    fake = ScriptedBackend()
+    fake.url = "redis://10.1.2.3:6379/0"  # not a celery backend: no Redis of its own
+    assert "without a password" not in callbacks.model_status(fake, "m1")
+
+
+@pytest.mark.parametrize("url,warns", [("redis://10.1.2.3:6379/0", True), ("redis://:pw@10.1.2.3:6379/0", False)])
+def test_serve_with_the_celery_backend_warns_at_start(monkeypatch, caplog, url, warns):
+    """`wwt serve --backend celery --redis-url URL` logs the warning (with the address) before the page starts."""
+    import logging
+
+    from app import cli, server
+
+    class NoPage:
+        def launch(self, **kwargs):
+            raise KeyboardInterrupt  # stop where the server would start listening
+
+    real_prepare = server.prepare_backend
+
+    def prepare_backend(*args, **kwargs):
+        backend = real_prepare(*args, **kwargs)
+        backend.models = lambda: ["tiny"]  # the start line names the models: no Redis to ask
+        return backend
+
+    monkeypatch.setattr(server, "prepare_backend", prepare_backend)
+    monkeypatch.setattr(server, "build_app", lambda backend: NoPage())
+    monkeypatch.setattr(server.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
+    monkeypatch.setattr(server, "app_kwargs", lambda backend: {})
+    caplog.set_level(logging.WARNING, logger="app.server")
+    assert cli.main(["serve", "--backend", "celery", "--redis-url", url, "--model", "tiny", "--port", "1"]) == 0
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warns:
+        assert any("Redis at redis://10.1.2.3:6379/0 is used without a password" in m for m in logged), logged
+    else:
+        assert not any("without a password" in m for m in logged), logged
+
+
 # -- celery mode: /healthz follows the workers, /metrics reads Redis -----------------------------
 
 @pytest.mark.redis

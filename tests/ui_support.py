@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
 
 from app.backends.base import Backend
-from model.types import Completion, Suggestion, Timings
+from model.types import Completion, Scores, Suggestion, Timings, TokenScore
 from workers.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +129,59 @@ class ScriptedBackend(Backend):
     def delete_document(self, doc_id):
         self._maybe_fail(doc_id)
         del self.documents[doc_id]
+
+
+class GatedBackend(ScriptedBackend):
+    """A ScriptedBackend whose score() holds every call until release(): calls stay running for as
+    long as a test needs (to fill Gradio's queue, say)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def score(self, request, timeout=None):
+        with self._lock:
+            self.running += 1
+        self.gate.wait(120)
+        return Scores(model=request.model, tokens=[TokenScore("a", 1, 0.5, 0)])
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def launch_in_process(backend: Backend):
+    """The app as `wwt serve` builds it (build_app, app_kwargs, launch_kwargs) for a backend the test
+    controls, on a free loopback port in this process: (demo, url). demo.close() stops it."""
+    from app.server import app_kwargs, build_app
+    from app.web.ui import launch_kwargs
+
+    demo = build_app(backend)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                app_kwargs=app_kwargs(backend), **launch_kwargs())
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+def post_json(url: str, data, timeout: float = 30) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def fill_gradio_queue(url: str, backend: GatedBackend, start_s: float = 5.0) -> int:
+    """POST /call/score until a call no longer starts (every concurrent slot is held by the gate) and
+    so waits in Gradio's queue. With WWT_QUEUE_MAX_SIZE=1 the queue is then full. -> calls running."""
+    from model_support import wait_until
+
+    for i in range(1, 200):
+        status, out = post_json(url + "gradio_api/call/score", {"data": [f"call {i}"]})
+        assert status == 200, (status, out)
+        if not wait_until(lambda: backend.running >= i, timeout=start_s):
+            return backend.running
+    raise AssertionError("every call started: the queue never filled")

@@ -45,9 +45,12 @@ def redact(url: str) -> str:
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 
 
-def insecure_redis_warning(url: str) -> str | None:
+def insecure_redis_warning(url: str, name_url: bool = True) -> str | None:
     """A warning when the Redis URL names no password and a host other than this machine:
-    anyone who can reach that address can read the documents and queue work. None otherwise."""
+    anyone who can reach that address can read the documents and queue work. None otherwise.
+
+    `name_url=False` leaves the address out (the page shows the warning to every visitor; the
+    logs name it)."""
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
@@ -56,7 +59,8 @@ def insecure_redis_warning(url: str) -> str | None:
         return None
     if parts.scheme == "unix" or password or not host or host in LOOPBACK or host.startswith("127."):
         return None
-    return (f"Redis at {redact(url)} is used without a password on a non-loopback address: anyone who can "
+    where = f"Redis at {redact(url)}" if name_url else "Redis"
+    return (f"{where} is used without a password on a non-loopback address: anyone who can "
             "reach it can read shared documents and queue work; give Redis a password (--requirepass) "
             "and put it in the URL: redis://:PASSWORD@host:6379/0")
 

@@ -22,8 +22,10 @@ import sys
 from model.errors import WWTError
 from model.network.known import parse_model_spec
 
-from . import tasks
 from model import settings
+
+from . import tasks
+from .affinity import node_queue
 
 from .config import insecure_redis_warning, queue_name, redact, redis_url
 
@@ -104,8 +106,10 @@ def run_worker(args) -> int:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     node = node_name(spec.name)
+    own_queue = node_queue(spec.name, node)  # where a document routed to this worker waits (affinity.py)
     tasks.serve(spec.name, engine, stats_client=client, node=node)
-    heartbeat = Heartbeat(client, spec.name, node, engine_info(engine, spec, device, concurrency))
+    heartbeat = Heartbeat(client, spec.name, node,
+                          {**engine_info(engine, spec, device, concurrency), "queue": own_queue})
 
     def on_ready(**_):
         heartbeat.start()
@@ -121,7 +125,7 @@ def run_worker(args) -> int:
             "worker",
             "--pool=threads",               # one engine shared by all tasks; see the module docstring
             f"--concurrency={concurrency}",  # requests in flight at once = what the engine can batch
-            f"--queues={queue_name(spec.name)}",
+            f"--queues={queue_name(spec.name)},{own_queue}",  # the model's shared queue, then its own
             f"--hostname={node}",
             "--without-gossip", "--without-mingle",  # workers need not know each other; start faster
             "--loglevel=INFO",

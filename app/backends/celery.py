@@ -8,6 +8,7 @@ once), WorkerFailed (a worker failed the task), RequestTimeout, UnknownModel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -19,13 +20,13 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
 from model import settings
-from model.errors import (BackendUnavailable, Cancelled, NoWorker, RequestTimeout, UnknownModel, WorkerFailed,
+from model.errors import (BackendUnavailable, Busy, Cancelled, NoWorker, RequestTimeout, UnknownModel, WorkerFailed,
                           error_from_dict)
 from model.network.config import GPTConfig
 from model.network.known import KNOWN_MODELS, KNOWN_SHAPES, parse_model_spec
 from model.streaming import GrowOnly, done_event, partial_event, partials_of
 from model.types import RESULT_TYPES, Completion, CompletionRequest
-from workers import cancel
+from workers import affinity, cancel
 from workers.celery_app import make_app
 from workers.config import TASK_NAME, queue_name, redact
 from workers.progress import Subscription
@@ -36,25 +37,69 @@ from workers.suggestion_cache import SuggestionCache
 from .base import Backend, EventStream
 from .documents import RedisDocumentStore
 
-_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError,
+_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.InvalidResponse,
+                 OperationalError,
                  ConnectionError, OSError)
 SERVED_CACHE_S = 1.0  # a model seen served is trusted this long without asking Redis again
 CHECK_EVERY_S = 1.0   # while waiting, how often to check that the model (and the task's worker) is alive
 REDELIVERY_MARGIN_S = 2.0  # wait for a dead worker's task to be redelivered only if it comes this early
+QUEUE_TTL_MARGIN_S = 60.0  # a queue list outlives the last message sent to it by at most this long
+
+
+class _Waiting:
+    """Requests of each client in flight through this app: WWT_MAX_WAITING_PER_CLIENT at most.
+
+    Counted in this process, like the embedded engine's bound; the per-model bound is counted in
+    Redis (queue lengths), so it holds across several app processes. A request under a supersede
+    key takes the place of the older one under that key (which is being cancelled), so a fast
+    typist is never refused because of their own older keystrokes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: dict[str, dict] = {}  # client -> {place: the request holding it}
+
+    @contextlib.contextmanager
+    def hold(self, client: Optional[str], model: str, supersede: Optional[str] = None):
+        bound = settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or 0
+        if client is None or not bound:
+            yield
+            return
+        me = object()
+        place = supersede if supersede is not None else me
+        with self._lock:
+            mine = self._held.setdefault(client, {})
+            if place not in mine and len(mine) >= bound:
+                raise Busy(f"busy: {len(mine)} of your requests are already waiting for {model}; "
+                           f"try again in a moment")
+            mine[place] = me
+        try:
+            yield
+        finally:
+            with self._lock:
+                mine = self._held.get(client, {})
+                if mine.get(place) is me:
+                    del mine[place]
+                if not mine:
+                    self._held.pop(client, None)
 
 
 class _Watch:
     """What one request's wait knows about the task's workers: when each worker that took it was
-    first seen (the app's own clock), and what to say if the wait ends at the deadline."""
+    first seen (the app's own clock), what to say if the wait ends at the deadline, and how to send
+    the task again if it was routed to one worker (affinity.py) and that worker died."""
 
-    def __init__(self, name: str, task_id: str, deadline: float):
+    def __init__(self, name: str, task_id: str, deadline: float, routed: Optional[str] = None,
+                 resend=None):
         self.name, self.task_id, self.deadline = name, task_id, deadline
+        self.routed, self.resend = routed, resend  # the node the task was routed to; resend() -> None
+        self.gone: set[str] = set()  # nodes that died holding the task before it was sent again
         self.first_seen: dict[str, float] = {}
         self.note = ""
 
 
 class CeleryBackend(Backend):
     kind = "celery"
+    admits_clients = True  # complete / stream_complete take `client` (the per-client waiting bound)
 
     def __init__(self, model_specs: Optional[list] = None, redis_url: Optional[str] = None, *,
                  timeout: Optional[float] = None, cache: bool = True, **_ignored):
@@ -67,9 +112,10 @@ class CeleryBackend(Backend):
         self.redis = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=10)
         self.cache = SuggestionCache(self.redis) if cache else None
         self.documents = RedisDocumentStore(self.redis)
-        self._served_at: dict[str, float] = {}
+        self._live: dict[str, tuple[float, list]] = {}  # model -> (when asked, its live workers)
         self._served_list: tuple[float, list] = (-1e9, [])
         self._lock = threading.Lock()
+        self.waiting = _Waiting()
 
     # -- models -------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -113,14 +159,20 @@ class CeleryBackend(Backend):
                            "`wwt worker --model gpt2`")
         return names[0]
 
+    def _workers(self, name: str) -> list[dict]:
+        """The live workers of `name`, asked of Redis at most once a SERVED_CACHE_S."""
+        now = time.monotonic()
+        asked, workers = self._live.get(name, (-1e9, []))
+        if now - asked >= SERVED_CACHE_S or not workers:
+            workers = self._redis(live_workers, self.redis, name)
+            with self._lock:
+                self._live[name] = (now, workers)
+        return workers
+
     def _resolve(self, name: str) -> str:
         """The model's name if some worker serves it now; else NoWorker or UnknownModel, at once."""
         name = name or self._default()
-        if time.monotonic() - self._served_at.get(name, -1e9) < SERVED_CACHE_S:
-            return name
-        if self._redis(live_workers, self.redis, name):
-            with self._lock:
-                self._served_at[name] = time.monotonic()
+        if self._workers(name):
             return name
         if name in self.names or name in KNOWN_MODELS:
             raise NoWorker(f"no worker is serving {name}; start one with `wwt worker --model {self._spec(name)}`")
@@ -129,7 +181,10 @@ class CeleryBackend(Backend):
 
     # -- requests -----------------------------------------------------------------------
     def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                 supersede: Optional[str] = None) -> Completion:
+                 supersede: Optional[str] = None, client: Optional[str] = None) -> Completion:
+        """`client` (the caller's address, else the supersede key) may have WWT_MAX_WAITING_PER_CLIENT
+        requests in flight through this app; past that, or with WWT_MAX_WAITING tasks already
+        waiting in the model's queues, Busy at once and nothing is sent."""
         started = time.perf_counter()
         request = dataclasses.replace(request, model=request.model or self._default())
         if self.cache is not None and not request.fresh:
@@ -137,7 +192,8 @@ class CeleryBackend(Backend):
             if hit is not None:
                 hit.timings.total_ms = (time.perf_counter() - started) * 1000
                 return hit
-        completion = self._call("complete", request, timeout, started, supersede)
+        with self.waiting.hold(client if client is not None else supersede, request.model, supersede):
+            completion = self._call("complete", request, timeout, started, supersede)
         if self.cache is not None:
             try:
                 self.cache.store(request, completion)
@@ -157,23 +213,74 @@ class CeleryBackend(Backend):
     def _call(self, kind: str, request, timeout: Optional[float], started: float, supersede: Optional[str] = None):
         """Send one task to the model's queue and wait for its answer, within `timeout`."""
         timeout = self.timeout if timeout is None else timeout
-        pending, name = self._send(kind, request, timeout, supersede)
-        return self._answer(kind, pending, name, timeout, started)
+        pending, watch = self._send(kind, request, timeout, supersede)
+        try:
+            return self._answer(kind, pending, watch.name, timeout, started, watch=watch)
+        finally:
+            self._forget(pending)
 
     def _send(self, kind: str, request, timeout: float, supersede: Optional[str] = None,
               task_id: Optional[str] = None, stream: bool = False):
-        """(the task's AsyncResult, the model's name): the task is on the model's queue."""
+        """(the task's AsyncResult, its _Watch): the task is on a queue of the model.
+
+        A completion goes to the worker that owns its document (affinity.py) unless that worker's
+        own queue already has a backlog; everything else goes to the model's shared queue. Busy,
+        sending nothing, when WWT_MAX_WAITING tasks already wait in those queues."""
         name = self._resolve(request.model)
         request = dataclasses.replace(request, model=name)
-        try:
-            pending = self.celery.send_task(TASK_NAME, args=[kind, request.to_dict()], queue=queue_name(name),
-                                            kwargs={"stream": True} if stream else None, task_id=task_id,
-                                            expires=timeout)  # nobody waits for it after that: skip it
-        except _REDIS_ERRORS as e:
-            raise self._unavailable(e) from None
+        workers = self._workers(name)
+        owner = affinity.choose(affinity.document_key(request.text), workers) if kind == "complete" else None
+        shared = queue_name(name)
+        queue = self._admit(name, shared, workers, owner)
+        routed = owner["node"] if queue != shared else None
+        task_id = task_id or str(uuid.uuid4())
+        deadline = time.monotonic() + timeout
+        args = [kind, request.to_dict()]
+        options = {"kwargs": {"stream": True} if stream else None, "task_id": task_id}
+
+        def publish(to: str, seconds: float):
+            try:
+                result = self.celery.send_task(TASK_NAME, args=args, queue=to, expires=seconds, **options)
+                # A queue nobody consumes (its worker died) must not keep messages for ever.
+                self.redis.expire(to, int(seconds + QUEUE_TTL_MARGIN_S))
+            except _REDIS_ERRORS as e:
+                raise self._unavailable(e) from None
+            return result  # expires: nobody waits for it after that, so a worker skips it
+
+        pending = publish(queue, timeout)
+
+        def resend():  # the worker it was routed to died: any worker of the model may take it now
+            publish(shared, max(1.0, deadline - time.monotonic()))
+
         if supersede is not None:  # the task this one replaces stops on its worker
             self._redis(cancel.supersede, self.redis, supersede, pending.id)
-        return pending, name
+        return pending, _Watch(name, pending.id, deadline, routed=routed, resend=resend)
+
+    def _admit(self, name: str, shared: str, workers: list[dict], owner: Optional[dict]) -> str:
+        """The queue to send to: the owner's own, or the shared one when there is no owner or its
+        queue has a backlog. Busy when the model's waiting tasks (messages no worker has taken yet,
+        in all its queues) reach WWT_MAX_WAITING."""
+        bound = settings.get_int("WWT_MAX_WAITING", default=None) or 0
+        queues = [shared] + [w["queue"] for w in workers if w.get("queue")]
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        lengths = dict(zip(queues, (int(n) for n in self._redis(pipe.execute))))
+        waiting = sum(lengths.values())
+        if bound and waiting >= bound:
+            are = "request is" if waiting == 1 else "requests are"
+            raise Busy(f"busy: {waiting} {are} waiting for {name}; try again in a moment")
+        if owner is None or lengths.get(owner["queue"], 0) >= affinity.BACKLOG:
+            return shared
+        return owner["queue"]
+
+    def _forget(self, pending) -> None:
+        """Drop the result's subscription in this process, so nothing is left for a finaliser to
+        tidy after Redis has gone."""
+        try:
+            pending.backend.remove_pending_result(pending)
+        except Exception:
+            pass  # best effort: only bookkeeping of this process
 
     def _check_alive(self, watch: _Watch) -> None:
         """Between slices of a wait: NoWorker when the model has no live worker left, WorkerFailed when
@@ -182,8 +289,13 @@ class CeleryBackend(Backend):
         caller, who has been answered, is never answered twice."""
         name = watch.name
         live = self._redis(live_workers, self.redis, name)
+        with self._lock:
+            self._live[name] = (time.monotonic(), live)
         holder = self._redis(task_holder, self.redis, watch.task_id)
         node = holder.get("node") if holder else None
+        if node in watch.gone:
+            node = None  # the record of a dead worker, from before the task was sent again
+        nodes = {w.get("node") for w in live}
         if not live:
             self._give_up(watch.task_id)
             if node:
@@ -192,7 +304,14 @@ class CeleryBackend(Backend):
                                f"`wwt worker --model {self._spec(name)}`")
             raise NoWorker(f"no worker is serving {name} any more; start one with "
                            f"`wwt worker --model {self._spec(name)}`")
-        if not node or node in {w.get("node") for w in live}:
+        if watch.routed is not None and watch.routed not in nodes:
+            # Routed to one worker, which died: its own queue has no consumer now, and a task it had
+            # taken would be restored to that queue. Any other worker of the model may take it.
+            watch.gone.add(watch.routed)
+            watch.routed = None
+            watch.resend()
+            return
+        if not node or node in nodes:
             return  # still queued (the workers are busy), or its worker is alive and on it
         now = time.monotonic()
         seen = watch.first_seen.setdefault(node, now)
@@ -257,7 +376,7 @@ class CeleryBackend(Backend):
 
     # -- streaming ----------------------------------------------------------------------
     def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                        supersede: Optional[str] = None) -> EventStream:
+                        supersede: Optional[str] = None, client: Optional[str] = None) -> EventStream:
         """Partials published by the worker on the task's Redis channel (workers/progress.py) as
         they are decoded, then the task's result. A suggestion-cache hit is one done event at once.
         Cancelling the stream marks the task stale; its worker frees the slots at its next check."""
@@ -275,10 +394,14 @@ class CeleryBackend(Backend):
             subscription = self._redis(Subscription, self.redis, task_id)  # before the task can publish
             stream.on_cancel(lambda: self._redis(cancel.cancel_task, self.redis, task_id))
             try:
-                pending, name = self._send("complete", req, limit, supersede, task_id=task_id, stream=True)
-                watch = _Watch(name, pending.id, time.monotonic() + limit)
-                yield from self._partials(subscription, pending, watch, limit, stream)
-                completion = self._answer("complete", pending, name, limit, started, watch=watch, limit=limit)
+                with self.waiting.hold(client if client is not None else supersede, req.model, supersede):
+                    pending, watch = self._send("complete", req, limit, supersede, task_id=task_id, stream=True)
+                    try:
+                        yield from self._partials(subscription, pending, watch, limit, stream)
+                        completion = self._answer("complete", pending, watch.name, limit, started, watch=watch,
+                                                  limit=limit)
+                    finally:
+                        self._forget(pending)
             finally:
                 subscription.close()
             if self.cache is not None:

@@ -172,8 +172,25 @@ def token_view(backend: Backend, text: str, model: Optional[str], warn: Warn = N
             + render.token_view_html(scores))
 
 
+def redis_warning(backend: Backend, name_url: bool = True) -> Optional[str]:
+    """The warning for a Redis used without a password on a non-loopback address (celery backend),
+    else None. `name_url=False`: without the address, for the page every visitor sees."""
+    url = getattr(backend, "url", None)
+    if getattr(backend, "kind", "") != "celery" or not isinstance(url, str) or not url:
+        return None
+    from workers.config import insecure_redis_warning
+
+    return insecure_redis_warning(url, name_url=name_url)
+
+
 def model_status(backend: Backend, model: Optional[str]) -> str:
-    """'gpt2 · 124M parameters · loaded on cpu' for the settings panel."""
+    """'gpt2 · 124M parameters · loaded on cpu' for the settings panel, with the operator's
+    warning under it when the backend's Redis has no password (redis_warning)."""
+    warning = redis_warning(backend, name_url=False)
+    return _model_state(backend, model) + (render.warning_html(warning) if warning else "")
+
+
+def _model_state(backend: Backend, model: Optional[str]) -> str:
     info, error = friendly(lambda: backend.model_info(check_model(backend, model)))
     if error:
         return render.error_html(error)

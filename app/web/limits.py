@@ -5,6 +5,9 @@ front of every route, and the shared-document routes a plain HTTP client can cal
   413 with a readable JSON message. A Content-Length over the bound is refused before a byte is
   read; a chunked body is counted as it arrives and refused once it passes the bound, so the
   app never holds more than the bound of one request body.
+- `QueueFullWording` (ASGI middleware): Gradio's own answer when its queue is full (WWT_QUEUE_MAX_SIZE;
+  HTTP 503 "Queue is full. Max size is N ...") says it in our words, as our other busy refusals do:
+  "busy: the server's queue is full (N requests waiting); try again in a moment". Still 503.
 - `DELETE /wwt/doc/{id}`: delete a shared document. Holding the link (the 128-bit id) is what
   allows it, as in the page's "Delete" button.
 """
@@ -12,6 +15,7 @@ front of every route, and the shared-document routes a plain HTTP client can cal
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional
 
 from starlette.middleware import Middleware
@@ -98,9 +102,78 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+# Gradio's text (gradio/queueing.py, Queue.push), answered with HTTP 503 by /queue/join and /call/{api}.
+GRADIO_QUEUE_FULL = re.compile(r"Queue is full\. Max size is (\d+) and size is (\d+)")
+MAX_REWRITTEN = 16_384  # a 503 body longer than this is not Gradio's queue-full answer: passed on as it came
+
+
+def queue_full_message(waiting: int) -> str:
+    requests = "request" if waiting == 1 else "requests"
+    return f"busy: the server's queue is full ({waiting} {requests} waiting); try again in a moment"
+
+
+def reworded_queue_full(body: bytes) -> Optional[bytes]:
+    """Gradio's queue-full JSON in our words ({"detail", "error", "kind": "busy"}), or None for any other body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    detail = data.get("detail") if isinstance(data, dict) else None
+    found = GRADIO_QUEUE_FULL.match(detail) if isinstance(detail, str) else None
+    if found is None:
+        return None
+    message = queue_full_message(max(int(found.group(1)), int(found.group(2))))
+    # `detail` is where Gradio's clients read an HTTP error; `error` and `kind` as in our own refusals
+    return json.dumps({"detail": message, "error": message, "kind": "busy"}).encode()
+
+
+class QueueFullWording:
+    """ASGI middleware: a 503 whose body is Gradio's "Queue is full" gets our wording (status kept);
+    every other response passes through untouched (only a 503's body is held, and at most
+    MAX_REWRITTEN bytes of it)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        start = None        # a 503's start message, held until its body is seen
+        held: list = []
+        passing = False     # not a 503, or a 503 already sent on: the rest goes through as it comes
+
+        async def rewording_send(message):
+            nonlocal start, passing
+            if passing:
+                return await send(message)
+            if start is None:
+                if message["type"] == "http.response.start" and message.get("status") == 503:
+                    start = message
+                    return
+                passing = True
+                return await send(message)
+            if message["type"] != "http.response.body":
+                return await send(message)
+            held.append(message.get("body", b""))
+            more = message.get("more_body", False)
+            if more and sum(len(b) for b in held) <= MAX_REWRITTEN:
+                return
+            body, headers = b"".join(held), list(start.get("headers", []))
+            new = None if more else reworded_queue_full(body)
+            if new is not None:
+                body = new
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+            passing = True
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+
+        await self.app(scope, receive, rewording_send)
+
+
 def middleware() -> list:
     """For `FastAPI(middleware=...)` (app/server.py's app_kwargs)."""
-    return [Middleware(BodyLimit)]
+    return [Middleware(BodyLimit), Middleware(QueueFullWording)]
 
 
 def routes(backend) -> list:

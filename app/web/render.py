@@ -53,6 +53,11 @@ def status_html(message: str, ready: bool) -> str:
     return f'<div class="wwt-info wwt-state {"ready" if ready else "idle"}">{esc(message)}</div>'
 
 
+def warning_html(message: str) -> str:
+    """Something the operator must fix (a Redis without a password), under the model's state."""
+    return f'<div class="wwt-warning" role="alert">⚠ {esc(message)}</div>'
+
+
 def prob_colour(prob: float) -> str:
     """Likely tokens green, unlikely red, on a log scale from 1e-6 to 1 (hue 0 to 130)."""
     p = min(max(prob, 1e-6), 1.0)

@@ -56,10 +56,12 @@ MAX_UPLOAD = "1kb"
 
 def launch_kwargs() -> dict:
     """What Gradio 6 takes at launch() rather than in gr.Blocks: css and theme, the upload cap, and
-    how many sessions' state is kept (each plain-HTTP call opens one; WWT_SESSION_CAPACITY)."""
+    how many sessions' state is kept (each plain-HTTP call opens one; WWT_SESSION_CAPACITY); in the
+    page's head, queue_full.js (a full queue's toast in our words, as the API says it)."""
     from model import settings
 
     return {"css": static_text("app.css"), "theme": theme(), "max_file_size": MAX_UPLOAD,
+            "head": f"<script>{static_text('queue_full.js')}</script>",
             "state_session_capacity": max(1, settings.get_int("WWT_SESSION_CAPACITY"))}
 
 
