@@ -72,6 +72,16 @@ def cmd_worker(args) -> int:
     return run_worker(args)
 
 
+def cmd_loadtest(rest: list) -> int:
+    """The HTTP load generator (app/bench/load.py), or with --workers the scale-out run (app/bench/scaleout.py);
+    each parses its own options."""
+    if any(a == "--workers" or a.startswith("--workers=") for a in rest):
+        from .bench.scaleout import main as scaleout
+        return scaleout(rest)
+    from .bench.load import main as load
+    return load(rest)
+
+
 def cmd_bench(args) -> int:
     from .bench.engine import run_bench
 
@@ -134,10 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "int8,int4; float32 and the reference are always measured)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("loadtest", add_help=False,
+                       help="open-loop load: `wwt loadtest [--rates 2,10 ...]` on the app's HTTP API, "
+                            "`wwt loadtest --workers 1,3 [...]` many writers over Celery workers; --help for each")
+    p.set_defaults(func=lambda _args: cmd_loadtest([]))
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["loadtest"]:  # its options belong to the load generators (argparse would take them)
+        return cmd_loadtest(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -86,6 +86,8 @@ _ALL = (
     Setting("WWT_CACHE_TTL_S", "3600", "seconds a cached suggestion lives in Redis", "queue"),
     Setting("WWT_CACHE_MAX_ENTRIES", "20000", "most suggestion-cache entries kept; the least recently used "
             "go first", "queue"),
+    Setting("WWT_AFFINITY", "1", "send a document's completions to the worker that holds its prefix (a queue "
+            "per worker, chosen by the start of the text); 0: every task to the model's shared queue", "queue"),
     Setting("WWT_WORKER_NAME", "", "Celery node name of a worker; empty: <queue>-<pid>@<host>", "queue"),
     # -- the engine ----------------------------------------------------------------------------
     Setting("WWT_DTYPE", "", "precision of the models whose spec names none (`gpt2@int8` names one): "

@@ -3,20 +3,26 @@
 Every worker of a model consumes two queues: the model's shared queue (any worker) and a
 queue of its own (`node_queue`). A completion is routed by its document: the start of its
 text, which stays the same while a person types on (the prompt window only ever moves
-forward in whole steps, `model.contract.stable_tail`). Rendezvous hashing of that key over
-the live workers picks the worker; when a worker joins or leaves, only the documents that
-hash to it move. A worker whose own queue already has a backlog is skipped for the shared
-queue, so one hot document cannot stall behind a busy worker while another sits idle.
+forward in whole steps, `model.contract.stable_tail`).
+
+A document seen for the first time goes to the live worker that holds the fewest documents
+typed in the last ROUTE_TTL_S (ties broken by rendezvous hashing), and the choice is kept in
+Redis, so every app process sends it to the same worker and a handful of writers spread
+evenly instead of by the luck of a hash. When its worker leaves, the document is placed
+again the same way. A worker whose own queue already has a backlog is skipped for the
+shared queue, so one busy worker never makes a document wait while another sits idle.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Optional
 
 from .config import queue_name
 
-KEY_CHARS = 64  # the start of the text that names a document
+KEY_CHARS = 32  # the start of the text that names a document: documents that share it share a worker (and
+# their first tokens); a text shorter than this moves as it grows, while its prefix is cheap to prefill
 
 
 def node_queue(model: str, node: str) -> str:
@@ -34,11 +40,49 @@ def _weight(key: str, node: str) -> int:
     return int.from_bytes(hashlib.sha1(f"{node}\x00{key}".encode("utf-8", "surrogatepass")).digest()[:8], "big")
 
 
-def choose(key: str, workers: list[dict]) -> Optional[dict]:
-    """The worker (an announcement from the heartbeat registry) that owns `key`; None if none can
-    take routed work (no worker, or none announcing a queue of its own)."""
+def choose(key: str, workers: list[dict], held: Optional[dict] = None) -> Optional[dict]:
+    """The worker (an announcement from the heartbeat registry) for a new document `key`: the one
+    holding the fewest documents (`held`: node -> count), ties by rendezvous hashing; None if no
+    worker can take routed work (none, or none announcing a queue of its own)."""
     candidates = [w for w in workers if w.get("queue") and w.get("node")]
     if not candidates:
         return None
-    return max(candidates, key=lambda w: _weight(key, str(w["node"])))
+    held = held or {}
+    return min(candidates, key=lambda w: (held.get(str(w["node"]), 0), -_weight(key, str(w["node"]))))
+
+
+ROUTE_PREFIX = "wwt:route:"       # wwt:route:<model>:<document> -> the node it goes to
+DOCUMENTS_PREFIX = "wwt:routed:"  # wwt:routed:<model>:<node> -> sorted set of documents by last use
+ROUTE_TTL_S = 600                 # a document not typed in for this long is placed afresh
+
+
+def route(client, model: str, text: str, workers: list[dict]) -> Optional[dict]:
+    """The worker that owns the document `text` belongs to (placing it if it is new or its worker
+    left), or None when no worker takes routed work. Three Redis round trips for a known document."""
+    live = {str(w["node"]): w for w in workers if w.get("queue") and w.get("node")}
+    if not live:
+        return None
+    key = document_key(text)
+    document = hashlib.sha1(f"{model}\x00{key}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
+    route_key = f"{ROUTE_PREFIX}{model}:{document}"
+    now = time.time()
+    node = client.get(route_key)
+    node = node.decode() if isinstance(node, bytes) else node
+    if node not in live:
+        pipe = client.pipeline(transaction=False)
+        for n in live:
+            pipe.zcount(f"{DOCUMENTS_PREFIX}{model}:{n}", now - ROUTE_TTL_S, "+inf")
+        held = dict(zip(live, (int(c) for c in pipe.execute())))
+        node = str(choose(key, list(live.values()), held)["node"])
+        client.set(route_key, node, ex=ROUTE_TTL_S)
+    documents = f"{DOCUMENTS_PREFIX}{model}:{node}"
+    pipe = client.pipeline(transaction=False)
+    pipe.expire(route_key, ROUTE_TTL_S)
+    pipe.zadd(documents, {document: now})
+    pipe.zremrangebyscore(documents, "-inf", now - ROUTE_TTL_S)
+    pipe.expire(documents, ROUTE_TTL_S)
+    pipe.execute()
+    return live[node]
+
+
 BACKLOG = 4  # routed tasks already waiting for a worker past which a new one goes to the shared queue

@@ -129,8 +129,10 @@ class WorkerProcess:
     OMP_NUM_THREADS is `threads` (None: inherited)."""
 
     def __init__(self, spec: str, redis_url: str, log_dir, concurrency: int = 2, env: Optional[dict] = None,
-                 name: str = "worker", threads: Optional[int] = 1, device: str = "cpu", cwd=None):
+                 name: str = "worker", threads: Optional[int] = 1, device: str = "cpu", cwd=None,
+                 slots: Optional[int] = None):
         self.spec, self.redis_url, self.concurrency, self.device, self.cwd = spec, redis_url, concurrency, device, cwd
+        self.slots = slots  # KV-cache slots of its engine; None: the engine's default
         self.model = spec.split("=", 1)[0]
         self.log_path = Path(log_dir) / f"{name}-{secrets.token_hex(3)}.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -143,7 +145,8 @@ class WorkerProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "worker", "--model", self.spec, "--redis-url", self.redis_url,
-                 "--concurrency", str(self.concurrency), "--device", self.device],
+                 "--concurrency", str(self.concurrency), "--device", self.device]
+                + (["--slots", str(self.slots)] if self.slots else []),
                 cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
 

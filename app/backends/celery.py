@@ -229,7 +229,8 @@ class CeleryBackend(Backend):
         name = self._resolve(request.model)
         request = dataclasses.replace(request, model=name)
         workers = self._workers(name)
-        owner = affinity.choose(affinity.document_key(request.text), workers) if kind == "complete" else None
+        routable = kind == "complete" and settings.get_bool("WWT_AFFINITY")
+        owner = self._redis(affinity.route, self.redis, name, request.text, workers) if routable else None
         shared = queue_name(name)
         queue = self._admit(name, shared, workers, owner)
         routed = owner["node"] if queue != shared else None

@@ -133,7 +133,7 @@ def start_server(model):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="wwt loadtest", description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="2,10", help="arrival rates in requests per second, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each rate is offered")
     parser.add_argument("--url", default=None, help="a running server (else one is started)")
