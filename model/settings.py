@@ -100,7 +100,8 @@ _ALL = (
     Setting("WWT_CPU_ONE_ROW", "auto", "on CPU in float32, how a decode step with one row multiplies by "
             "each weight matrix: auto (time the candidates at load and keep the fastest), split, plain or "
             "packed", "engine"),
-    Setting("WWT_MAX_WAITING", "32", "completion requests that may wait for a model's KV-cache slots; "
+    Setting("WWT_MAX_WAITING", "32", "completion requests that may wait for a model's KV-cache slots "
+            "(distributed: tasks waiting in the model's queues); "
             "past it a request is refused at once with a busy error and nothing is queued (time spent "
             "waiting counts toward a request's deadline); 0: no bound", "engine"),
     # -- the Hugging Face Hub (read by huggingface_hub and model/network/weights.py) ---------------

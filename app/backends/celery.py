@@ -102,12 +102,15 @@ class CeleryBackend(Backend):
     admits_clients = True  # complete / stream_complete take `client` (the per-client waiting bound)
 
     def __init__(self, model_specs: Optional[list] = None, redis_url: Optional[str] = None, *,
-                 timeout: Optional[float] = None, cache: bool = True, **_ignored):
+                 timeout: Optional[float] = None, cache: bool = True, affinity: Optional[bool] = None,
+                 **_ignored):
         self.url = default_redis_url(redis_url)
         self.names = [parse_model_spec(s).name for s in (model_specs or []) if s and s.strip()]
         # the spec each name was given as (`tiny=/path@int8`): what a worker for it must be started with
         self.specs = {parse_model_spec(s).name: s.strip() for s in (model_specs or []) if s and s.strip()}
         self.timeout = timeout if timeout is not None else settings.get_float("WWT_REQUEST_TIMEOUT")
+        # route a document's completions to the worker holding its prefix (workers/affinity.py)
+        self.affinity = settings.get_bool("WWT_AFFINITY") if affinity is None else affinity
         self.celery = make_app(self.url)  # QueueMisconfigured (a WWTError) if the settings contradict
         self.redis = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=10)
         self.cache = SuggestionCache(self.redis) if cache else None
@@ -229,7 +232,7 @@ class CeleryBackend(Backend):
         name = self._resolve(request.model)
         request = dataclasses.replace(request, model=name)
         workers = self._workers(name)
-        routable = kind == "complete" and settings.get_bool("WWT_AFFINITY")
+        routable = kind == "complete" and self.affinity
         owner = self._redis(affinity.route, self.redis, name, request.text, workers) if routable else None
         shared = queue_name(name)
         queue = self._admit(name, shared, workers, owner)

@@ -24,7 +24,6 @@ Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import tempfile
@@ -133,12 +132,11 @@ def main(argv=None) -> int:
           f"{args.slots} slots per worker; model {spec}", flush=True)
     with RedisServer(folder / "redis") as redis_server:
         for k, routed in runs:
-            os.environ["WWT_AFFINITY"] = "1" if routed else "0"
             client = redis_server.client()
             client.flushdb()
             workers = [WorkerProcess(spec, redis_server.url, folder, concurrency=4, name=f"w{i}", threads=1,
                                      cwd=ROOT, slots=args.slots).start() for i in range(k)]
-            backend = CeleryBackend([spec], redis_url=redis_server.url, timeout=60, cache=False)
+            backend = CeleryBackend([spec], redis_url=redis_server.url, timeout=60, cache=False, affinity=routed)
             try:
                 for w in workers:
                     w.wait_announced(client, timeout=180)
