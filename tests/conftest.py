@@ -8,6 +8,11 @@ import pytest
 
 from model.network.tiny import make_tiny_model
 
+# Tests slow engines down on purpose and flood them; the pace bound (WWT_MAX_WAIT_S, backlog.py)
+# would refuse some of those floods as busy. Its own tests set it; every other test, and every
+# server or worker a test starts, runs without it.
+os.environ.setdefault("WWT_MAX_WAIT_S", "0")
+
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):

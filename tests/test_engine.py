@@ -964,3 +964,42 @@ def test_time_spent_waiting_counts_toward_max_time(make_engine):
     assert timings.total_ms >= 300
     running.cancel()
     assert idle(engine)
+
+
+def test_the_backlog_estimate_is_the_work_in_the_engine_over_its_recent_pace():
+    from model.serving.backlog import WINDOW_S, Backlog
+
+    now = [100.0]
+    backlog = Backlog(clock=lambda: now[0])
+    backlog.worked(1.0)
+    for _ in range(3):
+        backlog.finished()
+    assert backlog.expected_wait(10) is None  # too few finished requests to know the pace
+    backlog.finished()
+    backlog.worked(1.0)
+    assert backlog.expected_wait(10) == pytest.approx(5.0)  # 4 requests in 2 s of work: 2 per second
+    now[0] += WINDOW_S + 1
+    assert backlog.expected_wait(10) is None  # an idle engine forgets its old pace
+
+
+def test_an_engine_too_far_behind_refuses_at_once_and_changes_nothing(make_engine):
+    engine = make_engine(slots=4, delay=0.02)
+    for i in range(5):  # the pace: short requests, one at a time
+        engine.completion(CompletionRequest(f"Hello {i}", n=1, max_new_tokens=4, seed=i))
+    per_request = 1 / (5 / engine.scheduler.backlog._work_s)
+    engine.scheduler.max_wait_s = 4 * per_request  # about four requests' worth of work
+    running = _hold_every_slot(engine)
+    accepted = []
+    with pytest.raises(Busy, match=rf"busy: {engine.name} is about \d+ s behind; try again in a moment"):
+        for _ in range(50):
+            accepted.append(engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4)))
+    assert len(accepted) <= 6, len(accepted)  # refused once the work in the engine passed the bound
+    queued = list(engine.scheduler.planner.waiting)
+    with pytest.raises(Busy):
+        engine.submit(CompletionRequest("Once upon", n=1, max_new_tokens=4))
+    assert list(engine.scheduler.planner.waiting) == queued  # a refusal queues nothing
+    for handle in [running, *accepted]:
+        handle.cancel()
+    assert idle(engine)
+    engine.scheduler.max_wait_s = None
+    assert_good_suggestions(engine.complete("Hello there", n=2, max_new_tokens=4, seed=1))

@@ -71,6 +71,7 @@ class Engine:
         self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed, name=name)
         self.scheduler.max_waiting = settings.get_int("WWT_MAX_WAITING", default=None) or None
         self.scheduler.max_waiting_per_client = settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or None
+        self.scheduler.max_wait_s = settings.get_float("WWT_MAX_WAIT_S", default=None) or None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device=None, dtype=None, slots: Optional[int] = None,

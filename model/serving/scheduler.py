@@ -21,6 +21,7 @@ import torch
 from ..errors import Busy, Cancelled, WWTError
 from ..network.gpt import GPTModel
 from ..network.tokenizer import GPTTokenizer
+from .backlog import Backlog
 from .decode_graph import FixedShapeDecoder
 from .jobs import Call, Handle, Job, Row
 from .kv_cache import KVCache
@@ -46,6 +47,8 @@ class Scheduler:
         # None or 0: no bound. Only requests still waiting for slots count, not running ones.
         self.max_waiting: Optional[int] = None
         self.max_waiting_per_client: Optional[int] = None
+        self.max_wait_s: Optional[float] = None  # refuse when the engine is this far behind (backlog.py)
+        self.backlog = Backlog()
         self.cache = cache
         self.pool = SlotPool(cache.slots)
         self.planner = Planner(self.pool)
@@ -87,9 +90,13 @@ class Scheduler:
     def _admit_or_refuse(self, client: Optional[str]) -> None:
         """(under the lock) Raise Busy when the waiting list, or this client's share of it, is full."""
         bound, per_client = self.max_waiting, self.max_waiting_per_client
-        if not bound and not (per_client and client is not None):
+        if not bound and not (per_client and client is not None) and not self.max_wait_s:
             return
         live = self._live_waiting(time.perf_counter())
+        if self.max_wait_s:
+            behind = self.backlog.expected_wait(len(live) + len(self.planner.running) + 1)
+            if behind is not None and behind > self.max_wait_s:
+                raise Busy(f"busy: {self.name} is about {behind:.0f} s behind; try again in a moment")
         if bound and len(live) >= bound:
             are = "request is" if len(live) == 1 else "requests are"
             raise Busy(f"busy: {len(live)} {are} waiting for {self.name}; try again in a moment")
@@ -151,6 +158,7 @@ class Scheduler:
             call.run()
         if not self.planner.running:
             return
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
                 self._step()
@@ -158,6 +166,7 @@ class Scheduler:
             log.exception("scheduler step failed")
             for job in list(self.planner.running):
                 self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
+        self.backlog.worked(time.perf_counter() - started)
 
     def _shut_down(self) -> None:
         for job in list(self.planner.waiting) + self.planner.running:
@@ -263,6 +272,8 @@ class Scheduler:
         if job.done.is_set():
             return
         now = time.perf_counter()
+        if job in self.planner.running:  # it took part in the steps: it counts toward the pace
+            self.backlog.finished()
         self.planner.remove(job)
         if job.slots:  # the base slot stays usable as the document's prefix; the copies become spares
             self.pool.release(job.slots, keep=job.base)
