@@ -966,40 +966,45 @@ def test_time_spent_waiting_counts_toward_max_time(make_engine):
     assert idle(engine)
 
 
-def test_the_backlog_estimate_is_the_work_in_the_engine_over_its_recent_pace():
+def test_the_backlog_estimate_is_the_work_left_in_the_engine_over_its_recent_rates():
+    from types import SimpleNamespace
+
     from model.serving.backlog import WINDOW_S, Backlog
 
     now = [100.0]
     backlog = Backlog(clock=lambda: now[0])
-    backlog.worked(1.0)
-    for _ in range(3):
-        backlog.finished()
-    assert backlog.expected_wait(10) is None  # too few finished requests to know the pace
-    backlog.finished()
-    backlog.worked(1.0)
-    assert backlog.expected_wait(10) == pytest.approx(5.0)  # 4 requests in 2 s of work: 2 per second
+    job = SimpleNamespace(prompt=SimpleNamespace(tokens=list(range(300))), prefilled=100, n=2, max_new_tokens=10,
+                          rows=[SimpleNamespace(tokens=[1, 2, 3, 4])])
+    assert backlog.expected_wait([job]) is None  # nothing has run yet: no rate known
+    backlog.prefill.add(200, 1.0)
+    backlog.prefill.add(200, 1.0)  # 200 prompt tokens a second
+    backlog.decode.add(8, 1.0)     # 8 suggestion tokens a second
+    # 200 prompt tokens left (1 s) and 2 x 10 - 4 = 16 suggestion tokens (2 s)
+    assert backlog.expected_wait([job]) == pytest.approx(3.0)
+    assert backlog.expected_wait([job, job]) == pytest.approx(6.0)
+    assert backlog.expected_wait([]) == 0.0  # an idle engine is never behind
     now[0] += WINDOW_S + 1
-    assert backlog.expected_wait(10) is None  # an idle engine forgets its old pace
+    backlog.prefill.add(100, 1.0)  # the window holds only the new sample now
+    assert backlog.expected_wait([job]) == pytest.approx(2.0 + 2.0)
+    now[0] += WINDOW_S + 1
+    assert backlog.expected_wait([job]) == pytest.approx(2.0 + 2.0)  # idle since: the last rates stand
 
 
 def test_an_engine_too_far_behind_refuses_at_once_and_changes_nothing(make_engine):
     engine = make_engine(slots=4, delay=0.02)
-    for i in range(5):  # the pace: short requests, one at a time
-        engine.completion(CompletionRequest(f"Hello {i}", n=1, max_new_tokens=4, seed=i))
-    per_request = 1 / (5 / engine.scheduler.backlog._work_s)
-    engine.scheduler.max_wait_s = 4 * per_request  # about four requests' worth of work
-    running = _hold_every_slot(engine)
-    accepted = []
-    with pytest.raises(Busy, match=rf"busy: {engine.name} is about \d+ s behind; try again in a moment"):
-        for _ in range(50):
-            accepted.append(engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4)))
-    assert len(accepted) <= 6, len(accepted)  # refused once the work in the engine passed the bound
+    engine.completion(CompletionRequest("Hello there", n=1, max_new_tokens=4, seed=1))  # the rates
+    engine.scheduler.max_wait_s = 0.5
+    running = _hold_every_slot(engine)  # 4 x 100 tokens to decode: seconds of work at 0.02 s a step
+    behind = engine.scheduler.backlog.expected_wait(engine.scheduler.planner.running)
+    assert behind > 0.5, behind
     queued = list(engine.scheduler.planner.waiting)
-    with pytest.raises(Busy):
-        engine.submit(CompletionRequest("Once upon", n=1, max_new_tokens=4))
+    with pytest.raises(Busy, match=rf"busy: {engine.name} is about \d+ s behind; try again in a moment"):
+        engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4))
     assert list(engine.scheduler.planner.waiting) == queued  # a refusal queues nothing
-    for handle in [running, *accepted]:
+    engine.scheduler.max_wait_s = behind * 10  # far enough: accepted
+    accepted = engine.submit(CompletionRequest("Hello there", n=1, max_new_tokens=4))
+    for handle in [running, accepted]:
         handle.cancel()
     assert idle(engine)
-    engine.scheduler.max_wait_s = None
+    engine.scheduler.max_wait_s = 0.5  # an idle engine accepts whatever it was told before
     assert_good_suggestions(engine.complete("Hello there", n=2, max_new_tokens=4, seed=1))

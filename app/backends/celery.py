@@ -260,16 +260,22 @@ class CeleryBackend(Backend):
             self._redis(cancel.supersede, self.redis, supersede, pending.id)
         return pending, _Watch(name, pending.id, deadline, routed=routed, resend=resend)
 
-    def _admit(self, name: str, shared: str, workers: list[dict], owner: Optional[dict]) -> str:
-        """The queue to send to: the owner's own, or the shared one when there is no owner or its
-        queue has a backlog. Busy when the model's waiting tasks (messages no worker has taken yet,
-        in all its queues) reach WWT_MAX_WAITING."""
-        bound = settings.get_int("WWT_MAX_WAITING", default=None) or 0
-        queues = [shared] + [w["queue"] for w in workers if w.get("queue")]
+    def queue_lengths(self, name: str, workers: Optional[list] = None) -> dict[str, int]:
+        """Tasks waiting (no worker has taken them yet) in each queue of model `name`: its shared
+        queue, then each live worker's own."""
+        workers = self._workers(name) if workers is None else workers
+        queues = [queue_name(name)] + [w["queue"] for w in workers if w.get("queue")]
         pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
             pipe.llen(queue)
-        lengths = dict(zip(queues, (int(n) for n in self._redis(pipe.execute))))
+        return dict(zip(queues, (int(n) for n in self._redis(pipe.execute))))
+
+    def _admit(self, name: str, shared: str, workers: list[dict], owner: Optional[dict]) -> str:
+        """The queue to send to: the owner's own, or the shared one when there is no owner or its
+        queue has a backlog. Busy when the model's waiting tasks (in all its queues) reach
+        WWT_MAX_WAITING."""
+        bound = settings.get_int("WWT_MAX_WAITING", default=None) or 0
+        lengths = self.queue_lengths(name, workers)
         waiting = sum(lengths.values())
         if bound and waiting >= bound:
             are = "request is" if waiting == 1 else "requests are"

@@ -14,7 +14,7 @@ worker, model not loaded yet). It runs no model.
     wwt_suggestion_cache_hits_total{kind}           suggestion-cache hits (celery mode; shared by the app's
                                                     processes, read from Redis), kind = exact | incremental
     wwt_suggestion_cache_misses_total
-    wwt_queue_depth{model}                          requests waiting: the model's Redis queue length
+    wwt_queue_depth{model}                          requests waiting: the model's Redis queues' lengths
                                                     (celery) or the engine's waiting list (embedded)
     wwt_live_workers{model}                         workers announcing the model now (celery)
     wwt_model_loaded{model}                         1 when the engine is in memory (embedded)
@@ -173,13 +173,13 @@ class BackendCollector:
         yield loaded
 
     def _celery(self, backend, depth):
-        from workers.config import queue_name
         from workers.registry import live_workers
 
         workers = GaugeMetricFamily("wwt_live_workers", "Workers announcing the model now", labels=["model"])
         for name in backend.models():
-            workers.add_metric([name], len(backend._redis(live_workers, backend.redis, name)))
-            depth.add_metric([name], int(backend._redis(backend.redis.llen, queue_name(name))))
+            live = backend._redis(live_workers, backend.redis, name)
+            workers.add_metric([name], len(live))
+            depth.add_metric([name], sum(backend.queue_lengths(name, live).values()))
         yield workers
         stats = backend.cache_stats() if getattr(backend, "cache", None) is not None else {}
         if stats:

@@ -1,50 +1,68 @@
-"""How far behind an engine is: the wait a new request can expect, from the engine's own recent pace.
+"""How far behind an engine is: the time the work already in it will take at its recent pace.
 
-A bound on the number of waiting requests cannot keep latency down by itself: on a CPU, long
-prompts share the model thread, so eight running requests each take eight times as long, and
-how many requests fit in a few seconds changes a hundredfold between a short and a long text.
-So the scheduler also refuses a request when the requests already in the engine (running and
-waiting) would take longer than WWT_MAX_WAIT_S at the rate the engine has been finishing
-requests per second of model work over the last WINDOW_S. Until a few requests have finished
-in the window there is no estimate and nothing is refused on this ground.
+A bound on the number of waiting requests cannot keep latency down by itself: on a CPU the
+requests in an engine share the model thread, so eight long prompts make each other eight
+times slower, and the work in one request differs a hundredfold between a short text and a
+long one. So the scheduler also refuses a request when the work ahead of it (the prompt
+tokens still to prefill and the suggestion tokens still to decode, of every request running
+or waiting) would take longer than WWT_MAX_WAIT_S at the rates this engine has prefilled and
+decoded over the last WINDOW_S (an engine idle for longer keeps its last rates). The rates are
+known from the first step on, so a burst on a cold engine is bounded too. An idle engine
+accepts any request.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Optional
+from typing import Iterable, Optional
 
-WINDOW_S = 30.0  # how much recent work the pace is measured over
-MIN_FINISHED = 4  # finished requests in the window before the pace is trusted
+WINDOW_S = 30.0  # how much recent work the rates are measured over
+
+
+class _Rate:
+    """Tokens per second of the model thread's time, over the last WINDOW_S."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._samples: deque[tuple[float, int, float]] = deque()  # (when, tokens, seconds)
+        self._tokens, self._seconds = 0, 0.0
+        self._last: Optional[float] = None  # the rate when work was last seen: an idle engine keeps its pace
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._samples.append((self._clock(), tokens, seconds))
+        self._tokens += tokens
+        self._seconds += seconds
+
+    def per_second(self) -> Optional[float]:
+        horizon = self._clock() - WINDOW_S
+        while self._samples and self._samples[0][0] < horizon:
+            _, tokens, seconds = self._samples.popleft()
+            self._tokens -= tokens
+            self._seconds -= seconds
+        if self._samples and self._seconds > 0 and self._tokens > 0:
+            self._last = self._tokens / self._seconds
+        return self._last
 
 
 class Backlog:
     def __init__(self, clock=time.monotonic):
-        self._clock = clock
-        self._work: deque[tuple[float, float]] = deque()  # (when, seconds the model thread worked)
-        self._finished: deque[float] = deque()             # when each request finished
-        self._work_s = 0.0
+        self.prefill = _Rate(clock)  # prompt tokens per second of prefill
+        self.decode = _Rate(clock)   # suggestion tokens (all rows together) per second of decoding
 
-    def worked(self, seconds: float) -> None:
-        """The model thread spent `seconds` on a step of this engine."""
-        self._work.append((self._clock(), seconds))
-        self._work_s += seconds
-
-    def finished(self) -> None:
-        self._finished.append(self._clock())
-
-    def _forget_old(self) -> None:
-        horizon = self._clock() - WINDOW_S
-        while self._work and self._work[0][0] < horizon:
-            self._work_s -= self._work.popleft()[1]
-        while self._finished and self._finished[0] < horizon:
-            self._finished.popleft()
-
-    def expected_wait(self, in_engine: int) -> Optional[float]:
-        """Seconds until `in_engine` requests are done at the recent pace; None while it is unknown."""
-        self._forget_old()
-        if len(self._finished) < MIN_FINISHED or self._work_s <= 0:
+    def expected_wait(self, jobs: Iterable) -> Optional[float]:
+        """Seconds the work left in `jobs` (running or waiting) takes at the recent rates; None while
+        no rate is known (nothing has run yet)."""
+        prefill_rate, decode_rate = self.prefill.per_second(), self.decode.per_second()
+        if prefill_rate is None and decode_rate is None:
             return None
-        per_second = len(self._finished) / self._work_s
-        return in_engine / per_second
+        to_prefill = to_decode = 0
+        for job in jobs:
+            to_prefill += max(0, len(job.prompt.tokens) - job.prefilled)
+            to_decode += job.n * job.max_new_tokens - sum(len(row.tokens) for row in job.rows)
+        wait = 0.0
+        if prefill_rate is not None:
+            wait += to_prefill / prefill_rate
+        if decode_rate is not None:
+            wait += max(0, to_decode) / decode_rate
+        return wait

@@ -94,7 +94,7 @@ class Scheduler:
             return
         live = self._live_waiting(time.perf_counter())
         if self.max_wait_s:
-            behind = self.backlog.expected_wait(len(live) + len(self.planner.running) + 1)
+            behind = self.backlog.expected_wait(live + self.planner.running)
             if behind is not None and behind > self.max_wait_s:
                 raise Busy(f"busy: {self.name} is about {behind:.0f} s behind; try again in a moment")
         if bound and len(live) >= bound:
@@ -158,7 +158,6 @@ class Scheduler:
             call.run()
         if not self.planner.running:
             return
-        started = time.perf_counter()
         try:
             with torch.inference_mode():
                 self._step()
@@ -166,7 +165,6 @@ class Scheduler:
             log.exception("scheduler step failed")
             for job in list(self.planner.running):
                 self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
-        self.backlog.worked(time.perf_counter() - started)
 
     def _shut_down(self) -> None:
         for job in list(self.planner.waiting) + self.planner.running:
@@ -202,6 +200,7 @@ class Scheduler:
             logits = self.runner.prefill([job.prompt.tokens[start:end] for job, start, end in group],
                                          [start for _, start, _ in group], [job.base for job, _, _ in group], done)
             elapsed_ms = (time.perf_counter() - t0) * 1000
+            self.backlog.prefill.add(sum(end - start for _, start, end in group), elapsed_ms / 1000)
             for job, start, end in group:
                 self.counters["tokens_prefilled"] += end - start
                 job.timings.tokens_prefilled += end - start
@@ -234,6 +233,7 @@ class Scheduler:
         rows = self.planner.decoding_rows()
         if not rows:
             return
+        t0 = time.perf_counter()
         logits = self.runner.decode([row.slot for _, row in rows], [row.tokens[-1] for _, row in rows],
                                     [len(job.prompt.tokens) + len(row.tokens) - 1 for job, row in rows],
                                     shared=self._shared_prompts(rows))
@@ -243,6 +243,7 @@ class Scheduler:
             self.pool.appended(row.slot, row.tokens[-1])
             job.timings.tokens_decoded += 1
         self.policy.take(rows, logits)
+        self.backlog.decode.add(len(rows), time.perf_counter() - t0)
         for job in {job for job, _ in rows}:
             if not job.live_rows():
                 self._complete_round(job)
@@ -272,8 +273,6 @@ class Scheduler:
         if job.done.is_set():
             return
         now = time.perf_counter()
-        if job in self.planner.running:  # it took part in the steps: it counts toward the pace
-            self.backlog.finished()
         self.planner.remove(job)
         if job.slots:  # the base slot stays usable as the document's prefix; the copies become spares
             self.pool.release(job.slots, keep=job.base)
