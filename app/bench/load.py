@@ -62,6 +62,16 @@ def one(url: str, model: str, text: str, seed: int) -> tuple[str, str]:
     return ("refused" if "busy" in detail.lower() or "queue is full" in detail.lower() else "error"), detail
 
 
+def refusal_reason(detail: str) -> str:
+    """Which bound refused a request, from its message."""
+    text = detail.lower()
+    for phrase, reason in (("of your requests", "per client"), ("behind", "work ahead"),
+                           ("queue is full", "app queue"), ("waiting for", "waiting list")):
+        if phrase in text:
+            return reason
+    return "other"
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -97,10 +107,14 @@ def run_rate(url: str, model: str, rate: float, seconds: float, pid=None) -> dic
     after = rss_mb(pid) if pid else float("nan")
     ok = [lat for outcome, lat, _ in results if outcome == "ok"]
     refused = [lat for outcome, lat, _ in results if outcome == "refused"]
+    reasons: dict[str, int] = {}
+    for outcome, _, detail in results:
+        if outcome == "refused":
+            reasons[refusal_reason(detail)] = reasons.get(refusal_reason(detail), 0) + 1
     errors = [detail for outcome, _, detail in results if outcome == "error"]
     return {"rate": rate, "sent": total, "ok": len(ok), "throughput": len(ok) / elapsed,
             "p50": percentile(ok, 0.5), "p95": percentile(ok, 0.95), "p99": percentile(ok, 0.99),
-            "refused": len(refused), "refusal_p95": percentile(refused, 0.95), "errors": len(errors),
+            "refused": len(refused), "reasons": reasons, "refusal_p95": percentile(refused, 0.95), "errors": len(errors),
             "error_sample": errors[:2], "rss_before": before, "rss_after": after}
 
 
@@ -153,7 +167,7 @@ def main(argv=None) -> int:
             r = run_rate(url, model, rate, args.seconds, pid)
             print(f"{rate:g} req/s for {args.seconds:g} s: sent {r['sent']}, answered {r['ok']} "
                   f"({r['throughput']:.2f}/s); latency p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, "
-                  f"p99 {r['p99']:.2f} s; refused {r['refused']} (p95 {r['refusal_p95']:.3f} s); "
+                  f"p99 {r['p99']:.2f} s; refused {r['refused']} (p95 {r['refusal_p95']:.3f} s; {r['reasons']}); "
                   f"errors {r['errors']}{' ' + repr(r['error_sample']) if r['errors'] else ''}; "
                   f"RSS {r['rss_before']:.0f} -> {r['rss_after']:.0f} MB", flush=True)
             time.sleep(2)  # let the previous rate drain
