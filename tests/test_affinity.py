@@ -247,3 +247,15 @@ def test_the_load_generators_run_and_report(tmp_path):
     assert found, load.stdout
     answered, refused, errors = (int(found.group(i)) for i in (1, 2, 3))
     assert answered + refused + errors == 4 and errors == 0
+
+
+def test_a_dead_workers_own_queue_is_deleted_by_a_live_workers_heartbeat(client):
+    from workers.registry import Heartbeat
+
+    dead, alive = affinity.node_queue("orph", "dead@host"), affinity.node_queue("orph", "alive@host")
+    client.rpush(dead, "a task restored after its worker died")
+    client.zadd(affinity.QUEUES_PREFIX + "orph", {dead: time.time() - affinity.ORPHAN_AFTER_S - 1})
+    Heartbeat(client, "orph", "alive@host", {"queue": alive}, interval=1, ttl=3).beat()
+    assert not client.exists(dead)
+    assert client.zscore(affinity.QUEUES_PREFIX + "orph", dead) is None
+    assert client.zscore(affinity.QUEUES_PREFIX + "orph", alive) is not None  # its own is kept

@@ -86,3 +86,25 @@ def route(client, model: str, text: str, workers: list[dict]) -> Optional[dict]:
 
 
 BACKLOG = 4  # routed tasks already waiting for a worker past which a new one goes to the shared queue
+
+QUEUES_PREFIX = "wwt:queues:"  # wwt:queues:<model> -> sorted set of workers' own queues by last announcement
+ORPHAN_AFTER_S = 600           # a worker's own queue unannounced this long is deleted, messages and all
+
+
+def drop_orphaned_queues(client, model: str, queue: str) -> None:
+    """Note that `queue` (this worker's own) is alive; delete the own queues of workers that stopped
+    announcing ORPHAN_AFTER_S ago. A task a dead worker had taken is restored by the broker to that
+    worker's own queue, where nobody reads it: the app has sent it again by then, so it only
+    takes memory. Run at every heartbeat, so some live worker of the model sweeps."""
+    key = QUEUES_PREFIX + model
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(key, {queue: now})
+    pipe.zrangebyscore(key, "-inf", now - ORPHAN_AFTER_S)
+    orphans = pipe.execute()[1]
+    if orphans:
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(*orphans)
+        pipe.zrem(key, *orphans)
+        pipe.execute()
+

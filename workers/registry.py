@@ -16,6 +16,7 @@ from typing import Optional
 
 from model import settings
 
+from .affinity import drop_orphaned_queues
 from .config import QueueMisconfigured
 
 log = logging.getLogger("wwt.registry")
@@ -132,6 +133,8 @@ class Heartbeat:
     def beat(self) -> bool:
         try:
             announce(self.client, self.model, self.node, self.info, self.ttl)
+            if self.info.get("queue"):
+                drop_orphaned_queues(self.client, self.model, self.info["queue"])
         except Exception as e:
             if not self._failing:
                 log.warning("cannot announce %s to Redis (will keep trying): %s", self.model, e)
