@@ -988,6 +988,8 @@ def test_the_backlog_estimate_is_the_work_left_in_the_engine_over_its_recent_rat
     assert backlog.expected_wait([job]) == pytest.approx(2.0 + 2.0)
     now[0] += WINDOW_S + 1
     assert backlog.expected_wait([job]) == pytest.approx(2.0 + 2.0)  # idle since: the last rates stand
+    backlog.turn(3.0, 2.0)  # turns take half as long again as their prefill and decode
+    assert backlog.expected_wait([job]) == pytest.approx((2.0 + 2.0) * 1.5)
 
 
 def test_an_engine_too_far_behind_refuses_at_once_and_changes_nothing(make_engine):

@@ -21,15 +21,17 @@ WINDOW_S = 30.0  # how much recent work the rates are measured over
 
 
 class _Rate:
-    """Tokens per second of the model thread's time, over the last WINDOW_S."""
+    """An amount (tokens, or seconds) per second of the model thread's time, over the last WINDOW_S."""
 
     def __init__(self, clock):
         self._clock = clock
         self._samples: deque[tuple[float, int, float]] = deque()  # (when, tokens, seconds)
         self._tokens, self._seconds = 0, 0.0
+        self.total_seconds = 0.0  # ever added
         self._last: Optional[float] = None  # the rate when work was last seen: an idle engine keeps its pace
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def add(self, tokens: float, seconds: float) -> None:
+        self.total_seconds += seconds
         self._samples.append((self._clock(), tokens, seconds))
         self._tokens += tokens
         self._seconds += seconds
@@ -49,6 +51,17 @@ class Backlog:
     def __init__(self, clock=time.monotonic):
         self.prefill = _Rate(clock)  # prompt tokens per second of prefill
         self.decode = _Rate(clock)   # suggestion tokens (all rows together) per second of decoding
+        self.turns = _Rate(clock)    # seconds of whole turns per second of prefill and decode in them
+
+    def counted_seconds(self) -> float:
+        """Seconds of prefill and decode ever timed (turn() takes the difference over a turn)."""
+        return self.prefill.total_seconds + self.decode.total_seconds
+
+    def turn(self, seconds: float, counted: float) -> None:
+        """A turn of the model thread took `seconds`, of which `counted` went to prefill and decode
+        (the rest, forks, sampling and bookkeeping, is spread over the rates in expected_wait)."""
+        if counted > 0:
+            self.turns.add(seconds, counted)
 
     def expected_wait(self, jobs: Iterable) -> Optional[float]:
         """Seconds the work left in `jobs` (running or waiting) takes at the recent rates; None while
@@ -65,4 +78,4 @@ class Backlog:
             wait += to_prefill / prefill_rate
         if decode_rate is not None:
             wait += max(0, to_decode) / decode_rate
-        return wait
+        return wait * max(1.0, self.turns.per_second() or 1.0)

@@ -145,6 +145,7 @@ class Scheduler:
 
     def turn(self) -> None:
         """Run waiting calls, admit waiting requests and take one batching step."""
+        started, counted = time.perf_counter(), self.backlog.counted_seconds()  # the backlog's overhead factor
         with self._cond:
             if self._closed:
                 self._shut_down()
@@ -165,6 +166,7 @@ class Scheduler:
             log.exception("scheduler step failed")
             for job in list(self.planner.running):
                 self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
+        self.backlog.turn(time.perf_counter() - started, self.backlog.counted_seconds() - counted)
 
     def _shut_down(self) -> None:
         for job in list(self.planner.waiting) + self.planner.running:
