@@ -14,6 +14,9 @@ import sys
 from typing import Optional
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
+# Gradio's queue keeps the last N calls for its /monitoring page and rebuilds a pandas table of all of
+# them after every call (8 ms of CPU and ~4 MB at its default 10,000); 1,000 serve that page as well.
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
 from model import settings  # noqa: E402
 from model.errors import WWTError  # noqa: E402
@@ -74,12 +77,12 @@ def app_kwargs(backend) -> dict:
     from .web import ops
     from .web.stream import routes
 
-    from .web import limits
+    from .web import limits, memory
 
     # limits.py: the request-body limit in front of every route, a full queue's 503 in our words,
-    # and DELETE /wwt/doc/{id}
+    # and DELETE /wwt/doc/{id}; memory.py: what Gradio keeps per call bounded, the heap trimmed
     return {"routes": routes(backend) + ops.routes(backend) + limits.routes(backend),
-            "middleware": limits.middleware()}
+            "middleware": limits.middleware() + memory.middleware()}
 
 
 def redis_warning(backend) -> Optional[str]:

@@ -1,11 +1,14 @@
 """RSS of a `wwt serve` process before and after many mixed plain-HTTP requests.
 
-    python -m app.bench.memory [--requests 2000] [--model tiny=./tiny]
+    python -m app.bench.memory [--requests 10000] [--every 2000] [--model tiny=./tiny]
 
 Starts `wwt serve` on a free port (a tiny random model unless --model is given), warms it up,
 reads its resident memory (VmRSS), sends the requests from 8 threads (/score, /complete and
 /classify with small texts, 1 in 20 with a 1 MB text, 1 in 50 with a 5 MB body that is
-refused 413), and reads it again. Prints the figures; asserts nothing.
+refused 413), and reads it again. Every --every requests it reads RSS at once and again after
+the server has been idle for SETTLE_S (long enough for its heap trims, app/web/memory.py), so
+growth that goes on can be told from a plateau, and what stays from what a request in flight
+holds; the peak is sampled throughout. Prints the figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from workers.processes import stop_process
+
+from ..web.memory import TRIM_EVERY_S
+
+SETTLE_S = 2 * TRIM_EVERY_S + 1  # the server's last heap trim comes within 2 periods of its last request
 
 
 def rss_mb(pid: int) -> float:
@@ -47,7 +55,8 @@ def call(url: str, endpoint: str, data: list) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--every", type=int, default=2000, help="print RSS after each this many requests")
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
     from .load import start_server  # a throwaway `wwt serve` (the tiny model unless --model names one)
@@ -70,17 +79,41 @@ def main(argv=None) -> int:
 
         for i in range(40):  # warm-up
             job(i * 3 + 1)
-        time.sleep(1)
+        time.sleep(SETTLE_S)
         before = rss_mb(proc.pid)
+        peak = [before]
+        running = threading.Event()
+        running.set()
+
+        def sample():
+            while running.is_set():
+                peak[0] = max(peak[0], rss_mb(proc.pid))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         start = time.monotonic()
+        codes: list[int] = []
+        every = max(1, args.every)
         with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(job, range(args.requests)))
+            for first in range(0, args.requests, every):
+                codes += pool.map(job, range(first, min(first + every, args.requests)))
+                if len(codes) < args.requests:
+                    busy = rss_mb(proc.pid)
+                    time.sleep(SETTLE_S)
+                    print(f"  after {len(codes):>6} requests: RSS {busy:.0f} MB at once, "
+                          f"{rss_mb(proc.pid):.0f} MB after {SETTLE_S:g} s idle", flush=True)
         elapsed = time.monotonic() - start
-        time.sleep(2)
+        busy = rss_mb(proc.pid)
+        time.sleep(SETTLE_S)
         after = rss_mb(proc.pid)
+        running.clear()
+        sampler.join()
         counts = {c: codes.count(c) for c in sorted(set(codes))}
-        print(f"{args.requests} requests in {elapsed:.1f} s, status counts {counts}")
-        print(f"RSS warm {before:.0f} MB -> after {after:.0f} MB (+{after - before:.0f} MB)")
+        print(f"{args.requests} requests in {elapsed:.1f} s (with {SETTLE_S:g} s idle at each checkpoint), "
+              f"status counts {counts} (-1: connection closed by the server, as for each 5 MB body)")
+        print(f"RSS warm {before:.0f} MB -> after {after:.0f} MB (+{after - before:.0f} MB) after {SETTLE_S:g} s idle; "
+              f"{busy:.0f} MB at once, peak {peak[0]:.0f} MB")
     finally:
         stop_process(proc, 30)
     return 0

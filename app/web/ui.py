@@ -57,10 +57,13 @@ MAX_UPLOAD = "1kb"
 def launch_kwargs() -> dict:
     """What Gradio 6 takes at launch() rather than in gr.Blocks: css and theme, the upload cap, and
     how many sessions' state is kept (each plain-HTTP call opens one; WWT_SESSION_CAPACITY); in the
-    page's head, queue_full.js (a full queue's toast in our words, as the API says it)."""
+    page's head, queue_full.js (a full queue's toast in our words, as the API says it). Gradio's own
+    monitoring routes are off: `/gradio_api/monitoring/summary` would show anyone per-endpoint
+    timings, and `/metrics` (ops.py) is where the service reports itself."""
     from model import settings
 
     return {"css": static_text("app.css"), "theme": theme(), "max_file_size": MAX_UPLOAD,
+            "enable_monitoring": False,
             "head": f"<script>{static_text('queue_full.js')}</script>",
             "state_session_capacity": max(1, settings.get_int("WWT_SESSION_CAPACITY"))}
 
