@@ -53,3 +53,13 @@ def make_engine(tiny_gpt2):
     yield make
     for engine in made:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A password-protected redis-server on a free loopback port, one per test module."""
+    from workers.processes import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -16,7 +16,7 @@ from workers import affinity
 from workers.config import queue_name
 from workers.registry import announce, record_holder
 
-from dist_support import RedisServer, Worker, wait_for, worker_stats
+from dist_support import Worker, wait_for, worker_stats
 
 pytestmark = pytest.mark.redis
 
@@ -25,13 +25,6 @@ FAILOVER_BOUND_S = 15  # a liveness bound, generous: not a speed claim
 
 DOCUMENT = ("The harbour was quiet in the early morning, and the fishing boats rocked gently "
             "against the pier while the gulls waited on the posts for the first catch of the day.")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

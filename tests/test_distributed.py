@@ -23,7 +23,7 @@ from workers.config import QueueMisconfigured, queue_name, redact
 from workers.registry import heartbeat_settings, live_workers
 from workers.suggestion_cache import SuggestionCache
 
-from dist_support import ROOT, RedisServer, Worker, total_tasks, wait_for, worker_stats
+from dist_support import ROOT, Worker, total_tasks, wait_for, worker_stats
 
 pytestmark = pytest.mark.redis
 
@@ -32,13 +32,6 @@ FAST_ENV = {"WWT_HEARTBEAT_S": "1"}  # announcements expire within 3 s of a work
 # after 5 s and swept for every 0.5 s, so a SIGKILLed task is finished elsewhere within seconds.
 SLOW_ENV = {**FAST_ENV, "WWT_TASK_SOFT_TIME_LIMIT": "1.5", "WWT_TASK_TIME_LIMIT": "3.5",
             "WWT_VISIBILITY_TIMEOUT": "5", "WWT_RESTORE_INTERVAL": "0.5"}
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
