@@ -104,7 +104,7 @@ _ALL = (
             "(distributed: tasks waiting in the model's queues); "
             "past it a request is refused at once with a busy error and nothing is queued (time spent "
             "waiting counts toward a request's deadline); 0: no bound", "engine"),
-    Setting("WWT_MAX_WAIT_S", "2", "seconds of work an engine may be behind (the prompt tokens still to prefill "
+    Setting("WWT_MAX_WAIT_S", "1", "seconds of work an engine may be behind (the prompt tokens still to prefill "
             "and suggestion tokens still to decode of the requests in it, at its rates over the last 30 s); past "
             "it a request is refused as busy at once; 0: no bound", "engine"),
     # -- the Hugging Face Hub (read by huggingface_hub and model/network/weights.py) ---------------

@@ -11,6 +11,8 @@ import os
 import threading
 import time
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -214,20 +216,93 @@ def test_a_long_request_does_not_hold_back_a_short_one(make_engine):
     assert done[0].finish_reason == "length" and len(done[0].token_ids) == 100
 
 
-def test_chunked_prefill_while_others_decode_equals_one_pass(make_engine, monkeypatch):
+def test_chunked_prefill_equals_one_pass(make_engine, monkeypatch):
     import model.serving.planner as planner
 
     text = long_document(150)
     alone = make_engine().complete(text, n=2, greedy=True, max_new_tokens=8, stop=None)
     monkeypatch.setattr(planner, "PREFILL_CHUNK", 16)  # a long prompt now takes many steps
-    engine = make_engine(delay=0.002)
-    busy = engine.submit(CompletionRequest("Once upon a time", n=2, greedy=True, max_new_tokens=60, stop=None))
-    assert wait_until(lambda: engine.stats()["tokens_decoded"] > 0)
-    chunked = engine.completion(CompletionRequest(text, n=2, greedy=True, max_new_tokens=8, stop=None))
+    chunked = make_engine().completion(CompletionRequest(text, n=2, greedy=True, max_new_tokens=8, stop=None))
     assert chunked.timings.tokens_prefilled > 3 * 16
     assert ids(chunked.suggestions) == ids(alone)
-    assert not busy.done(), "the prompt was not prefilled alongside a running request"
-    busy.result(timeout=60)
+
+
+@pytest.mark.parametrize("prefill_is_dear", [True, False])
+def test_a_younger_long_prompt_waits_for_an_older_request_only_when_waiting_is_cheaper(make_engine, prefill_is_dear):
+    """Older requests first: while the older one decodes a suggestion of a few words, the younger
+    long prompt is prefilled beside it only if its prefill costs less than that decoding still
+    takes (the engine's rates, set here); either way its suggestions are the one-pass ones."""
+    text = long_document(150)
+    alone = make_engine().complete(text, n=2, greedy=True, max_new_tokens=8, stop=None)
+    engine = make_engine(delay=0.01)
+    per_token, per_row = (1.0, 0.001) if prefill_is_dear else (0.001, 1.0)
+    engine.scheduler.backlog.pace = lambda: (per_token, per_row)
+    prefills, inner = [], engine.model.transformer.forward
+    older = engine.submit(CompletionRequest("Once upon a time", n=2, greedy=True, max_new_tokens=16, stop=None))
+
+    def forward(ids, *args, **kwargs):
+        if ids.shape[1] > 1:
+            prefills.append((ids.shape[1], older.done()))
+        return inner(ids, *args, **kwargs)
+
+    assert wait_until(lambda: engine.stats()["tokens_decoded"] > 0)
+    engine.model.transformer.forward = forward
+    assert not older.done()
+    younger = engine.completion(CompletionRequest(text, n=2, greedy=True, max_new_tokens=8, stop=None))
+    assert younger.timings.tokens_prefilled > 100 and prefills
+    if prefill_is_dear:
+        assert all(older_done for _, older_done in prefills), prefills
+    else:
+        assert not any(older_done for _, older_done in prefills), prefills
+    assert ids(younger.suggestions) == ids(alone)
+    assert len(older.result(timeout=60)[0][0].token_ids) == 16
+
+
+class _Planned:
+    """Just what the planner reads of a request: its prompt, how much of it is in the cache, and
+    once it decodes, its rows and how many tokens each has written of max_new_tokens."""
+
+    def __init__(self, tokens: int, prefilled: int = 0, decoded: Optional[int] = None, max_new_tokens: int = 8,
+                 rows: int = 2):
+        self.prompt = type("Prompt", (), {"tokens": list(range(tokens))})()
+        self.prefilled = prefilled
+        self.max_new_tokens = max_new_tokens
+        self.last_logits = None if decoded is None else object()
+        self.rows = [] if decoded is None else [type("Row", (), {"tokens": [0] * decoded})() for _ in range(rows)]
+
+    def live_rows(self):
+        return self.rows
+
+
+def test_the_prefill_budget_goes_to_the_oldest_requests_first():
+    from model.serving.planner import PREFILL_BEHIND_DECODE, PREFILL_CHUNK, Planner
+
+    def planned(plan, pace):
+        return sorted(((job, end - start) for group in plan.prefill_chunks(pace) for job, start, end in group),
+                      key=lambda p: p[1])
+
+    cpu = (0.002, 0.06)  # gpt2 on one core: 2 ms a prompt token, 60 ms a decode step
+    plan = Planner(pool=None)
+    older, decoding, keystroke, document = _Planned(1000), _Planned(10, 10, decoded=3), _Planned(500, 495), _Planned(1000)
+    plan.running = [older, decoding, document, keystroke]
+    assert planned(plan, cpu) == [(older, PREFILL_CHUNK)]  # a younger request's decoding slows no older prompt
+    older.prefilled = 990
+    # 5 steps x 60 ms of decoding left, far less than 2 s of prefill: the long prompt waits its
+    # turn, a keystroke's few tokens go on
+    assert planned(plan, cpu) == [(keystroke, 5), (older, 10)]
+    plan.running = [decoding, _Planned(500, 500 - PREFILL_BEHIND_DECODE)]
+    assert planned(plan, cpu) == [(plan.running[1], PREFILL_BEHIND_DECODE)]
+    plan.running = [decoding, document]
+    assert planned(plan, (None, None)) == [(document, PREFILL_CHUNK)]  # no rates yet: nothing waits
+    assert planned(plan, (0.00001, 0.06)) == [(document, PREFILL_CHUNK)]  # a cheap prefill goes on
+    plan.running = [document, decoding]  # the long prompt is older: it is not held back
+    assert planned(plan, cpu) == [(document, PREFILL_CHUNK)]
+    # behind a long generation, a long prompt does not wait for its end...
+    long_generation = _Planned(10, 10, decoded=0, max_new_tokens=200)
+    plan.running = [long_generation, document]
+    assert planned(plan, cpu) == [(document, PREFILL_CHUNK)]
+    long_generation.rows[0].tokens = long_generation.rows[1].tokens = [0] * 190  # ...unless it is near it
+    assert planned(plan, cpu) == []
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3),

@@ -9,8 +9,8 @@ Gradio's plain-HTTP API (POST /gradio_api/call/complete, then its result stream)
 documents: short (a few words), medium (~200 words) and long (~800 words).
 
 Prints per rate: requests sent, answered, throughput, p50/p95/p99 latency of the accepted ones
-(scheduled send to answer), refusals ("busy", queue full) and errors, and the server's RSS
-before/after (when it started the server, or --pid names it). Asserts nothing.
+(scheduled send to answer) and the p95 of the engine's own part of it (the answers' timings),
+refusals ("busy", queue full) and errors, and the server's RSS before/after (when it started the server, or --pid names it). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def document(rng: random.Random) -> str:
 
 
 def one(url: str, model: str, text: str, seed: int) -> tuple[str, str]:
-    """(outcome, detail): outcome is ok, refused or error."""
+    """(outcome, detail): outcome is ok, refused or error; for ok, detail is the answer's JSON."""
     body = json.dumps({"data": [text, model, 2, 8, 1.0, 0, 0.9, False, seed]}).encode()
     req = urllib.request.Request(f"{url}gradio_api/call/complete", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -57,9 +57,18 @@ def one(url: str, model: str, text: str, seed: int) -> tuple[str, str]:
     except Exception as e:  # connection refused, timeout
         return "error", f"{e.__class__.__name__}: {e}"
     if "event: complete" in stream:
-        return "ok", ""
+        return "ok", stream.split("data:", 1)[-1].strip()
     detail = stream.split("data:", 1)[-1].strip()[:200]
     return ("refused" if "busy" in detail.lower() or "queue is full" in detail.lower() else "error"), detail
+
+
+def engine_seconds(answer: str) -> float:
+    """The engine's own time for an answer (from submission to its slots, to the last token), or
+    nan: the rest of a request's latency is HTTP, Gradio's queue and the app."""
+    try:
+        return json.loads(answer)[0]["timings"]["total_ms"] / 1000
+    except (ValueError, LookupError, TypeError):
+        return float("nan")
 
 
 def refusal_reason(detail: str) -> str:
@@ -83,6 +92,7 @@ def run_rate(url: str, model: str, rate: float, seconds: float, pid=None) -> dic
     rng = random.Random(int(rate * 1000))
     before = rss_mb(pid) if pid else float("nan")
     results: list[tuple[str, float, str]] = []
+    engine_s: list[float] = []  # the engine's own time for each answered request (Timings.total_ms)
     lock = threading.Lock()
     threads = []
     total = int(rate * seconds)
@@ -92,6 +102,8 @@ def run_rate(url: str, model: str, rate: float, seconds: float, pid=None) -> dic
         outcome, detail = one(url, model, text, seed)
         with lock:
             results.append((outcome, time.monotonic() - at, detail))
+            if outcome == "ok":
+                engine_s.append(engine_seconds(detail))
 
     for i in range(total):
         at = t0 + i / rate
@@ -114,6 +126,7 @@ def run_rate(url: str, model: str, rate: float, seconds: float, pid=None) -> dic
     errors = [detail for outcome, _, detail in results if outcome == "error"]
     return {"rate": rate, "sent": total, "ok": len(ok), "throughput": len(ok) / elapsed,
             "p50": percentile(ok, 0.5), "p95": percentile(ok, 0.95), "p99": percentile(ok, 0.99),
+            "engine_p95": percentile([s for s in engine_s if s == s], 0.95),
             "refused": len(refused), "reasons": reasons, "refusal_p95": percentile(refused, 0.95), "errors": len(errors),
             "error_sample": errors[:2], "rss_before": before, "rss_after": after}
 
@@ -167,7 +180,8 @@ def main(argv=None) -> int:
             r = run_rate(url, model, rate, args.seconds, pid)
             print(f"{rate:g} req/s for {args.seconds:g} s: sent {r['sent']}, answered {r['ok']} "
                   f"({r['throughput']:.2f}/s); latency p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, "
-                  f"p99 {r['p99']:.2f} s; refused {r['refused']} (p95 {r['refusal_p95']:.3f} s; {r['reasons']}); "
+                  f"p99 {r['p99']:.2f} s (in the engine p95 {r['engine_p95']:.2f} s); "
+                  f"refused {r['refused']} (p95 {r['refusal_p95']:.3f} s; {r['reasons']}); "
                   f"errors {r['errors']}{' ' + repr(r['error_sample']) if r['errors'] else ''}; "
                   f"RSS {r['rss_before']:.0f} -> {r['rss_after']:.0f} MB", flush=True)
             time.sleep(2)  # let the previous rate drain

@@ -52,6 +52,7 @@ class Backlog:
         self.prefill = _Rate(clock)  # prompt tokens per second of prefill
         self.decode = _Rate(clock)   # suggestion tokens (all rows together) per second of decoding
         self.turns = _Rate(clock)    # seconds of whole turns per second of prefill and decode in them
+        self.decode_steps = _Rate(clock)  # steps that only decoded, per second of them (all of the step)
 
     def counted_seconds(self) -> float:
         """Seconds of prefill and decode ever timed (turn() takes the difference over a turn)."""
@@ -62,6 +63,13 @@ class Backlog:
         (the rest, forks, sampling and bookkeeping, is spread over the rates in expected_wait)."""
         if counted > 0:
             self.turns.add(seconds, counted)
+
+    def pace(self) -> tuple[Optional[float], Optional[float]]:
+        """(seconds a prompt token takes to prefill, seconds a step that only decodes takes, with
+        its sampling and bookkeeping) at the recent rates; None for one not known yet. The planner
+        weighs prefilling a prompt now against making it wait for decoding requests with them."""
+        prefill_rate, step_rate = self.prefill.per_second(), self.decode_steps.per_second()
+        return (1 / prefill_rate if prefill_rate else None), (1 / step_rate if step_rate else None)
 
     def expected_wait(self, jobs: Iterable) -> Optional[float]:
         """Seconds the work left in `jobs` (running or waiting) takes at the recent rates; None while

@@ -159,9 +159,12 @@ class Scheduler:
             call.run()
         if not self.planner.running:
             return
+        step_started, prefilled = time.perf_counter(), self.counters["tokens_prefilled"]
         try:
             with torch.inference_mode():
                 self._step()
+            if self.counters["tokens_prefilled"] == prefilled:  # a step of decoding only: the planner's pace
+                self.backlog.decode_steps.add(1, time.perf_counter() - step_started)
         except Exception as e:  # a bug must fail the requests, never kill the loop
             log.exception("scheduler step failed")
             for job in list(self.planner.running):
@@ -196,7 +199,7 @@ class Scheduler:
                 job.progress.publish(snapshot(job))
 
     def _prefill(self) -> None:
-        for group in self.planner.prefill_chunks():
+        for group in self.planner.prefill_chunks(self.backlog.pace()):
             t0 = time.perf_counter()
             done = [b for b, (job, _, end) in enumerate(group) if end == len(job.prompt.tokens)]
             logits = self.runner.prefill([job.prompt.tokens[start:end] for job, start, end in group],
