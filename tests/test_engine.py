@@ -258,6 +258,38 @@ def test_a_younger_long_prompt_waits_for_an_older_request_only_when_waiting_is_c
     assert len(older.result(timeout=60)[0][0].token_ids) == 16
 
 
+def test_a_keystroke_copies_its_prefix_from_the_documents_running_request(make_engine):
+    """The next keystroke arrives while the previous one's request still runs: its slot copies
+    the document's keys/values from that request's slot instead of prefilling them."""
+    text = long_document(60)  # nothing of it is cut to leave room for the running request's 60 tokens
+    engine = make_engine(delay=0.01)
+    running = engine.submit(CompletionRequest(text, n=1, greedy=True, max_new_tokens=60, stop=None))
+    assert wait_until(lambda: engine.stats()["tokens_decoded"] > 0)
+    assert engine.scheduler.pool.busy()
+    typed = text + " and then"
+    got = engine.completion(CompletionRequest(typed, n=2, greedy=True, max_new_tokens=6, stop=None))
+    assert not running.done(), "the first request ended before the second came"
+    prompt = prompt_of(engine, typed).tokens
+    assert got.timings.tokens_reused >= len(prompt_of(engine, text).tokens) - 2
+    assert got.timings.tokens_reused + got.timings.tokens_prefilled == len(prompt)
+    fresh = make_engine().complete(typed, n=2, greedy=True, max_new_tokens=6, stop=None)
+    assert ids(got.suggestions) == ids(fresh)
+    running.result(timeout=60)
+
+
+def test_a_donor_slot_holds_a_longer_prefix_busy_or_not():
+    from model.serving.slots import SlotPool
+
+    pool = SlotPool(3)
+    (busy,), _ = pool.acquire([1, 2, 3, 4, 5], 1)
+    pool.wrote(busy, [1, 2, 3, 4, 5])
+    (base,), reuse = pool.acquire([1, 2, 3, 4, 9, 9], 1)
+    assert reuse == 0 and base != busy
+    assert pool.donor([1, 2, 3, 4, 9, 9], base) == (busy, 4)
+    assert pool.donor([1, 2, 3, 4, 5], base) == (busy, 4)  # the last token is always prefilled, for its logits
+    assert pool.donor([7, 8], base) is None
+
+
 class _Planned:
     """Just what the planner reads of a request: its prompt, how much of it is in the cache, and
     once it decodes, its rows and how many tokens each has written of max_new_tokens."""

@@ -154,6 +154,8 @@ class Scheduler:
             admitted, dropped = self.planner.admit(time.perf_counter())
             for job in dropped:
                 self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
+        self._copy_prefixes(admitted)
+        with self._cond:
             self.counters["tokens_reused"] += sum(job.prefilled for job in admitted)
         for call in calls:
             call.run()
@@ -170,6 +172,22 @@ class Scheduler:
             for job in list(self.planner.running):
                 self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
         self.backlog.turn(time.perf_counter() - started, self.backlog.counted_seconds() - counted)
+
+    def _copy_prefixes(self, admitted: list[Job]) -> None:
+        """Copy into each new request's base slot the prefix another slot holds (a running request
+        of the same document), before any step can write over it."""
+        for job in admitted:
+            if job.copy_from is None:
+                continue
+            (src, upto), job.copy_from = job.copy_from, None
+            try:
+                with torch.inference_mode():
+                    self.runner.fork(src, job.base, upto, start=job.prefilled)
+            except Exception:  # then the prompt is prefilled as if no slot held it
+                log.exception("copying a prefix between slots failed")
+                continue
+            self.pool.wrote(job.base, job.prompt.tokens[:upto])
+            job.prefilled = job.timings.tokens_reused = upto
 
     def _shut_down(self) -> None:
         for job in list(self.planner.waiting) + self.planner.running:

@@ -8,6 +8,10 @@ prompt reuses against what overwriting the slot destroys: a slot holding another
 that shares only its first word is worth more kept than an empty slot is. After a request,
 its n suggestions' slots hold n copies of the same prompt: one is kept as the document's
 prefix, the others become spares that are given away first.
+
+A slot still busy can give its prefix too: when a document's next keystroke arrives while its
+previous request is still running, the new request's slot copies the keys/values it shares
+with the running one's (a copy of memory) instead of prefilling them (donor()).
 """
 
 from __future__ import annotations
@@ -119,6 +123,16 @@ class SlotPool:
         self._tokens[base] = self._tokens[base][:reuse]
         self._prompt_len[base] = min(self._prompt_len[base], reuse)
         return chosen, reuse
+
+    def donor(self, prompt: list[int], base: int) -> Optional[tuple[int, int]]:
+        """A slot, busy or not, holding a longer prefix of `prompt` than `base` (just acquired for
+        it) does: (that slot, the tokens to copy from it into `base`), or None."""
+        cap = len(prompt) - 1
+        shared = {i: min(common_prefix(t, prompt), cap) for i, t in enumerate(self._tokens) if i != base}
+        best = max(shared, key=shared.get, default=None)
+        if best is None or shared[best] <= common_prefix(self._tokens[base], prompt):
+            return None
+        return best, shared[best]
 
     def release(self, slots: list[int], keep: Optional[int] = None) -> None:
         """The request is done. `keep` (default: the first slot) stays as its document's prefix;
