@@ -56,6 +56,24 @@ def make_engine(tiny_gpt2):
 
 
 @pytest.fixture(scope="module")
+def tiny_server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
+    """`wwt serve` (embedded) offering the tiny LM as `tiny` and the tiny model with heads as
+    `heads`, on a free loopback port; one per test module."""
+    from ui_support import Server
+
+    server = Server([f"tiny={tiny_gpt2}", f"heads={tiny_gpt2_heads}"], tmp_path_factory.mktemp("serve")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server_client(tiny_server):
+    """A gradio_client.Client of tiny_server."""
+    gradio_client = pytest.importorskip("gradio_client")
+    return gradio_client.Client(tiny_server.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
     """A password-protected redis-server on a free loopback port, one per test module."""
     from workers.processes import RedisServer

@@ -8,21 +8,17 @@ import urllib.request
 
 import pytest
 
-from ui_support import Server
-
 gradio_client = pytest.importorskip("gradio_client")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
-    s = Server([f"tiny={tiny_gpt2}", f"heads={tiny_gpt2_heads}"], tmp_path_factory.mktemp("api")).start()
-    yield s
-    s.stop()
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return gradio_client.Client(server.url, verbose=False)
+def client(tiny_server_client):
+    return tiny_server_client
 
 
 def test_the_named_endpoints_are_listed(client):

@@ -37,10 +37,8 @@ def sent(request) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
-    s = Server([f"tiny={tiny_gpt2}", f"heads={tiny_gpt2_heads}"], tmp_path_factory.mktemp("serve")).start()
-    yield s
-    s.stop()
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,13 @@ CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
-    s = Server([f"tiny={tiny_gpt2}", f"heads={tiny_gpt2_heads}"], tmp_path_factory.mktemp("ops")).start()
-    yield s
-    s.stop()
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return gradio_client.Client(server.url, verbose=False)
+def client(tiny_server_client):
+    return tiny_server_client
 
 
 def _get(url: str) -> tuple[int, str, str]:
