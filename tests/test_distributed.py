@@ -39,12 +39,11 @@ def client(redis_server):
     return redis_server.client()
 
 
-@pytest.fixture(scope="module")
-def pair(redis_server, client, tiny_gpt2_heads, tmp_path_factory):
-    """Two workers on one queue serving `tiny` (LM + classification + QA heads)."""
-    logs = tmp_path_factory.mktemp("worker-logs")
-    workers = [Worker(f"tiny={tiny_gpt2_heads}", redis_server.url, logs, concurrency=2, env=FAST_ENV,
-                      name=f"tiny{i}").start() for i in range(2)]
+def two_workers(name: str, folder, redis_server, client, logs, concurrency: int, env: dict):
+    """Start two workers serving `name` from `folder` on one queue; yield them once both are
+    announced, stop them after."""
+    workers = [Worker(f"{name}={folder}", redis_server.url, logs, concurrency=concurrency, env=env,
+                      name=f"{name}{i}").start() for i in range(2)]
     try:
         for w in workers:
             w.wait_announced(client)
@@ -52,6 +51,13 @@ def pair(redis_server, client, tiny_gpt2_heads, tmp_path_factory):
     finally:
         for w in workers:
             w.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server, client, tiny_gpt2_heads, tmp_path_factory):
+    """Two workers on one queue serving `tiny` (LM + classification + QA heads)."""
+    yield from two_workers("tiny", tiny_gpt2_heads, redis_server, client, tmp_path_factory.mktemp("worker-logs"),
+                           concurrency=2, env=FAST_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -276,17 +282,8 @@ def slow_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_pair(redis_server, client, slow_model, tmp_path_factory):
     """Two workers on one queue for a model big enough that a long request takes seconds."""
-    folder = slow_model
-    logs = tmp_path_factory.mktemp("slow-logs")
-    workers = [Worker(f"slow={folder}", redis_server.url, logs, concurrency=1, env=SLOW_ENV,
-                      name=f"slow{i}").start() for i in range(2)]
-    try:
-        for w in workers:
-            w.wait_announced(client)
-        yield workers
-    finally:
-        for w in workers:
-            w.stop()
+    yield from two_workers("slow", slow_model, redis_server, client, tmp_path_factory.mktemp("slow-logs"),
+                           concurrency=1, env=SLOW_ENV)
 
 
 def test_a_newer_request_from_the_same_editor_cancels_the_older_task(redis_server, client, slow_pair):
