@@ -56,9 +56,10 @@ def make_engine(tiny_gpt2):
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
+def server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
     """`wwt serve` (embedded) offering the tiny LM as `tiny` and the tiny model with heads as
-    `heads`, on a free loopback port; one per test module."""
+    `heads`, on a free loopback port; one per test module. A module that needs another server
+    defines its own `server`."""
     from ui_support import Server
 
     server = Server([f"tiny={tiny_gpt2}", f"heads={tiny_gpt2_heads}"], tmp_path_factory.mktemp("serve")).start()
@@ -67,10 +68,10 @@ def tiny_server(tiny_gpt2, tiny_gpt2_heads, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_server_client(tiny_server):
-    """A gradio_client.Client of tiny_server."""
+def client(server):
+    """A gradio_client.Client of `server` (the distributed modules define their own `client`)."""
     gradio_client = pytest.importorskip("gradio_client")
-    return gradio_client.Client(tiny_server.url, verbose=False)
+    return gradio_client.Client(server.url, verbose=False)
 
 
 @pytest.fixture(scope="module")

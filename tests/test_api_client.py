@@ -11,16 +11,6 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server_client):
-    return tiny_server_client
-
-
 def test_the_named_endpoints_are_listed(client):
     api = client.view_api(return_format="dict", print_info=False)
     assert {"/complete", "/classify", "/answer", "/score"} <= set(api["named_endpoints"])

@@ -18,16 +18,6 @@ gradio_client = pytest.importorskip("gradio_client")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_server):
-    return tiny_server
-
-
-@pytest.fixture(scope="module")
-def client(tiny_server_client):
-    return tiny_server_client
-
-
 def _get(url: str) -> tuple[int, str, str]:
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
