@@ -3,10 +3,9 @@ against `wwt serve` with the tiny models."""
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import pytest
+
+from ui_support import call_over_http
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -62,17 +61,7 @@ def test_bad_requests_get_the_message_and_the_server_stays_up(client, kwargs, me
 
 
 def _http(server, endpoint: str, data: list) -> tuple[str, object]:
-    """The two-step plain HTTP call: POST the inputs, then read the event stream for the result."""
-    post = urllib.request.Request(f"{server.url}gradio_api/call/{endpoint}", method="POST",
-                                  data=json.dumps({"data": data}).encode(),
-                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(post, timeout=30) as r:
-        event_id = json.load(r)["event_id"]
-    with urllib.request.urlopen(f"{server.url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as r:
-        lines = r.read().decode().splitlines()
-    event = next(line.split(": ", 1)[1] for line in lines if line.startswith("event: "))
-    payload = next(line.split(": ", 1)[1] for line in lines if line.startswith("data: "))
-    return event, json.loads(payload)
+    return call_over_http(server, endpoint, {"data": data})
 
 
 def test_plain_http(server):

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from ui_support import Server
+from ui_support import Server, call_over_http
 
 gradio_client = pytest.importorskip("gradio_client")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -24,19 +24,6 @@ def _get(url: str) -> tuple[int, str, str]:
             return r.status, r.headers.get("Content-Type", ""), r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get("Content-Type", ""), e.read().decode()
-
-
-def _http(server, endpoint: str, body: dict) -> tuple[str, object]:
-    """The two-step plain HTTP call with the body as given (`{"data": [...]}` or anything else)."""
-    post = urllib.request.Request(f"{server.url}gradio_api/call/{endpoint}", method="POST",
-                                  data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(post, timeout=30) as r:
-        event_id = json.load(r)["event_id"]
-    with urllib.request.urlopen(f"{server.url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as r:
-        lines = r.read().decode().splitlines()
-    event = next(line.split(": ", 1)[1] for line in lines if line.startswith("event: "))
-    payload = next(line.split(": ", 1)[1] for line in lines if line.startswith("data: "))
-    return event, json.loads(payload)
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -107,22 +94,22 @@ def test_metrics_count_requests_refusals_and_latency(server, client):
     ("sunny, " + "rain " * 2000, "tokens long; tiny reads labels of at most 245 tokens (its context is 256)"),
 ], ids=["number", "bool", "list-with-number", "longer-than-context"])
 def test_classify_labels_that_are_not_usable_are_a_clear_message(server, labels, message):
-    event, data = _http(server, "classify", {"data": ["Nice weather", labels, "tiny"]})
+    event, data = call_over_http(server, "classify", {"data": ["Nice weather", labels, "tiny"]})
     assert event == "error" and message in (data.get("error") or ""), data
     assert "Traceback" not in data["error"] and "internal error" not in data["error"]
-    event, data = _http(server, "classify", {"data": ["Nice weather", "sunny, rainy", "tiny"]})
+    event, data = call_over_http(server, "classify", {"data": ["Nice weather", "sunny, rainy", "tiny"]})
     assert event == "complete"  # and the server goes on answering
 
 
 def test_classify_labels_with_lone_surrogates_are_cleaned(server):
-    event, data = _http(server, "classify", {"data": ["Nice weather", "sun\ud800ny, rainy", "tiny"]})
+    event, data = call_over_http(server, "classify", {"data": ["Nice weather", "sun\ud800ny, rainy", "tiny"]})
     assert event == "complete", data
     assert {x["label"] for x in data[0]["labels"]} == {"sun\ufffdny", "rainy"}
 
 
 @pytest.mark.parametrize("endpoint", ["classify", "complete", "answer", "score"])
 def test_an_empty_data_list_is_a_readable_message(server, endpoint):
-    event, data = _http(server, endpoint, {"data": []})
+    event, data = call_over_http(server, endpoint, {"data": []})
     assert event == "error" and data["error"] and "is missing" in data["error"], data
 
 
@@ -130,7 +117,7 @@ def test_a_huge_model_name_is_not_echoed_back(server):
     name = "m" * 200_000
     for endpoint, inputs in (("complete", ["Hi", name]), ("classify", ["Hi", "a, b", name]),
                              ("score", ["Hi", name])):
-        event, data = _http(server, endpoint, {"data": inputs})
+        event, data = call_over_http(server, endpoint, {"data": inputs})
         assert event == "error" and data["error"].startswith("unknown model 'mmmm"), data
         assert len(data["error"]) < 300 and "this app offers tiny, heads" in data["error"]
 

@@ -164,6 +164,20 @@ def launch_in_process(backend: Backend):
     return demo, f"http://127.0.0.1:{port}/"
 
 
+def call_over_http(server: Server, endpoint: str, body) -> tuple[str, object]:
+    """Gradio's two-step plain HTTP call of a named endpoint, with the body as given (`{"data":
+    [...]}` or anything else): POST it, then read the event stream; (event name, its data)."""
+    post = urllib.request.Request(f"{server.url}gradio_api/call/{endpoint}", method="POST",
+                                  data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as r:
+        event_id = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{server.url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as r:
+        lines = r.read().decode().splitlines()
+    event = next(line.split(": ", 1)[1] for line in lines if line.startswith("event: "))
+    payload = next(line.split(": ", 1)[1] for line in lines if line.startswith("data: "))
+    return event, json.loads(payload)
+
+
 def post_json(url: str, data, timeout: float = 30) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
