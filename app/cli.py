@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="quantized precisions to measure (comma-separated, default "
                                                  "int8,int4; float32 and the reference are always measured)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--checkpoint", default=None, help="a GPT-2 checkpoint folder to measure (default: random "
+                                                      "weights of gpt2's size, made for the run)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", add_help=False,

@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    from .engine import let_everything_in
+
+    let_everything_in()
     with tempfile.TemporaryDirectory() as folder:
         model_dir = args.model_dir
         if model_dir is None:

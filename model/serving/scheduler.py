@@ -96,7 +96,8 @@ class Scheduler:
         if self.max_wait_s:
             behind = self.backlog.expected_wait(live + self.planner.running)
             if behind is not None and behind > self.max_wait_s:
-                raise Busy(f"busy: {self.name} is about {behind:.0f} s behind; try again in a moment")
+                amount = f"{behind:.1f}" if behind < 10 else f"{behind:.0f}"  # never "about 0 s"
+                raise Busy(f"busy: {self.name} is about {amount} s behind; try again in a moment")
         if bound and len(live) >= bound:
             are = "request is" if len(live) == 1 else "requests are"
             raise Busy(f"busy: {len(live)} {are} waiting for {self.name}; try again in a moment")
