@@ -130,6 +130,13 @@ def get(name: str) -> str:
     return os.environ.get(name, setting.default)
 
 
+def override(name: str, value: str) -> None:
+    """Set a registered variable for this process and the processes it starts (the benchmarks
+    turn the pace bound off with it). KeyError if unregistered."""
+    SETTINGS[name]  # an unknown name is a bug: KeyError
+    os.environ[name] = value
+
+
 def _empty(name: str, value: str, default, what: str):
     if default is _REQUIRED:
         raise SettingError(f"{name} must be {what}, not {value!r}")

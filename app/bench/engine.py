@@ -10,7 +10,6 @@ tokenizes, submits and times.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -310,7 +309,9 @@ def let_everything_in() -> None:
     """The benchmarks measure how fast an engine is with every request let in: the pace bound
     (WWT_MAX_WAIT_S, model/serving/backlog.py) would refuse some of their concurrent callers as
     busy. Set before any engine or worker process of the run starts."""
-    os.environ["WWT_MAX_WAIT_S"] = "0"
+    from model import settings
+
+    settings.override("WWT_MAX_WAIT_S", "0")
 
 
 def run_bench(args) -> int:
