@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -126,7 +127,7 @@ def run_rate(url: str, model: str, rate: float, seconds: float, pid=None) -> dic
     errors = [detail for outcome, _, detail in results if outcome == "error"]
     return {"rate": rate, "sent": total, "ok": len(ok), "throughput": len(ok) / elapsed,
             "p50": percentile(ok, 0.5), "p95": percentile(ok, 0.95), "p99": percentile(ok, 0.99),
-            "engine_p95": percentile([s for s in engine_s if s == s], 0.95),
+            "engine_p95": percentile([s for s in engine_s if not math.isnan(s)], 0.95),
             "refused": len(refused), "reasons": reasons, "refusal_p95": percentile(refused, 0.95), "errors": len(errors),
             "error_sample": errors[:2], "rss_before": before, "rss_after": after}
 

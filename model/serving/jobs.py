@@ -54,7 +54,6 @@ class Job:
         self.deadline = None if max_time is None else self.submitted + max_time
         self.slots: list[int] = []
         self.prefilled = 0  # prompt tokens whose keys/values are in the base slot
-        self.copy_from: Optional[tuple[int, int]] = None  # (slot, tokens) to copy into the base first
         self.last_logits: Optional[torch.Tensor] = None
         self.rows: list[Row] = []
         self.next_index = 0

@@ -76,7 +76,6 @@ class Planner:
                 continue
             self.waiting.remove(job)
             job.slots, job.prefilled = got
-            job.copy_from = self.pool.donor(job.prompt.tokens, job.base)
             job.admitted = time.perf_counter()
             job.timings.queue_ms = (job.admitted - job.submitted) * 1000
             job.timings.tokens_reused = job.prefilled

@@ -156,8 +156,7 @@ class Scheduler:
             for job in dropped:
                 self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
         self._copy_prefixes(admitted)
-        with self._cond:
-            self.counters["tokens_reused"] += sum(job.prefilled for job in admitted)
+        self.counters["tokens_reused"] += sum(job.prefilled for job in admitted)
         for call in calls:
             call.run()
         if not self.planner.running:
@@ -178,9 +177,10 @@ class Scheduler:
         """Copy into each new request's base slot the prefix another slot holds (a running request
         of the same document), before any step can write over it."""
         for job in admitted:
-            if job.copy_from is None:
+            donor = self.pool.donor(job.prompt.tokens, job.base)
+            if donor is None:
                 continue
-            (src, upto), job.copy_from = job.copy_from, None
+            src, upto = donor
             try:
                 with torch.inference_mode():
                     self.runner.fork(src, job.base, upto, start=job.prefilled)
