@@ -83,7 +83,7 @@ def cmd_loadtest(rest: list) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.engine import run_bench
+    from .bench.speed import run_bench
 
     return run_bench(args)
 

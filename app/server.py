@@ -77,12 +77,12 @@ def app_kwargs(backend) -> dict:
     from .web import ops
     from .web.stream import routes
 
-    from .web import limits, memory
+    from .web import call_memory, limits
 
     # limits.py: the request-body limit in front of every route, a full queue's 503 in our words,
-    # and DELETE /wwt/doc/{id}; memory.py: what Gradio keeps per call bounded, the heap trimmed
+    # and DELETE /wwt/doc/{id}; call_memory.py: what Gradio keeps per call bounded, the heap trimmed
     return {"routes": routes(backend) + ops.routes(backend) + limits.routes(backend),
-            "middleware": limits.middleware() + memory.middleware()}
+            "middleware": limits.middleware() + call_memory.middleware()}
 
 
 def redis_warning(backend) -> Optional[str]:

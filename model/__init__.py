@@ -16,8 +16,8 @@ import importlib
 
 _LAZY = {
     "Engine": "model.serving.engine",
-    "GPT": "model.network.gpt",
-    "GPTModel": "model.network.gpt",
+    "GPTBody": "model.network.gpt",
+    "GPTWithHead": "model.network.gpt",
     "HEADS": "model.network.gpt",
     "GPTConfig": "model.network.config",
     "GPTTokenizer": "model.network.tokenizer",

@@ -77,7 +77,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
     """A password-protected redis-server on a free loopback port, one per test module."""
-    from workers.processes import RedisServer
+    from app.bench.processes import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server

@@ -1,5 +1,5 @@
 """Real services for the distributed tests: a password-protected redis-server and `wwt worker`
-processes on free loopback ports (the helpers live in workers/processes.py, shared with the
+processes on free loopback ports (the helpers live in app/bench/processes.py, shared with the
 queue benchmark), plus the task counters the tests read."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis
 
-from workers.processes import RedisServer, WorkerProcess, free_port, wait_for
+from app.bench.processes import RedisServer, WorkerProcess, free_port, wait_for
 
 __all__ = ["ROOT", "RedisServer", "Worker", "free_port", "total_tasks", "wait_for", "worker_stats"]
 

@@ -22,7 +22,7 @@ import pytest
 from app.backends.documents import BLOCK, FileDocumentStore, RedisDocumentStore, ShareRateLimiter
 from model.errors import BadRequest, LimitReached
 from ui_support import Server
-from workers.processes import RedisServer
+from app.bench.processes import RedisServer
 
 
 def _files(folder):
@@ -284,7 +284,7 @@ def test_session_state_is_bounded(monkeypatch):
     from app.server import build_app
     from app.web.ui import launch_kwargs
     from ui_support import ScriptedBackend
-    from workers.processes import free_port
+    from app.bench.processes import free_port
 
     monkeypatch.setenv("WWT_SESSION_CAPACITY", "20")
     demo = build_app(ScriptedBackend())

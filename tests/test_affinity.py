@@ -13,7 +13,7 @@ from model.errors import Busy, WorkerFailed
 from model.network.tiny import make_tiny_model
 from model.types import CompletionRequest
 from workers import affinity
-from workers.config import queue_name
+from workers.queues import queue_name
 from workers.registry import announce, record_holder
 
 from dist_support import Worker, wait_for, worker_stats

@@ -19,7 +19,7 @@ from app.backends.celery import CeleryBackend
 from model.errors import Cancelled, BackendUnavailable, BadRequest, NoWorker, UnknownModel
 from model.network.tiny import make_tiny_model
 from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, Suggestion
-from workers.config import QueueMisconfigured, queue_name, redact
+from workers.queues import QueueMisconfigured, queue_name, redact
 from workers.registry import heartbeat_settings, live_workers
 from workers.suggestion_cache import SuggestionCache
 

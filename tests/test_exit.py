@@ -70,7 +70,7 @@ def test_wwt_serve_exits_zero_on_sigterm_and_ctrl_c(tiny_gpt2, tmp_path, sig):
 def test_wwt_worker_exits_zero_on_sigterm(tiny_gpt2, tmp_path):
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (the CI script installs it)")
-    from workers.processes import RedisServer, WorkerProcess
+    from app.bench.processes import RedisServer, WorkerProcess
 
     with RedisServer(tmp_path) as redis_server:
         worker = WorkerProcess(f"tiny={tiny_gpt2}", redis_server.url, tmp_path).start()

@@ -100,7 +100,7 @@ def test_each_kernel_takes_its_own_path_and_gives_x_at_w(two_threads, monkeypatc
     torch.nn.init.normal_(plain.weight, generator=gen)
     torch.nn.init.normal_(plain.bias, generator=gen)
     linear = cpu_kernels.CpuLinear(plain)
-    body = model.network.gpt.GPT(model.network.config.GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    body = model.network.gpt.GPTBody(model.network.config.GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     head = cpu_kernels.CpuLMHead(model.network.gpt.LMHead(body))
     for module in (linear, head):
         module.pack()

@@ -1,4 +1,4 @@
-"""What keeps `wwt serve`'s memory bounded however many calls it answers (app/web/memory.py; the
+"""What keeps `wwt serve`'s memory bounded however many calls it answers (app/web/call_memory.py; the
 figures are `python -m app.bench.memory`'s): Gradio's per-call bookkeeping is swept, results nobody
 reads are kept for a bounded time and number, and heap trims follow requests and stop when they do.
 
@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from app.web import memory
+from app.web import call_memory as memory
 from model_support import wait_until
 from ui_support import ScriptedBackend, launch_in_process, post_json
 

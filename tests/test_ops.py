@@ -144,7 +144,7 @@ def test_api_suggestions_hold_no_control_characters(client):
     ("rediss://cache.example.com:6380/0", True),
 ])
 def test_a_redis_url_without_a_password_on_another_host_warns(url, warns):
-    from workers.config import insecure_redis_warning
+    from workers.queues import insecure_redis_warning
 
     warning = insecure_redis_warning(url)
     assert bool(warning) == warns

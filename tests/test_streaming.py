@@ -23,7 +23,7 @@ from model.streaming import GrowOnly
 from model.types import CompletionRequest, PartialSuggestion
 from model_support import idle, slow_down, wait_until
 from ui_support import Server
-from workers.processes import free_port
+from app.bench.processes import free_port
 
 DEVICE = "cpu"
 STORY = "The weather in the valley turned cold that night. Snow covered the"

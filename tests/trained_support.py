@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.network.config import GPTConfig
-from model.network.gpt import GPTModel
+from model.network.gpt import GPTWithHead
 
 MODULES = ["argparse", "collections", "json", "pathlib", "subprocess", "threading", "logging", "email.message",
            "http.client", "unittest.case", "dataclasses", "functools", "itertools", "re", "shutil",
@@ -62,7 +62,7 @@ def train_small_gpt2(folder: Path, steps: int = 400, seed: int = 0) -> dict:
            "bos_token_id": eos, "eos_token_id": eos, "architectures": ["GPT2LMHeadModel"]}
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     config = GPTConfig.from_dict(raw)
-    net = GPTModel(config)
+    net = GPTWithHead(config)
     for name, p in net.named_parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)

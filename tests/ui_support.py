@@ -15,7 +15,7 @@ from typing import Optional
 
 from app.backends.base import Backend
 from model.types import Completion, Scores, Suggestion, Timings, TokenScore
-from workers.processes import free_port
+from app.bench.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

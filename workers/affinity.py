@@ -19,7 +19,7 @@ import hashlib
 import time
 from typing import Optional
 
-from .config import queue_name
+from .queues import queue_name
 
 KEY_CHARS = 32  # the start of the text that names a document: documents that share it share a worker (and
 # their first tokens); a text shorter than this moves as it grows, while its prefix is cheap to prefill

@@ -14,7 +14,7 @@ from celery import Celery
 
 from model import settings
 
-from .config import TASK_NAME, QueueMisconfigured, queue_name, redis_url
+from .queues import TASK_NAME, QueueMisconfigured, queue_name, redis_url
 
 __all__ = ["TASK_NAME", "QueueMisconfigured", "make_app", "queue_name", "time_limits"]
 

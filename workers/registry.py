@@ -17,7 +17,7 @@ from typing import Optional
 from model import settings
 
 from .affinity import drop_orphaned_queues
-from .config import QueueMisconfigured
+from .queues import QueueMisconfigured
 
 log = logging.getLogger("wwt.registry")
 

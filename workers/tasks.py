@@ -16,8 +16,8 @@ from model.errors import BadRequest, Cancelled, RequestTimeout, UnknownModel, WW
 from model.types import REQUEST_TYPES
 
 from . import cancel
-from .config import TASK_NAME
-from .progress import Publisher
+from .queues import TASK_NAME
+from .partials_channel import Publisher
 from .registry import record_holder
 
 log = logging.getLogger("wwt.worker")

@@ -27,7 +27,7 @@ from model import settings
 from . import tasks
 from .affinity import node_queue
 
-from .config import insecure_redis_warning, queue_name, redact, redis_url
+from .queues import insecure_redis_warning, queue_name, redact, redis_url
 
 log = logging.getLogger("wwt.worker")
 

@@ -28,9 +28,9 @@ from model.streaming import GrowOnly, done_event, partial_event, partials_of
 from model.types import RESULT_TYPES, Completion, CompletionRequest
 from workers import affinity, cancel
 from workers.celery_app import make_app
-from workers.config import TASK_NAME, queue_name, redact
-from workers.progress import Subscription
-from workers.config import redis_url as default_redis_url
+from workers.queues import TASK_NAME, queue_name, redact
+from workers.partials_channel import Subscription
+from workers.queues import redis_url as default_redis_url
 from workers.registry import live_workers, served_models, task_holder
 from workers.suggestion_cache import SuggestionCache
 
@@ -387,7 +387,7 @@ class CeleryBackend(Backend):
     # -- streaming ----------------------------------------------------------------------
     def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
                         supersede: Optional[str] = None, client: Optional[str] = None) -> EventStream:
-        """Partials published by the worker on the task's Redis channel (workers/progress.py) as
+        """Partials published by the worker on the task's Redis channel (workers/partials_channel.py) as
         they are decoded, then the task's result. A suggestion-cache hit is one done event at once.
         Cancelling the stream marks the task stale; its worker frees the slots at its next check."""
         def events():

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from workers.processes import free_port
+from app.bench.processes import free_port
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from model.serving.threads import in_fresh_thread
 
-    from .engine import make_checkpoint
+    from .speed import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

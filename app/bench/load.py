@@ -29,9 +29,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from workers.processes import stop_process
+from .processes import rss_mb, start_server, stop_process
 
-from .memory import rss_mb
 
 WORDS = ("the weather in the valley turned cold that night and snow covered the roofs while people "
          "walked home slowly talking about what the morning would bring").split()
@@ -132,32 +131,6 @@ def run_rate(url: str, model: str, rate: float, seconds: float, pid=None) -> dic
             "error_sample": errors[:2], "rss_before": before, "rss_after": after}
 
 
-def start_server(model):
-    root = Path(__file__).resolve().parents[2]
-    folder = Path(tempfile.mkdtemp(prefix="wwt-load-"))
-    if model is None:
-        subprocess.run([sys.executable, "-m", "app.cli", "make-tiny-model", str(folder / "tiny")], check=True,
-                       cwd=root, stdout=subprocess.DEVNULL)
-        model = f"tiny={folder / 'tiny'}"
-    from workers.processes import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WWT_DATA_DIR": str(folder / "data"),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(folder / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--model", model],
-                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url + "gradio_api/info", timeout=2).read()
-            return proc, url, model.split("=")[0].split("@")[0]
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.terminate()
-                raise SystemExit((folder / "serve.log").read_text()[-3000:])
-            time.sleep(0.3)
 
 
 def main(argv=None) -> int:

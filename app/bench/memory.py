@@ -6,7 +6,7 @@ Starts `wwt serve` on a free port (a tiny random model unless --model is given),
 reads its resident memory (VmRSS), sends the requests from 8 threads (/score, /complete and
 /classify with small texts, 1 in 20 with a 1 MB text, 1 in 50 with a 5 MB body that is
 refused 413), and reads it again. Every --every requests it reads RSS at once and again after
-the server has been idle for SETTLE_S (long enough for its heap trims, app/web/memory.py), so
+the server has been idle for SETTLE_S (long enough for its heap trims, app/web/call_memory.py), so
 growth that goes on can be told from a plateau, and what stays from what a request in flight
 holds; the peak is sampled throughout. Prints the figures; asserts nothing.
 """
@@ -23,18 +23,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from workers.processes import stop_process
+from .processes import rss_mb, start_server, stop_process
 
-from ..web.memory import TRIM_EVERY_S
+from ..web.call_memory import TRIM_EVERY_S
 
 SETTLE_S = 2 * TRIM_EVERY_S + 1  # the server's last heap trim comes within 2 periods of its last request
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def call(url: str, endpoint: str, data: list) -> int:
@@ -59,7 +54,6 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=2000, help="print RSS after each this many requests")
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
-    from .load import start_server  # a throwaway `wwt serve` (the tiny model unless --model names one)
 
     proc, url, name = start_server(args.model)
     try:

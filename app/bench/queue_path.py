@@ -4,7 +4,7 @@ same request to an engine in this process, and what a suggestion-cache hit costs
 A report, not a test: `python -m app.bench.queue_path [--model-dir DIR] [--redis-url URL]`, or
 `bench_queue(...)` from the `wwt bench` report. Without a Redis URL a throwaway
 redis-server is started on a free loopback port (Debian package redis-server); Redis and the
-worker are started with the same helpers as the distributed tests (workers/processes.py).
+worker are started with the same helpers as the distributed tests (app/bench/processes.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from workers.processes import RedisServer, WorkerProcess
+from app.bench.processes import RedisServer, WorkerProcess
 
 TEXT = ("The history of the written word is long. People wrote on clay, then on papyrus, then on paper, "
         "and now they write on screens that")
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from .engine import let_everything_in
+    from .speed import let_everything_in
 
     let_everything_in()
     with tempfile.TemporaryDirectory() as folder:

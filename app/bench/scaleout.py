@@ -3,7 +3,7 @@
     python -m app.bench.scaleout [--workers 1,3] [--writers 12] [--interval 2] [--slots 8] [--seconds 20]
 
 Starts a throwaway password-protected redis-server and `wwt worker` processes (the helpers of
-the distributed tests, workers/processes.py) for a random model of gpt2's layout (6 layers,
+the distributed tests, app/bench/processes.py) for a random model of gpt2's layout (6 layers,
 384 wide, 1,024 positions; `--model` names another spec) with `--slots` KV-cache slots each
 (more writers than one worker holds documents: the case scaling out is for), then lets
 `--writers` people type
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
     from app.backends.celery import CeleryBackend
     from model.network.tiny import make_tiny_model
-    from workers.processes import RedisServer, WorkerProcess
+    from app.bench.processes import RedisServer, WorkerProcess
 
     folder = Path(tempfile.mkdtemp(prefix="wwt-scaleout-"))
     if args.model:

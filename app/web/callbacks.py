@@ -178,7 +178,7 @@ def redis_warning(backend: Backend, name_url: bool = True) -> Optional[str]:
     url = getattr(backend, "url", None)
     if getattr(backend, "kind", "") != "celery" or not isinstance(url, str) or not url:
         return None
-    from workers.config import insecure_redis_warning
+    from workers.queues import insecure_redis_warning
 
     return insecure_redis_warning(url, name_url=name_url)
 

@@ -108,7 +108,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPTBody(nn.Module):
     """The transformer body: token + position embeddings, blocks, and (GPT-2) a final LayerNorm."""
 
     def __init__(self, config: GPTConfig):
@@ -148,7 +148,7 @@ class GPT(nn.Module):
 class LMHead(nn.Module):
     """Next-token logits, tied to the token embedding unless the checkpoint unties them."""
 
-    def __init__(self, body: GPT):
+    def __init__(self, body: GPTBody):
         super().__init__()
         self.body = [body]  # a list, so the embedding is not registered twice
         self.untied: Optional[nn.Parameter] = None  # set by the loader for an untied checkpoint
@@ -216,17 +216,17 @@ HEAD_PREFIXES = {
 }
 
 
-class GPTModel(nn.Module):
+class GPTWithHead(nn.Module):
     """The body with one head: what `model.load(name, head=...)` returns."""
 
-    def __init__(self, config: GPTConfig, head: str = "lm", body: Optional[GPT] = None):
+    def __init__(self, config: GPTConfig, head: str = "lm", body: Optional[GPTBody] = None):
         """`body`: share an existing body (an extra head of a loaded model adds only its own layer)."""
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
         self.config = config
         self.head = head
-        self.transformer = body if body is not None else GPT(config)
+        self.transformer = body if body is not None else GPTBody(config)
         if head in ("lm", "double-heads"):
             self.lm_head = LMHead(self.transformer)
         if head == "sequence-classification":

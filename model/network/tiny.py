@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from .config import GPTConfig
-from .gpt import GPTModel
+from .gpt import GPTWithHead
 
 EOS = "<|endoftext|>"
 
@@ -70,7 +70,7 @@ def make_tiny_model(out_dir: str | Path, model_type: str = "gpt2", seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for head in ("lm", *heads):
-        module = GPTModel(config, head)
+        module = GPTWithHead(config, head)
         for name, p in module.named_parameters():
             if name in tensors:
                 continue

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from .. import settings
 from .config import GPTConfig
 from ..errors import CheckpointError, UnknownModel
-from .gpt import HEAD_PREFIXES, GPTModel
+from .gpt import HEAD_PREFIXES, GPTWithHead
 from .known import KNOWN_MODELS
 
 # Only what a checkpoint needs: never pickles, never remote code.
@@ -144,7 +144,7 @@ def heads_in(state: dict) -> set[str]:
     return found
 
 
-def fill(module: GPTModel, ours: dict, unknown: dict) -> None:
+def fill(module: GPTWithHead, ours: dict, unknown: dict) -> None:
     """Copy tensors into `module`, refusing any missing, unexpected or misshapen one by name."""
     if unknown:
         raise CheckpointError(f"unexpected tensors in checkpoint: {', '.join(sorted(unknown)[:5])}")
@@ -176,25 +176,25 @@ def fill(module: GPTModel, ours: dict, unknown: dict) -> None:
 
 
 def load(name_or_path: str, head: str = "lm", dtype=torch.float32, device=None, revision: Optional[str] = None,
-         cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> GPTModel:
+         cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> GPTWithHead:
     """A GPT model with the given head, from a Hub repo id, a short name or a local folder."""
     folder = resolve_checkpoint(name_or_path, revision, cache_dir, offline)
     return load_folder(folder, head, dtype, device)
 
 
-def load_folder(folder: Path, head: str = "lm", dtype=torch.float32, device=None) -> GPTModel:
+def load_folder(folder: Path, head: str = "lm", dtype=torch.float32, device=None) -> GPTWithHead:
     config = GPTConfig.from_file(Path(folder) / "config.json")
     state = read_state(Path(folder))
     ours, unknown = split_state(state, config)
     with torch.device("meta"):
-        module = GPTModel(config, head)
+        module = GPTWithHead(config, head)
     module = module.to_empty(device="cpu")
     fill(module, ours, unknown)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def load_with_heads(folder: Path, dtype=torch.float32, device=None) -> tuple[GPTModel, dict[str, GPTModel]]:
+def load_with_heads(folder: Path, dtype=torch.float32, device=None) -> tuple[GPTWithHead, dict[str, GPTWithHead]]:
     """The LM model and one model per extra head the checkpoint carries, all sharing one body.
 
     The engine serves completion with the LM head and classification / question answering
@@ -206,14 +206,14 @@ def load_with_heads(folder: Path, dtype=torch.float32, device=None) -> tuple[GPT
     ours, unknown = split_state(state, config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with torch.device("meta"):
-        lm = GPTModel(config, "lm")
+        lm = GPTWithHead(config, "lm")
     lm = lm.to_empty(device="cpu")
     fill(lm, dict(ours), unknown)
     lm = lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
     extras = {}
     for head in sorted(heads_in(state) - {"lm", "double-heads"}):
         with torch.device("meta"):  # only the head's own small layer is new: no random body is built
-            module = GPTModel(config, head, body=lm.transformer)
+            module = GPTWithHead(config, head, body=lm.transformer)
         for name, child in module.named_children():
             if name == "transformer":
                 continue

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..network.gpt import Conv1D, GPTModel, LMHead
+from ..network.gpt import Conv1D, GPTWithHead, LMHead
 from . import kernel_choice
 
 
@@ -124,7 +124,7 @@ class CpuLMHead(nn.Module):
         return x @ self.weight().t()
 
 
-def swap_cpu_layers(model: GPTModel) -> tuple[list[CpuLinear], Optional[CpuLMHead]]:
+def swap_cpu_layers(model: GPTWithHead) -> tuple[list[CpuLinear], Optional[CpuLMHead]]:
     """Replace the model's Conv1D layers and LM head with their CPU versions (once)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -136,7 +136,7 @@ def swap_cpu_layers(model: GPTModel) -> tuple[list[CpuLinear], Optional[CpuLMHea
     return layers, getattr(model, "lm_head", None)
 
 
-def prepare_for_cpu(model: GPTModel, pack: bool = True, one_row: str = "auto") -> dict:
+def prepare_for_cpu(model: GPTWithHead, pack: bool = True, one_row: str = "auto") -> dict:
     """CPU float32 inference: (`pack`) a oneDNN copy of each matrix for several rows, and for one
     row the kernel `one_row` ("auto": the fastest here, see kernel_choice.py).
 

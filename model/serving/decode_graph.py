@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ..network.gpt import GPTModel
+from ..network.gpt import GPTWithHead
 from .kv_cache import KVCache
 
 
 class FixedShapeDecoder:
-    def __init__(self, model: GPTModel, cache: KVCache, capture: bool):
+    def __init__(self, model: GPTWithHead, cache: KVCache, capture: bool):
         self.model = model
         self.cache = cache
         device = cache.k.device

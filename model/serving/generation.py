@@ -10,14 +10,14 @@ from typing import Optional
 
 import torch
 
-from ..network.gpt import GPTModel
+from ..network.gpt import GPTWithHead
 from .kv_cache import KVCache
 from .runner import ModelRunner
 from .sampling import SamplingSettings, apply_repetition_penalty, sample_rows
 
 
 @torch.inference_mode()
-def generate(module: GPTModel, prompt_ids: list[int], max_new_tokens: int, n: int = 1, greedy: bool = False,
+def generate(module: GPTWithHead, prompt_ids: list[int], max_new_tokens: int, n: int = 1, greedy: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              seed: Optional[int] = None, eos_token_id: Optional[int] = None) -> list[list[int]]:
     """New token ids of `n` continuations of `prompt_ids`.

@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..network.gpt import GPTModel
+from ..network.gpt import GPTWithHead
 from ..network.weights import load_folder, load_with_heads, resolve_checkpoint
 from . import quantize
 from .quantize import FLOATS, QUANTIZED, precision_name
@@ -44,7 +44,7 @@ def _to_device(modules, device: torch.device, compute: torch.dtype) -> None:
         quantize.prepare(module)
 
 
-def load_with_heads_at(folder: Path, precision, device=None) -> tuple[GPTModel, dict, str]:
+def load_with_heads_at(folder: Path, precision, device=None) -> tuple[GPTWithHead, dict, str]:
     """The LM model and the checkpoint's extra heads (sharing its body) at `precision`; and its name."""
     device = torch.device(device) if device is not None else default_device()
     name, compute = resolve_precision(precision, device)
@@ -58,7 +58,7 @@ def load_with_heads_at(folder: Path, precision, device=None) -> tuple[GPTModel, 
 
 
 def load(name_or_path: str, head: str = "lm", dtype=torch.float32, device=None, revision: Optional[str] = None,
-         cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> GPTModel:
+         cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> GPTWithHead:
     """A GPT model with the given head at precision `dtype` (a torch float dtype, or "float16",
     "int8", "int4", "nf4"...), from a Hub repo id, a short name or a local folder."""
     folder = resolve_checkpoint(name_or_path, revision, cache_dir, offline)

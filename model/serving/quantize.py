@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..network.gpt import Conv1D, GPTModel, LMHead
+from ..network.gpt import Conv1D, GPTWithHead, LMHead
 from ..network.known import PRECISION_ALIASES as ALIASES
 from ..network.known import PRECISIONS
 
@@ -252,7 +252,7 @@ class QuantUntiedHead(nn.Module):
         return self.matrix.matmul(hidden)
 
 
-def quantize(model: GPTModel, precision: str) -> None:
+def quantize(model: GPTWithHead, precision: str) -> None:
     """Replace the body's Conv1D layers, the token embedding and the LM head with `precision` versions.
 
     The float matrices go: no float copy of a quantized matrix is kept.

@@ -12,13 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..network.gpt import GPTModel
+from ..network.gpt import GPTWithHead
 from .decode_graph import FixedShapeDecoder
 from .kv_cache import KVCache
 
 
 class ModelRunner:
-    def __init__(self, model: GPTModel, cache: KVCache, fixed_shape: Optional[FixedShapeDecoder] = None):
+    def __init__(self, model: GPTWithHead, cache: KVCache, fixed_shape: Optional[FixedShapeDecoder] = None):
         self.model = model
         self.cache = cache
         self.fixed_shape = fixed_shape

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..errors import Busy, Cancelled, WWTError
-from ..network.gpt import GPTModel
+from ..network.gpt import GPTWithHead
 from ..network.tokenizer import GPTTokenizer
 from .backlog import Backlog
 from .decode_graph import FixedShapeDecoder
@@ -40,7 +40,7 @@ __all__ = ["Call", "Handle", "Job", "Scheduler"]
 
 
 class Scheduler:
-    def __init__(self, model: GPTModel, tokenizer: GPTTokenizer, cache: KVCache,
+    def __init__(self, model: GPTWithHead, tokenizer: GPTTokenizer, cache: KVCache,
                  fixed_shape: Optional[FixedShapeDecoder] = None, name: str = "this model"):
         self.name = name
         # Admission bounds (Engine sets them from WWT_MAX_WAITING / WWT_MAX_WAITING_PER_CLIENT);

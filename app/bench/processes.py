@@ -17,11 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-__all__ = ["RedisServer", "WorkerProcess", "free_port", "wait_for"]
+__all__ = ["RedisServer", "WorkerProcess", "free_port", "rss_mb", "start_server", "stop_process", "wait_for"]
 
 
 def free_port() -> int:
@@ -156,7 +158,7 @@ class WorkerProcess:
 
     def node(self) -> str:
         """The Celery node name the worker picks when WWT_WORKER_NAME is unset (<queue>-<pid>@<host>)."""
-        from .config import queue_name
+        from workers.queues import queue_name
 
         return f"{queue_name(self.model)}-{self.pid}@{socket.gethostname()}"
 
@@ -195,3 +197,35 @@ class WorkerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(model):
+    root = Path(__file__).resolve().parents[2]
+    folder = Path(tempfile.mkdtemp(prefix="wwt-load-"))
+    if model is None:
+        subprocess.run([sys.executable, "-m", "app.cli", "make-tiny-model", str(folder / "tiny")], check=True,
+                       cwd=root, stdout=subprocess.DEVNULL)
+        model = f"tiny={folder / 'tiny'}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WWT_DATA_DIR": str(folder / "data"),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(folder / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--model", model],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url + "gradio_api/info", timeout=2).read()
+            return proc, url, model.split("=")[0].split("@")[0]
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.terminate()
+                raise SystemExit((folder / "serve.log").read_text()[-3000:])
+            time.sleep(0.3)
