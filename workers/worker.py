@@ -48,7 +48,7 @@ def engine_info(engine, spec, device, concurrency: int) -> dict:
     info = {"source": spec.source, "device": str(getattr(engine, "device", device) or "cpu"),
             "dtype": str(getattr(engine, "dtype", "")).replace("torch.", ""),
             "concurrency": concurrency, "pid": os.getpid(), "host": socket.gethostname(),
-            "heads": sorted(getattr(engine, "heads", ()) or ())}
+            "heads": sorted({"lm", *getattr(engine, "extra_heads", {})})}
     config = getattr(engine, "config", None)
     for field in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):
         if hasattr(config, field):

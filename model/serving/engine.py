@@ -13,7 +13,6 @@ from typing import Iterator, Optional
 
 import torch
 
-from .. import settings
 from ..contract import MAX_LABELS, checked_once, clean_text
 from ..errors import BadRequest, CheckpointError
 from ..network.known import parse_model_spec
@@ -24,6 +23,7 @@ from ..types import (Answer, Classification, Completion, CompletionRequest, Comp
 from .autocomplete import build_prompt
 from .cpu_kernels import packed_bytes, prepare_for_cpu
 from .decode_graph import FixedShapeDecoder
+from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .loading import default_device, load_with_heads_at
 from .quantize import precision_name, weight_bytes
@@ -46,46 +46,54 @@ def default_slots(config, device: torch.device, dtype: torch.dtype) -> int:
 
 
 class Engine:
-    def __init__(self, lm, heads: dict, tokenizer, name: str, slots: Optional[int] = None,
-                 cuda_graph: Optional[bool] = None, precision: Optional[str] = None):
+    def __init__(self, lm, heads: dict, tokenizer, name: str, config: Optional[EngineConfig] = None,
+                 precision: Optional[str] = None):
+        config = config or EngineConfig()
+        self.engine_config = config  # how it was set up (EngineConfig); self.config is the network's
         self.name = name
         self.model = lm
         self.config = lm.config
         self.tokenizer = tokenizer
         self.extra_heads = heads
-        self.heads = {"lm", *heads}
-        self.device = lm.transformer.wpe.weight.device
         self.dtype = lm.transformer.wpe.weight.dtype  # the float compute dtype (of the KV cache too)
         self.precision = precision or precision_name(self.dtype)
-        # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (WWT_CPU_PACK=0: plain only),
-        # and the one-row kernel timed fastest on this machine (WWT_CPU_ONE_ROW names one instead).
+        # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (cpu_pack=False: plain only),
+        # and the one-row kernel timed fastest on this machine (cpu_one_row names one instead).
         # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
-        cpu = in_fresh_thread(prepare_for_cpu, lm, settings.get_bool("WWT_CPU_PACK"), settings.get("WWT_CPU_ONE_ROW"))
+        cpu = in_fresh_thread(prepare_for_cpu, lm, config.cpu_pack, config.cpu_one_row)
         self.packed, self.one_row_kernels = cpu["packed"], cpu["one_row_kernels"]
-        slots = slots or default_slots(self.config, self.device, self.dtype)
+        slots = config.slots or default_slots(self.config, self.device, self.dtype)
         self.cache = in_fresh_thread(KVCache, self.config, slots, dtype=self.dtype, device=self.device)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
-        if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda" and settings.get_bool("WWT_CUDA_GRAPH")
+        cuda_graph = self.device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
         fixed = FixedShapeDecoder(lm, self.cache, capture=self.device.type == "cuda") if cuda_graph else None
-        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed, name=name)
-        self.scheduler.max_waiting = settings.get_int("WWT_MAX_WAITING", default=None) or None
-        self.scheduler.max_waiting_per_client = settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or None
-        self.scheduler.max_wait_s = settings.get_float("WWT_MAX_WAIT_S", default=None) or None
+        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed, name=name, max_waiting=config.max_waiting,
+                                   max_waiting_per_client=config.max_waiting_per_client,
+                                   max_wait_s=config.max_wait_s)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights, the cache and every step live."""
+        return self.model.transformer.wpe.weight.device
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device=None, dtype=None, slots: Optional[int] = None,
+    def from_pretrained(cls, name_or_path: str, device=None, dtype=None, config: Optional[EngineConfig] = None, *,
                         name: Optional[str] = None, revision: Optional[str] = None,
                         cache_dir: Optional[str] = None, offline: Optional[bool] = None,
-                        cuda_graph: Optional[bool] = None) -> "Engine":
+                        slots: Optional[int] = None, cuda_graph: Optional[bool] = None) -> "Engine":
         """Load a short name, Hub repo id, local folder or `name=source` spec, optionally `spec@precision`.
 
         Precision: the spec's own, else `dtype` (float32, bfloat16, float16, int8, int4, nf4, or a
         torch float dtype), else float16 on CUDA and float32 on CPU. Quantized precisions are made
-        at load time from the ordinary checkpoint. On CUDA the decode step is captured as a CUDA
-        graph (WWT_CUDA_GRAPH=0 turns it off); `cuda_graph=True` on CPU runs the same fixed-shape
-        step eagerly.
+        at load time from the ordinary checkpoint. `config` sets the engine up (the defaults: the
+        production policy); `slots` and `cuda_graph` are shorthands for those fields of it
+        (`cuda_graph=True` on CPU runs the GPU's fixed-shape step eagerly).
         """
+        config = config or EngineConfig()
+        if slots is not None:
+            config = config.with_(slots=slots)
+        if cuda_graph is not None:
+            config = config.with_(cuda_graph=cuda_graph)
         spec = parse_model_spec(name_or_path)
         device = torch.device(device) if device is not None else default_device()
         try:
@@ -98,7 +106,7 @@ class Engine:
         except ValueError as e:  # a matrix this precision cannot hold (say, 4 bits over an odd width)
             raise CheckpointError(f"cannot load {spec.name} in {precision}: {e}") from None
         tokenizer = load_tokenizer_folder(Path(folder), lm.config.model_type)
-        return cls(lm, heads, tokenizer, name or spec.name, slots, cuda_graph, precision)
+        return cls(lm, heads, tokenizer, name or spec.name, config, precision)
 
     # -- completion ----------------------------------------------------------------------
     def _job(self, request: CompletionRequest) -> Job:

@@ -41,13 +41,15 @@ __all__ = ["Call", "Handle", "Job", "Scheduler"]
 
 class Scheduler:
     def __init__(self, model: GPTWithHead, tokenizer: GPTTokenizer, cache: KVCache,
-                 fixed_shape: Optional[FixedShapeDecoder] = None, name: str = "this model"):
+                 fixed_shape: Optional[FixedShapeDecoder] = None, name: str = "this model", *,
+                 max_waiting: Optional[int] = None, max_waiting_per_client: Optional[int] = None,
+                 max_wait_s: Optional[float] = None):
         self.name = name
-        # Admission bounds (Engine sets them from WWT_MAX_WAITING / WWT_MAX_WAITING_PER_CLIENT);
-        # None or 0: no bound. Only requests still waiting for slots count, not running ones.
-        self.max_waiting: Optional[int] = None
-        self.max_waiting_per_client: Optional[int] = None
-        self.max_wait_s: Optional[float] = None  # refuse when the engine is this far behind (backlog.py)
+        # Admission bounds (EngineConfig); None or 0: no bound. Only requests still waiting for
+        # slots count, not running ones. max_wait_s: refuse when the engine is this far behind (backlog.py).
+        self.max_waiting = max_waiting or None
+        self.max_waiting_per_client = max_waiting_per_client or None
+        self.max_wait_s = max_wait_s or None
         self.backlog = Backlog()
         self.cache = cache
         self.pool = SlotPool(cache.slots)

@@ -1,0 +1,49 @@
+"""How an engine is set up: every knob the engine reads, in one frozen value built at the edge.
+
+The command line, the worker, the app server and the Spaces entry build it once from the
+settings registry (`EngineConfig.from_settings()`); tests and benchmarks build it directly.
+Nothing below reads the environment, and nothing is changed on an engine after it is made.
+The defaults here are the registry's defaults: the production policy.
+Standard library only, so the app can build one without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .. import settings
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # KV cache: sequences held at once (None: chosen by device and model size)
+    slots: Optional[int] = None
+    # CPU float32: keep a oneDNN-packed copy of each matrix (faster steps of several rows)
+    cpu_pack: bool = True
+    # CPU float32: the one-row product ("auto" times the candidates at load; split, plain, packed)
+    cpu_one_row: str = "auto"
+    # GPU: capture the decode step as a CUDA graph (None: on CUDA only; True on CPU runs it eagerly)
+    cuda_graph: Optional[bool] = None
+    # Admission: requests waiting for slots, per client, and seconds of work behind (None: no bound)
+    max_waiting: Optional[int] = 32
+    max_waiting_per_client: Optional[int] = 4
+    max_wait_s: Optional[float] = 1.0
+
+    @classmethod
+    def from_settings(cls) -> "EngineConfig":
+        """The configuration the registry's variables describe (0 turns a bound off)."""
+        return cls(slots=settings.get_int("WWT_SLOTS", default=None) or None,
+                   cpu_pack=settings.get_bool("WWT_CPU_PACK"),
+                   cpu_one_row=settings.get("WWT_CPU_ONE_ROW").strip() or "auto",
+                   cuda_graph=None if settings.get_bool("WWT_CUDA_GRAPH") else False,
+                   max_waiting=settings.get_int("WWT_MAX_WAITING", default=None) or None,
+                   max_waiting_per_client=settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or None,
+                   max_wait_s=settings.get_float("WWT_MAX_WAIT_S", default=None) or None)
+
+    def unbounded(self) -> "EngineConfig":
+        """This configuration with every request let in (benchmarks measure speed, not refusals)."""
+        return replace(self, max_waiting=None, max_waiting_per_client=None, max_wait_s=None)
+
+    def with_(self, **changes) -> "EngineConfig":
+        return replace(self, **changes)
