@@ -9,20 +9,20 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app.server import HINT, app_kwargs, build_app, model_specs, prepare_backend, setup_logging  # noqa: E402
+from app.config import AppConfig  # noqa: E402
+from app.server import HINT, app_kwargs, build_app, prepare_backend, setup_logging  # noqa: E402
 from app.web.ui import launch_kwargs  # noqa: E402
 from model import settings  # noqa: E402
-from model.errors import WWTError  # noqa: E402
+from model.errors import OPERATOR, WWTError  # noqa: E402
 
 setup_logging()
 try:
-    backend = prepare_backend(settings.get("WWT_BACKEND"), model_specs(None),
-                              redis_url=settings.get("WWT_REDIS_URL"), device=settings.get("WWT_DEVICE") or None,
-                              dtype=settings.get("WWT_DTYPE") or None)
+    config = AppConfig.from_settings()
+    backend = prepare_backend(config)
 except (WWTError, settings.SettingError) as e:
-    sys.exit(f"error: {getattr(e, 'message', e)}\n{HINT}")
+    sys.exit(f"error: {e.text_for(OPERATOR) if isinstance(e, WWTError) else e}\n{HINT}")
 
-demo = build_app(backend)
+demo = build_app(backend, config)
 
 if __name__ == "__main__":
-    demo.launch(footer_links=["api"], app_kwargs=app_kwargs(backend), **launch_kwargs())
+    demo.launch(footer_links=["api"], app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity))

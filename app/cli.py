@@ -33,21 +33,23 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_complete(args) -> int:
-    from model.errors import WWTError
+    from model.errors import OPERATOR, WWTError
     from model.types import CompletionRequest
 
     from .backends import make_backend
+    from .config import AppConfig
 
     try:
-        backend = make_backend(args.backend, [args.model], redis_url=args.redis_url, device=args.device,
-                               dtype=args.dtype)
+        config = AppConfig.from_settings([args.model], backend=args.backend, redis_url=args.redis_url,
+                                         device=args.device, dtype=args.dtype)
+        backend = make_backend(config)
         request = CompletionRequest(text=args.text, model=backend.default_model(), n=args.num,
                                     max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                     seed=args.seed, stop="auto" if args.stop_auto else None)
         result = backend.complete(request, timeout=args.timeout)
     except WWTError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        print(f"error: {e.text_for(OPERATOR)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))

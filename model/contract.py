@@ -121,8 +121,15 @@ def stable_tail(text: str, max_chars: int) -> str:
     return text[space if 0 <= space < start + 64 else start:]
 
 
+@dataclass
+class CheckedCompletion(CompletionRequest):
+    """A completion request that has passed `check_completion`: only that function makes one, so
+    holding one is the proof (no hidden mark). It crosses the queue as a plain request, and the
+    worker, on the far side of that boundary, checks it again."""
+
+
 def check_completion(request: CompletionRequest, max_n: Optional[int] = None,
-                     max_new_tokens: Optional[int] = None) -> CompletionRequest:
+                     max_new_tokens: Optional[int] = None) -> CheckedCompletion:
     """The request with every setting checked and typed, and its text cleaned; BadRequest otherwise.
 
     Temperature 0 means greedy. `max_n` / `max_new_tokens` narrow the limits for a loaded model.
@@ -140,17 +147,16 @@ def check_completion(request: CompletionRequest, max_n: Optional[int] = None,
                                                 and all(isinstance(s, str) and len(s) <= 256 for s in stop))):
         raise BadRequest('stop must be "auto", null, or a list of at most 16 strings')
     model = request.model if isinstance(request.model, str) else ""
-    checked = dataclasses.replace(request, text=clean_text(request.text), model=model, greedy=greedy,
-                                  stop=list(stop) if isinstance(stop, tuple) else stop, fresh=bool(request.fresh),
-                                  **values)
-    checked.contract_checked = True  # not a field: it does not cross the queue, where the worker checks anew
-    return checked
+    fields = {**dataclasses.asdict(request), **values}
+    fields.update(text=clean_text(request.text), model=model, greedy=greedy,
+                  stop=list(stop) if isinstance(stop, tuple) else stop, fresh=bool(request.fresh))
+    return CheckedCompletion(**fields)
 
 
-def checked_once(request: CompletionRequest, max_n: int, max_new_tokens: int) -> CompletionRequest:
-    """The request checked against the contract unless that was done already in this process, then
-    narrowed to what one loaded model can hold (`max_n` slots, `max_new_tokens`)."""
-    if not getattr(request, "contract_checked", False):
+def narrowed(request: CompletionRequest, max_n: int, max_new_tokens: int) -> CheckedCompletion:
+    """The request checked (unless it is a CheckedCompletion already), then narrowed to what one
+    loaded model can hold (`max_n` slots, `max_new_tokens`)."""
+    if not isinstance(request, CheckedCompletion):
         return check_completion(request, max_n, max_new_tokens)
     for name, value, high in (("n", request.n, max_n), ("max_new_tokens", request.max_new_tokens, max_new_tokens)):
         if value > high:

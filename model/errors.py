@@ -1,4 +1,15 @@
-"""Errors a user can see. Each carries a `kind` so it survives the queue as JSON."""
+"""Errors a user can see, and the one place any exception becomes what its caller is told.
+
+Each error carries a `kind` so it survives the queue as JSON, a `message` that anyone may read
+(a visitor of a public page included), and an optional `detail` for the operator only (the
+log and the command line): addresses, ports, a library's own words.
+"""
+
+from __future__ import annotations
+
+import logging
+
+VISITOR, OPERATOR = "visitor", "operator"  # who reads an error: anyone, or whoever runs the service
 
 
 class WWTError(Exception):
@@ -6,12 +17,17 @@ class WWTError(Exception):
 
     kind = "error"
 
-    def __init__(self, message: str):
-        super().__init__(message)
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(detail or message)  # str(error): the operator's text
         self.message = message
+        self.detail = detail
+
+    def text_for(self, audience: str) -> str:
+        """What `audience` (VISITOR or OPERATOR) is told."""
+        return (self.detail or self.message) if audience == OPERATOR else self.message
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "message": self.message}
+        return {"kind": self.kind, "message": self.message, **({"detail": self.detail} if self.detail else {})}
 
 
 class BadRequest(WWTError):
@@ -83,6 +99,19 @@ _KINDS = {
 
 
 def error_from_dict(data: dict) -> WWTError:
-    """Rebuild an error that crossed the queue as JSON."""
+    """Rebuild an error that crossed the queue (or an event stream) as JSON."""
     cls = _KINDS.get(data.get("kind", "error"), WWTError)
-    return cls(str(data.get("message", "unknown error")))
+    return cls(str(data.get("message", "unknown error")), str(data.get("detail") or ""))
+
+
+def caller_error(exc: BaseException, log: logging.Logger, doing: str = "request") -> WWTError:
+    """Any exception as the WWTError its caller is given: a WWTError as it is (its detail goes to the
+    operator's log); anything else is a bug, logged with its traceback for the operator, and a
+    readable line without internals for the caller. Every edge (page, Gradio API, SSE, worker
+    result, command line) turns exceptions into answers here, then picks `text_for(audience)`."""
+    if isinstance(exc, WWTError):
+        if exc.detail:
+            log.warning("%s: %s", doing, exc.detail)
+        return exc
+    log.error("%s failed", doing, exc_info=(type(exc), exc, exc.__traceback__))
+    return WWTError(f"internal error ({exc.__class__.__name__}); the app is still running, try again")

@@ -1,8 +1,9 @@
 """Every setting read from the environment, in one registry: name, default and meaning.
 
 The app, the workers and the engine read `WWT_*` variables only through this module, and
-the README's settings tables list exactly the names below (tests/test_settings.py checks
-both). Standard library only: importing it loads no torch, no Celery, no Gradio.
+docs/configuration.md is generated from the names below (`python -m model.settings >
+docs/configuration.md`; tests/test_settings.py checks both). Standard library only: importing
+it loads no torch, no Celery, no Gradio.
 
     from model import settings
     settings.get("WWT_REDIS_URL")                      # the value, or its default
@@ -11,7 +12,8 @@ both). Standard library only: importing it loads no torch, no Celery, no Gradio.
     settings.get_bool("WWT_CUDA_GRAPH")                 # "0", "false", "no", "off" -> False
 
 Reading a name that is not in the registry is a KeyError: a new setting is added here,
-with its default and meaning, and to the README, before it is read anywhere.
+with its default and meaning, before it is read anywhere, and docs/configuration.md is
+generated again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["SETTINGS", "Setting", "SettingError", "get", "get_bool", "get_float", "get_int", "names"]
+__all__ = ["SETTINGS", "Setting", "SettingError", "get", "get_bool", "get_float", "get_int", "markdown", "names"]
 
 
 @dataclass(frozen=True)
@@ -189,3 +191,56 @@ def model_specs(given=None) -> list[str]:
     """
     specs = given if given else get("WWT_MODELS").split(",")
     return [str(s).strip() for s in specs if s and str(s).strip()]
+
+
+# -- docs/configuration.md ------------------------------------------------------------------------
+
+COMMAND = "python -m model.settings > docs/configuration.md"
+
+_GROUPS = (
+    ("app", "The app", "`wwt serve`, `wwt complete`, and `app.py` on Spaces."),
+    ("queue", "The queue and the workers", "The distributed path: `--backend celery`, `wwt worker`, "
+     "Redis (see [distributed.md](distributed.md))."),
+    ("engine", "The engine", "Read wherever an engine runs: in the app's process or in a worker."),
+    ("hub", "The Hugging Face Hub", "Read by `huggingface_hub` and the weight loader "
+     "(`model/network/weights.py`)."),
+)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown() -> str:
+    """docs/configuration.md: every setting, grouped by where it matters, as tables of name,
+    default and meaning. `python -m model.settings > docs/configuration.md` writes it."""
+    lines = [
+        f"<!-- Generated from model/settings.py by `{COMMAND}`; do not edit by hand. -->",
+        "",
+        "# Configuration",
+        "",
+        f"This page is generated from the settings registry, `model/settings.py`: run `{COMMAND}` "
+        "after changing a setting there (a test fails until the page matches).",
+        "",
+        "Every flag of `wwt` can also be set from the environment. These are all the variables the "
+        "app, the workers and the engine read, each with its default and meaning; nothing else reads "
+        "them from the environment. A value that cannot be used stops the command with one line that "
+        "names the variable. A default shown as *(empty)* is chosen at run time, as its meaning says.",
+        "",
+        "Why the bounds are what they are, and what a refusal says: [operations.md](operations.md) "
+        "and [performance.md](performance.md); the distributed path: [distributed.md](distributed.md).",
+    ]
+    for group, title, note in _GROUPS:
+        members = [s for s in _ALL if s.group == group]
+        lines += ["", f"## {title}", "", note, "", "| variable | default | meaning |", "|---|---|---|"]
+        for s in members:
+            default = f"`{s.default}`" if s.default else "*(empty)*"
+            lines.append(f"| `{s.name}` | {_cell(default)} | {_cell(s.meaning)} |")
+    unknown = sorted({s.group for s in _ALL} - {g for g, _, _ in _GROUPS})
+    if unknown:
+        raise ValueError(f"settings in a group with no section: {unknown}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -1,17 +1,13 @@
-"""Shared fixtures: tiny checkpoints in the Hub's layout, made once per session."""
+"""Shared fixtures: tiny checkpoints in the Hub's layout, made once per session, and engines on them.
+
+Engines run the production admission policy (EngineConfig's defaults) unless a test builds one
+with a config that says otherwise."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from model.network.tiny import make_tiny_model
-
-# Tests slow engines down on purpose and flood them; the pace bound (WWT_MAX_WAIT_S, backlog.py)
-# would refuse some of those floods as busy. Its own tests set it; every other test, and every
-# server or worker a test starts, runs without it.
-os.environ.setdefault("WWT_MAX_WAIT_S", "0")
 
 
 @pytest.fixture(scope="session")
@@ -32,19 +28,42 @@ def tiny_openai(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-openai"), "openai-gpt", seed=2)
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_gpt2):
+    """One engine on the tiny checkpoint for a module's tests that only ask it things (8 slots)."""
+    from model import Engine
+    from model_support import DEVICE
+
+    e = Engine.from_pretrained(str(tiny_gpt2), slots=8, device=DEVICE)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def heads_engine(tiny_gpt2_heads):
+    """One engine on the tiny checkpoint with classification and QA heads (4 slots)."""
+    from model import Engine
+    from model_support import DEVICE
+
+    e = Engine.from_pretrained(str(tiny_gpt2_heads), slots=4, device=DEVICE)
+    yield e
+    e.close()
+
+
 @pytest.fixture
 def make_engine(tiny_gpt2):
     """Engines on the tiny checkpoint (or `path`), closed after the test; `delay` slows every forward
-    pass so a request is reliably still running when the test looks at it. WWT_TEST_DEVICE picks
-    the device (token-for-token comparisons hold in float32 on the CPU)."""
+    pass so a request is reliably still running when the test looks at it. `config` (EngineConfig)
+    sets the engine up: by default the production admission policy, as a server runs it; `slots`
+    overrides its slots. WWT_TEST_DEVICE picks the device (token-for-token comparisons hold in
+    float32 on the CPU)."""
     from model import Engine
-    from model_support import slow_down
+    from model_support import DEVICE, slow_down
 
     made = []
 
-    def make(path=None, slots: int = 8, delay: float = 0.0):
-        engine = Engine.from_pretrained(str(path or tiny_gpt2), slots=slots,
-                                        device=os.environ.get("WWT_TEST_DEVICE", "cpu"))
+    def make(path=None, slots: int = 8, delay: float = 0.0, config=None):
+        engine = Engine.from_pretrained(str(path or tiny_gpt2), slots=slots, device=DEVICE, config=config)
         if delay:
             slow_down(engine, delay)
         made.append(engine)

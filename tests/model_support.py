@@ -7,6 +7,7 @@ weights are redrawn wide enough that every part of the network matters.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +20,10 @@ try:
     hf_logging.disable_progress_bar()
 except AttributeError:  # older transformers
     pass
+
+# Token-for-token comparisons hold in float32 on the CPU; WWT_TEST_DEVICE tries another device.
+DEVICE = os.environ.get("WWT_TEST_DEVICE", "cpu")
+STORY = "The weather in the valley turned cold that night. Snow covered the"
 
 VOCAB = 211
 SMALL_GPT2 = dict(vocab_size=VOCAB, n_positions=64, n_embd=48, n_layer=3, n_head=4,
@@ -99,3 +104,68 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:
 def idle(engine) -> bool:
     """Whether the engine's slots all come free (its requests are done)."""
     return wait_until(lambda: not engine.scheduler.pool.busy())
+
+
+# -- engines ----------------------------------------------------------------------------------------
+
+
+def suggest(engine, text, **settings) -> list:
+    """An engine's suggestions (list[Suggestion]) for `text` with these CompletionRequest settings."""
+    from model.types import CompletionRequest
+
+    return engine.complete(CompletionRequest(text=text, **settings)).suggestions
+
+
+def ids(suggestions) -> list[list[int]]:
+    return [s.token_ids for s in suggestions]
+
+
+def prompt_of(engine, text: str, max_new_tokens: int = 8):
+    """The prompt the engine builds for `text` (cleaned, cut to fit, its last token healed)."""
+    from model.contract import clean_text
+    from model.serving.autocomplete import build_prompt
+
+    return build_prompt(engine.tokenizer, clean_text(text), engine.config.n_positions - max_new_tokens, engine.eos)
+
+
+def whole_characters(tok, token_ids) -> str:
+    """What a suggestion shows of these tokens (complete text: nothing is cut at its end)."""
+    from model.contract import clean_output
+
+    return clean_output(tok.decode_bytes(token_ids).decode("utf-8", errors="replace"))
+
+
+def assert_good_suggestions(suggestions, n: int = None):
+    assert suggestions, "no suggestion at all"
+    if n is not None:
+        assert len(suggestions) <= n
+    keys = [s.text.strip() for s in suggestions]
+    assert all(keys), f"an empty suggestion: {[s.text for s in suggestions]}"
+    assert len(set(keys)) == len(keys), f"duplicate suggestions: {keys}"
+    for s in suggestions:
+        assert s.token_ids and len(s.logprobs) == len(s.token_ids)
+        assert all(lp <= 1e-6 for lp in s.logprobs)
+
+
+def long_document(words: int) -> str:
+    from model.network.tiny import corpus_lines
+
+    text = " ".join(corpus_lines())
+    while len(text.split()) < words:
+        text = text + " " + text
+    return " ".join(text.split()[:words])
+
+
+BATCH_TEXTS = ["Hello there! How are", "The market opened early on Monday. Traders",
+               "Scientists measured the speed of sound in water, in air and in steel. The",
+               "Once upon a time", "Questions and answers: Where is the library? The library is",
+               "Numbers and symbols appear in text too: 1, 2, 3,"]
+
+
+def hold_every_slot(engine):
+    """A long request on all four slots of a (slowed) four-slot engine, so what comes next waits."""
+    from model.types import CompletionRequest
+
+    running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))
+    assert wait_until(lambda: len(engine.scheduler.pool.busy()) == 4)
+    return running

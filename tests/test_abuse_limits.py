@@ -281,15 +281,18 @@ def test_uploads_are_capped(server):
 
 def test_session_state_is_bounded(monkeypatch):
     """Each plain-HTTP call opens a Gradio session; at most WWT_SESSION_CAPACITY are kept."""
+    from app.config import AppConfig
     from app.server import build_app
     from app.web.ui import launch_kwargs
     from ui_support import ScriptedBackend
     from app.bench.processes import free_port
 
-    monkeypatch.setenv("WWT_SESSION_CAPACITY", "20")
-    demo = build_app(ScriptedBackend())
+    monkeypatch.setenv("WWT_SESSION_CAPACITY", "20")  # read once, at the edge
+    config = AppConfig.from_settings()
+    demo = build_app(ScriptedBackend(), config)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **launch_kwargs(config.session_capacity))
     try:
         for i in range(40):
             status, _ = _post(f"http://127.0.0.1:{port}/gradio_api/call/score",
@@ -310,9 +313,10 @@ def test_a_full_gradio_queue_answers_503_in_our_words(monkeypatch):
     (WWT_QUEUE_MAX_SIZE=1), then the next is refused at once with 503 and our busy wording."""
     from ui_support import GatedBackend, fill_gradio_queue, launch_in_process, post_json
 
-    monkeypatch.setenv("WWT_QUEUE_MAX_SIZE", "1")
+    from app.config import AppConfig
+
     backend = GatedBackend(models=("m1",))
-    demo, url = launch_in_process(backend)
+    demo, url = launch_in_process(backend, AppConfig(queue_max_size=1))
     try:
         assert fill_gradio_queue(url, backend) >= 1
         for path in ("gradio_api/call/score", "gradio_api/call/complete"):

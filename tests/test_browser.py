@@ -320,24 +320,66 @@ def test_ctrl_right_accepts_one_word_and_keeps_the_rest_offered(app):
     assert app.menu.is_hidden()
 
 
+def _unlike(text: str, taken: set) -> str:
+    while text in taken:
+        text += " again"
+    return text
+
+
 def test_tab_again_adds_fresh_suggestions_and_keeps_the_earlier_ones(app):
     app.focus_end()
     app.page.keyboard.type(" Later")
     first = _wait_for_answer(app)
-    second = _wait_for_answer(app)
+
+    def fresh_unlike_the_first(route):
+        """The second answer, with a suggestion that repeats the first answer's first one written
+        differently: that one is then sure to stay in the list as an older item."""
+        response = route.fetch()
+        taken = set(first)
+
+        def rewrite(suggestions):
+            for x in suggestions:
+                if x["text"] == first[0]:
+                    x["text"] = _unlike(x["text"], taken | {y["text"] for y in suggestions})
+            return suggestions
+
+        if "component_server" in route.request.url:
+            body = response.json()
+            rewrite(body["suggestions"])
+            route.fulfill(response=response, json=body)
+            return
+        events = []
+        for block in response.text().split("\n\n"):
+            if not block.strip():
+                continue
+            name, data = (line.split(": ", 1)[1] for line in block.splitlines())
+            event = json.loads(data)
+            if event["type"] == "partial":
+                rewrite(event["suggestions"])
+            if event["type"] == "done":
+                rewrite(event["result"]["suggestions"])
+            events.append(f"event: {name}\ndata: {json.dumps(event)}\n\n")
+        print("DEBUG", first, events)
+        route.fulfill(response=response, body="".join(events))
+
+    app.page.route(is_suggest, fresh_unlike_the_first)
+    try:
+        second = _wait_for_answer(app)
+    finally:
+        app.page.unroute(is_suggest)
     assert set(first) <= set(second) and len(second) <= 9  # earlier ones still reachable
     older = app.page.locator("#wwt-editor .wwt-item.older .wwt-rest").all_text_contents()
     newest = app.page.locator("#wwt-editor .wwt-item:not(.older) .wwt-rest").all_text_contents()
     assert newest and second[:len(newest)] == [t.replace("↵", "\n") for t in newest]  # newest first
     assert len(newest) + len(older) == len(second)
+    assert first[0] in [t.replace("↵", "\n") for t in older]
     ARTIFACTS.mkdir(exist_ok=True)
     app.page.screenshot(path=str(ARTIFACTS / "write-history.png"))
     # an earlier one is still picked with its number key
-    if older:
-        index = len(newest) + 1
-        expected = app.editor.input_value() + older[0].replace("↵", "\n")
-        app.page.keyboard.press(str(index))
-        assert app.editor.input_value() == expected
+    index = len(newest) + 1
+    expected = app.editor.input_value() + older[0].replace("↵", "\n")
+    app.page.keyboard.press(str(index))
+    assert app.editor.input_value() == expected
     app.page.keyboard.press("Escape")
 
 

@@ -89,7 +89,7 @@ def test_complete_classify_answer_through_the_queue(backend, client, local_engin
     assert got.model == "tiny" and got.timings.source == "engine"
     assert total_tasks(client) == before + 1
     # The worker answered exactly what the same engine answers in this process.
-    want = local_engine.completion(request)
+    want = local_engine.complete(request)
     assert [s.text for s in got.suggestions] == [s.text for s in want.suggestions]
     assert [s.token_ids for s in got.suggestions] == [s.token_ids for s in want.suggestions]
     assert got.timings.total_ms >= got.timings.queue_ms > 0
@@ -622,7 +622,7 @@ def test_a_quantized_worker_serves_through_the_queue(redis_server, client, tiny_
         request = CompletionRequest(text="Once upon a time", model="tiny8", n=2, greedy=True, max_new_tokens=6,
                                     stop=None, fresh=True)
         remote = backend.complete(request, timeout=60)
-        assert [s.token_ids for s in remote.suggestions] == [s.token_ids for s in local.completion(request).suggestions]
+        assert [s.token_ids for s in remote.suggestions] == [s.token_ids for s in local.complete(request).suggestions]
     finally:
         local.close()
         backend.close()

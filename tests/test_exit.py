@@ -37,7 +37,8 @@ def test_a_script_that_builds_an_engine_and_returns_exits_zero(tiny_gpt2, pendin
 
         def main():
             engine = Engine.from_pretrained({str(tiny_gpt2)!r}, slots=4)
-            print(engine.complete("Once upon a time", n=2, max_new_tokens=4, seed=1)[0].text != None)
+            print(engine.complete(CompletionRequest(text="Once upon a time", n=2, max_new_tokens=4, seed=1))
+                  .suggestions[0].text != None)
             if {pending}:
                 engine.submit(CompletionRequest(text="A long story", n=2, max_new_tokens=100, stop=None))
 

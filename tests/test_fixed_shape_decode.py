@@ -7,6 +7,7 @@ from model import Engine, load
 from model.serving import kv_cache
 from model.serving.kv_cache import KVCache
 from model.serving.decode_graph import FixedShapeDecoder
+from model_support import suggest
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def test_fixed_shape_engine_is_on_only_when_asked(engines):
 def test_same_suggestions_greedy_and_sampled(engines, text):
     plain, fixed = engines
     for kwargs in (dict(greedy=True), dict(seed=5)):
-        a = plain.complete(text, n=3, max_new_tokens=10, stop=None, **kwargs)
-        b = fixed.complete(text, n=3, max_new_tokens=10, stop=None, **kwargs)
+        a = suggest(plain, text, n=3, max_new_tokens=10, stop=None, **kwargs)
+        b = suggest(fixed, text, n=3, max_new_tokens=10, stop=None, **kwargs)
         assert [s.token_ids for s in a] == [s.token_ids for s in b]
         for x, y in zip(a, b):
             assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)

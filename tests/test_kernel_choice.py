@@ -9,6 +9,8 @@ import torch
 
 import model
 from model.serving import cpu_kernels, kernel_choice
+from model.serving.engine_config import EngineConfig
+from model_support import suggest
 
 
 class Timed(torch.nn.Module):
@@ -66,17 +68,17 @@ def test_a_named_kernel_is_used_and_an_unknown_one_refused(two_threads):
         kernel_choice.apply(layers, head, "fast")
 
 
-def test_engine_takes_the_kernel_from_its_setting(tiny_gpt2, monkeypatch):
-    monkeypatch.setenv("WWT_CPU_ONE_ROW", "plain")
-    engine = model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32, slots=2)
+def test_engine_takes_the_kernel_from_its_config(tiny_gpt2):
+    engine = model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32,
+                                          config=EngineConfig(slots=2, cpu_one_row="plain"))
     try:
         assert engine.stats()["one_row_kernels"] == {"layers": "plain", "head": "plain"}
-        assert engine.complete("Hello", n=1, max_new_tokens=3, greedy=True, stop=None)[0].token_ids
+        assert suggest(engine, "Hello", n=1, max_new_tokens=3, greedy=True, stop=None)[0].token_ids
     finally:
         engine.close()
-    monkeypatch.setenv("WWT_CPU_ONE_ROW", "fastest")
-    with pytest.raises(ValueError, match="unknown one-row kernel"):
-        model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32, slots=2)
+    with pytest.raises(ValueError, match="unknown one-row kernel 'fastest'"):
+        model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32,
+                                     config=EngineConfig(slots=2, cpu_one_row="fastest"))
 
 
 @pytest.mark.parametrize("kernel", kernel_choice.KERNELS)

@@ -157,11 +157,12 @@ def celery_backend():
     """A CeleryBackend for a Redis URL; it connects only when asked something, so no Redis is needed
     as long as the test answers model_info and models itself."""
     from app.backends import make_backend
+    from app.config import AppConfig
 
     made = []
 
     def make(url: str):
-        backend = make_backend("celery", ["tiny"], redis_url=url)
+        backend = make_backend(AppConfig(backend="celery", models=("tiny",), redis_url=url))
         backend.model_info = lambda name: {"name": name, "served": True, "workers": ["w1@host"]}
         backend.models = lambda: ["tiny"]
         made.append(backend)
@@ -233,9 +234,9 @@ def test_serve_with_the_celery_backend_warns_at_start(monkeypatch, caplog, url, 
         return backend
 
     monkeypatch.setattr(server, "prepare_backend", prepare_backend)
-    monkeypatch.setattr(server, "build_app", lambda backend: NoPage())
+    monkeypatch.setattr(server, "build_app", lambda backend, config: NoPage())
     monkeypatch.setattr(server.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
-    monkeypatch.setattr(server, "app_kwargs", lambda backend: {})
+    monkeypatch.setattr(server, "app_kwargs", lambda backend, config: {})
     caplog.set_level(logging.WARNING, logger="app.server")
     assert cli.main(["serve", "--backend", "celery", "--redis-url", url, "--model", "tiny", "--port", "1"]) == 0
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -298,7 +299,7 @@ def test_worker_stats_keys_stay_bounded_across_restarts(tmp_path, monkeypatch):
     redis_server = RedisServer(tmp_path).start()
     try:
         client = redis_server.client()
-        monkeypatch.setattr(tasks, "_stats_client", client)
+        monkeypatch.setattr(tasks, "_redis", client)
         for pid in range(tasks.MAX_WORKER_STATS + 40):  # a worker restarted again and again: a new node each time
             tasks._count(f"wwt.tiny-{pid}@host", "started")
         keys = client.keys(tasks.WORKER_STATS_PREFIX + "*")

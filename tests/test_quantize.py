@@ -77,9 +77,9 @@ def test_prefix_reuse_gives_what_a_fresh_start_gives(trained, precision):
     warm = Engine.from_pretrained(spec, slots=6, device="cpu")
     cold = Engine.from_pretrained(spec, slots=6, device="cpu")
     try:
-        warm.completion(CompletionRequest(text=typed, n=2, greedy=True, max_new_tokens=6, stop=None))
-        again = warm.completion(CompletionRequest(text=typed + more, n=2, greedy=True, max_new_tokens=6, stop=None))
-        fresh = cold.completion(CompletionRequest(text=typed + more, n=2, greedy=True, max_new_tokens=6, stop=None))
+        warm.complete(CompletionRequest(text=typed, n=2, greedy=True, max_new_tokens=6, stop=None))
+        again = warm.complete(CompletionRequest(text=typed + more, n=2, greedy=True, max_new_tokens=6, stop=None))
+        fresh = cold.complete(CompletionRequest(text=typed + more, n=2, greedy=True, max_new_tokens=6, stop=None))
         assert again.timings.tokens_reused > 0
         assert [s.token_ids for s in again.suggestions] == [s.token_ids for s in fresh.suggestions]
     finally:
@@ -122,7 +122,7 @@ def test_every_engine_path_runs_quantized(tiny_gpt2_heads, precision):
     try:
         assert plain.precision == precision and plain.stats()["precision"] == precision
         request = CompletionRequest(text="Once upon a time", n=3, greedy=True, max_new_tokens=6, stop=None)
-        a, b = plain.completion(request), fixed.completion(request)
+        a, b = plain.complete(request), fixed.complete(request)
         assert [s.token_ids for s in a.suggestions] == [s.token_ids for s in b.suggestions]
         assert plain.classify("a fine day").method == "head"
         assert plain.answer("Who?", "The cat sat on the mat.").generated is False
@@ -150,7 +150,7 @@ def test_precision_in_the_model_spec_and_bad_precisions():
 def test_cuda_precisions(trained, precision):
     engine = Engine.from_pretrained(f"{trained['folder']}@{precision}", slots=6, device="cuda")
     try:
-        done = engine.completion(CompletionRequest(text="Return a new", n=2, greedy=True, max_new_tokens=6))
+        done = engine.complete(CompletionRequest(text="Return a new", n=2, greedy=True, max_new_tokens=6))
         assert done.suggestions
     finally:
         engine.close()

@@ -1,5 +1,6 @@
-"""The one settings registry (model/settings.py): the README lists exactly its variables, nothing
-else reads them from the environment, and a value that cannot be used is a readable error."""
+"""The one settings registry (model/settings.py): docs/configuration.md is generated from it and
+lists exactly its variables, nothing else reads them from the environment, and a value that cannot
+be used is a readable error."""
 
 from __future__ import annotations
 
@@ -14,19 +15,24 @@ import pytest
 from model import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 NAME = re.compile(r"`((?:WWT|HF)_[A-Z0-9_]+)`")
 ANY_WWT = re.compile(r"\bWWT_[A-Z0-9_]+")
+REGENERATE = "run `python -m model.settings > docs/configuration.md` and commit the result"
 
 
 def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def readme_setting_rows() -> dict[str, str]:
-    """name -> the row's default cell, from every README table whose first column is `variable`."""
-    rows: dict[str, str] = {}
-    in_table = False
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+def setting_rows(text: str) -> dict[str, tuple[str, str]]:
+    """name -> (the row's default cell, the `## ` heading above it), from every table whose first
+    column is `variable`."""
+    rows: dict[str, tuple[str, str]] = {}
+    in_table, heading = False, ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:].strip()
         if not line.startswith("|"):
             in_table = False
             continue
@@ -38,29 +44,55 @@ def readme_setting_rows() -> dict[str, str]:
             names = NAME.findall(cells[0])
             assert names, f"a settings table row names no variable: {line}"
             for name in names:
-                rows[name] = cells[1] if len(cells) > 1 else ""
+                assert name not in rows, f"{name} is listed twice"
+                rows[name] = (cells[1] if len(cells) > 1 else "", heading)
     return rows
 
 
-def test_the_readme_tables_list_exactly_the_registry():
-    rows = readme_setting_rows()
+def test_the_configuration_page_is_what_the_registry_generates():
+    assert CONFIGURATION.exists(), f"docs/configuration.md is missing: {REGENERATE}"
+    page = CONFIGURATION.read_text(encoding="utf-8")
+    assert page == settings.markdown(), f"docs/configuration.md is out of date with model/settings.py: {REGENERATE}"
+
+
+def test_the_generator_runs_as_a_module_and_prints_exactly_the_page():
+    out = subprocess.run([sys.executable, "-m", "model.settings"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout == settings.markdown()
+    first = out.stdout.splitlines()[0]
+    assert "python -m model.settings > docs/configuration.md" in first, "the page's first line says how it is made"
+
+
+def test_the_generated_tables_list_exactly_the_registry_with_defaults_by_group():
+    rows = setting_rows(settings.markdown())
     registry = set(settings.SETTINGS)
-    assert sorted(registry - set(rows)) == [], "registered but missing from the README's settings tables"
-    assert sorted(set(rows) - registry) == [], "in the README's settings tables but not registered"
-
-
-def test_no_other_readme_table_names_an_unregistered_variable():
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
-        if line.startswith("|"):
-            unknown = [n for n in ANY_WWT.findall(line) if n not in settings.SETTINGS]
-            assert not unknown, f"{unknown} in a README table is not in model/settings.py: {line}"
-
-
-def test_the_readme_states_each_default():
-    rows = readme_setting_rows()
+    assert sorted(registry - set(rows)) == [], "registered but missing from the generated tables"
+    assert sorted(set(rows) - registry) == [], "in the generated tables but not registered"
+    headings = {}
     for name, setting in settings.SETTINGS.items():
+        default, heading = rows[name]
         if setting.default:  # empty defaults are chosen at run time and described in words
-            assert setting.default in rows[name].replace("`", ""), (name, setting.default, rows[name])
+            assert default.replace("`", "") == setting.default, (name, setting.default, default)
+        else:
+            assert default == "*(empty)*", (name, default)
+        headings.setdefault(setting.group, set()).add(heading)
+    # each group is one section of its own
+    assert all(len(h) == 1 for h in headings.values()), headings
+    assert len({h for hs in headings.values() for h in hs}) == len(headings), headings
+    assert set(headings) == {"app", "queue", "engine", "hub"}
+
+
+def test_no_table_in_the_readme_or_the_docs_names_an_unregistered_variable():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert CONFIGURATION in pages
+    for page in pages:
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith("|"):
+                unknown = [n for n in ANY_WWT.findall(line) if n not in settings.SETTINGS]
+                assert not unknown, f"{unknown} in a table of {page.name} is not in model/settings.py: {line}"
+    assert "docs/configuration.md" in (ROOT / "README.md").read_text(encoding="utf-8"), \
+        "the README links the settings page"
 
 
 def test_every_setting_has_a_meaning_and_a_group():
@@ -181,16 +213,13 @@ def test_wire_types_errors_and_contract_import_without_torch():
     assert done.stdout.strip() == "[]"
 
 
-def test_readme_lists_the_request_contract():
-    """The README's table of completion settings shows the contract's own limits and defaults."""
-    import re
-    from pathlib import Path
-
+def test_the_api_page_lists_the_request_contract():
+    """docs/api.md's table of completion settings shows the contract's own limits and defaults."""
     from model.contract import LIMITS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     rows = {m.group(1): (m.group(2), m.group(3)) for m in
-            re.finditer(r"^\| `(\w+)` \| (\S+) to \S+ \| (\S+) \|", readme, flags=re.M) if m.group(1) in LIMITS}
+            re.finditer(r"^\| `(\w+)` \| (\S+) to \S+ \| (\S+) \|", page, flags=re.M) if m.group(1) in LIMITS}
     assert set(rows) == set(LIMITS)
     for name, limit in LIMITS.items():
         low, default = rows[name]
@@ -209,9 +238,11 @@ def test_a_request_is_checked_against_the_contract_once(monkeypatch):
     monkeypatch.setattr(contract, "check_completion", lambda *a, **k: calls.append(1) or real(*a, **k))
     checked = contract.check_completion(CompletionRequest(text="Hi", n=4, temperature=0))
     assert checked.greedy and calls == [1]
-    assert contract.checked_once(checked, max_n=8, max_new_tokens=64) is checked and calls == [1]
+    assert isinstance(checked, contract.CheckedCompletion)
+    assert contract.narrowed(checked, max_n=8, max_new_tokens=64) is checked and calls == [1]
     with pytest.raises(BadRequest):
-        contract.checked_once(checked, max_n=3, max_new_tokens=64)  # the model has fewer slots
-    raw = CompletionRequest.from_dict(checked.to_dict())  # across the queue the mark is gone: checked anew
-    contract.checked_once(raw, max_n=8, max_new_tokens=64)
+        contract.narrowed(checked, max_n=3, max_new_tokens=64)  # the model has fewer slots
+    raw = CompletionRequest.from_dict(checked.to_dict())  # across the queue it is a plain request: checked anew
+    assert not isinstance(raw, contract.CheckedCompletion)
+    assert isinstance(contract.narrowed(raw, max_n=8, max_new_tokens=64), contract.CheckedCompletion)
     assert calls == [1, 1]

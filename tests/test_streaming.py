@@ -21,7 +21,7 @@ from model.errors import Cancelled, RequestTimeout
 from model.network.tiny import make_tiny_model
 from model.streaming import GrowOnly
 from model.types import CompletionRequest, PartialSuggestion
-from model_support import idle, slow_down, wait_until
+from model_support import idle, slow_down, suggest, wait_until
 from ui_support import Server
 from app.bench.processes import free_port
 
@@ -50,7 +50,7 @@ def test_partials_arrive_while_running_grow_and_end_in_the_same_answer(make_engi
     request = CompletionRequest(STORY, n=3, max_new_tokens=32, seed=7, stop=None)
     handle = engine.submit(request)
     updates, running_when_read = [], []
-    for update in engine.stream_from(handle):
+    for update in engine.stream(handle):
         running_when_read.append(not handle.done())
         updates.append(update)
     *partials, final = updates
@@ -60,7 +60,7 @@ def test_partials_arrive_while_running_grow_and_end_in_the_same_answer(make_engi
     assert read_early, "no partial text was read before the request finished"
     last = assert_growing([[s.to_dict() for s in u.suggestions] for u in partials])
     # The same request without streaming, on a fresh engine, gives the same answer.
-    alone = make_engine().completion(request)
+    alone = make_engine().complete(request)
     assert [s.token_ids for s in final.completion.suggestions] == [s.token_ids for s in alone.suggestions]
     assert [s.text for s in final.suggestions] == [s.text for s in alone.suggestions]
     assert sorted(last.values()) == sorted(s.text for s in alone.suggestions)
@@ -72,7 +72,7 @@ def test_partial_texts_under_the_auto_stop_rule_grow_into_the_answer(make_engine
     cut = 0
     for seed in range(12):
         request = CompletionRequest(STORY, n=3, max_new_tokens=40, temperature=1.5, seed=seed, stop="auto")
-        *partials, final = list(engine.stream(request))
+        *partials, final = list(engine.stream(engine.submit(request)))
         assert [s.text for s in partials[-1].suggestions] == [s.text for s in final.completion.suggestions]
         shown = assert_growing([[s.to_dict() for s in u.suggestions] for u in partials])
         assert all(shown[s.index] == s.text for s in partials[-1].suggestions)
@@ -81,22 +81,29 @@ def test_partial_texts_under_the_auto_stop_rule_grow_into_the_answer(make_engine
 
 
 def test_the_start_of_a_stop_string_is_held_back_until_it_is_known(make_engine):
-    """A stop string that spans two tokens: the text before it is shown, never its first half."""
-    engine = make_engine()
+    """A stop string that spans two steps: the text before it is shown, never its first half.
+
+    The engine is slowed down so its reader sees every step (snapshots coalesce only for a reader
+    slower than the steps): the greedy text's step boundaries are all there, and the step that
+    ends in the stop string's first half is read while the request still runs."""
+    engine = make_engine(delay=0.05)
     request = CompletionRequest(STORY, n=1, max_new_tokens=24, greedy=True, stop=None)
-    texts = [u.suggestions[0].text for u in engine.stream(request)][:-1]
+    texts = [u.suggestions[0].text for u in engine.stream(engine.submit(request))][:-1]
     for before, after in zip(texts, texts[1:]):
         if before and len(after) > len(before) and not before[-1].isspace():
             stop = before[-1] + after[len(before)]  # last character of one step, first of the next
             if after.find(stop) == len(before) - 1:  # nowhere earlier
                 break
     else:
-        pytest.skip("no step boundary to put a stop string across")
-    *partials, final = list(engine.stream(CompletionRequest(STORY, n=1, max_new_tokens=24, greedy=True, stop=[stop])))
+        pytest.fail(f"no step boundary to put a stop string across in {texts}")
+    request = CompletionRequest(STORY, n=1, max_new_tokens=24, greedy=True, stop=[stop])
+    *partials, final = list(engine.stream(engine.submit(request)))
     assert final.completion.suggestions[0].text == before[:-1]
     assert final.completion.suggestions[0].finish_reason == "stop"
     shown = assert_growing([[s.to_dict() for s in u.suggestions] for u in partials])
     assert shown[0] == before[:-1], f"{shown[0]!r} was shown, then cut to {before[:-1]!r}"
+    # The step that wrote the first half was read while the request still ran: held back there.
+    assert any(not u.suggestions[0].finished and u.suggestions[0].text == before[:-1] for u in partials), partials
 
 
 def test_grow_only_keeps_a_shown_text_from_shrinking():
@@ -109,7 +116,7 @@ def test_grow_only_keeps_a_shown_text_from_shrinking():
 def test_closing_the_stream_cancels_the_request_and_frees_its_slots(make_engine):
     engine = make_engine(slots=4, delay=0.005)
     handle = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=100, stop=None))
-    updates = engine.stream_from(handle)
+    updates = engine.stream(handle)
     for update in updates:
         if any(s.text for s in update.suggestions):
             break
@@ -118,13 +125,14 @@ def test_closing_the_stream_cancels_the_request_and_frees_its_slots(make_engine)
     with pytest.raises(Cancelled):
         handle.result(timeout=30)
     assert idle(engine)
-    assert engine.complete("Hello there", n=2, max_new_tokens=4, seed=1)  # the engine goes on serving
+    assert suggest(engine, "Hello there", n=2, max_new_tokens=4, seed=1)  # the engine goes on serving
 
 
 def test_a_stream_past_its_timeout_raises_and_frees_the_slots(make_engine):
     engine = make_engine(slots=4, delay=0.005)
     with pytest.raises(RequestTimeout):
-        for _ in engine.stream(CompletionRequest(STORY, n=3, max_new_tokens=100, stop=None), timeout=0.05):
+        handle = engine.submit(CompletionRequest(STORY, n=3, max_new_tokens=100, stop=None))
+        for _ in engine.stream(handle, timeout=0.05):
             pass
     assert idle(engine)
 
@@ -165,7 +173,7 @@ def slow_local(tiny_gpt2):
 
 def test_local_backend_streams_partials_then_the_answer(slow_local):
     request = CompletionRequest(STORY, model="tiny", n=3, max_new_tokens=24, seed=3, stop=None)
-    events = list(slow_local.stream_complete(request, timeout=60))
+    events = list(slow_local.stream(request, timeout=60))
     types = [e["type"] for e in events]
     assert types[-1] == "done" and set(types[:-1]) == {"partial"} and len(types) > 2, types
     assert_growing([e["suggestions"] for e in events[:-1]])
@@ -175,17 +183,17 @@ def test_local_backend_streams_partials_then_the_answer(slow_local):
 
 
 def test_local_backend_errors_are_one_error_event(slow_local):
-    events = list(slow_local.stream_complete(CompletionRequest("Hi", model="gpt9")))
+    events = list(slow_local.stream(CompletionRequest("Hi", model="gpt9")))
     assert events == [{"type": "error", "error": events[0]["error"], "kind": "unknown_model"}]
-    events = list(slow_local.stream_complete(CompletionRequest("Hi", model="tiny", n=0)))
+    events = list(slow_local.stream(CompletionRequest("Hi", model="tiny", n=0)))
     assert [e["type"] for e in events] == ["error"] and events[0]["kind"] == "bad_request"
 
 
 def test_a_newer_stream_from_the_same_editor_cancels_the_older(slow_local):
     long = CompletionRequest(STORY, model="tiny", n=3, max_new_tokens=120, stop=None)
-    older = slow_local.stream_complete(long, timeout=60, supersede="editor-1")
+    older = slow_local.stream(long, timeout=60, supersede="editor-1")
     assert next(older)["type"] == "partial"
-    newer = list(slow_local.stream_complete(CompletionRequest(STORY + " snow", model="tiny", n=2, max_new_tokens=4),
+    newer = list(slow_local.stream(CompletionRequest(STORY + " snow", model="tiny", n=2, max_new_tokens=4),
                                             timeout=60, supersede="editor-1"))
     assert newer[-1]["type"] == "done"
     rest = list(older)
@@ -195,7 +203,7 @@ def test_a_newer_stream_from_the_same_editor_cancels_the_older(slow_local):
 
 
 def test_cancel_from_another_thread_frees_the_slots(slow_local):
-    stream = slow_local.stream_complete(CompletionRequest(STORY, model="tiny", n=3, max_new_tokens=120, stop=None))
+    stream = slow_local.stream(CompletionRequest(STORY, model="tiny", n=3, max_new_tokens=120, stop=None))
     assert next(stream)["type"] == "partial"
     threading.Thread(target=stream.cancel).start()
     assert list(stream)[-1]["kind"] == "cancelled"
@@ -326,7 +334,7 @@ def queue(tmp_path_factory):
 def test_partials_travel_through_redis_and_end_in_the_task_result(queue):
     backend, client, _ = queue
     request = CompletionRequest(STORY, model="slow", n=2, max_new_tokens=24, seed=11, stop=None, fresh=True)
-    events = list(backend.stream_complete(request))
+    events = list(backend.stream(request))
     types = [e["type"] for e in events]
     assert types[-1] == "done" and types.count("partial") >= 2, types
     assert_growing([e["suggestions"] for e in events[:-1]])
@@ -335,7 +343,7 @@ def test_partials_travel_through_redis_and_end_in_the_task_result(queue):
     again = backend.complete(request)
     assert [s["token_ids"] for s in result["suggestions"]] == [s.token_ids for s in again.suggestions]
     # The same request again is a suggestion-cache hit: one done event, no worker call.
-    cached = list(backend.stream_complete(CompletionRequest(STORY, model="slow", n=2, max_new_tokens=24, seed=11,
+    cached = list(backend.stream(CompletionRequest(STORY, model="slow", n=2, max_new_tokens=24, seed=11,
                                                             stop=None)))
     assert [e["type"] for e in cached] == ["done"] and cached[0]["result"]["timings"]["source"] == "cache"
 
@@ -347,7 +355,7 @@ def test_a_reader_that_goes_away_stops_the_task_on_its_worker(queue):
     backend, client, worker = queue
     node = worker.node()
     failed_before = worker_stats(client, node).get("failed", 0)
-    stream = backend.stream_complete(CompletionRequest(STORY, model="slow", n=3, max_new_tokens=250, stop=None,
+    stream = backend.stream(CompletionRequest(STORY, model="slow", n=3, max_new_tokens=250, stop=None,
                                                        fresh=True))
     first = next(stream)
     assert first["type"] == "partial"
@@ -355,7 +363,7 @@ def test_a_reader_that_goes_away_stops_the_task_on_its_worker(queue):
     assert wait_until(lambda: worker_stats(client, node).get("failed", 0) > failed_before, timeout=30), \
         "the worker finished the task nobody was reading"
     done = worker_stats(client, node).get("done", 0)
-    assert list(backend.stream_complete(CompletionRequest("Hello", model="slow", n=1, max_new_tokens=3,
+    assert list(backend.stream(CompletionRequest("Hello", model="slow", n=1, max_new_tokens=3,
                                                           fresh=True)))[-1]["type"] == "done"
     assert wait_until(lambda: worker_stats(client, node).get("done", 0) > done)
 

@@ -13,7 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from app.backends.base import Backend
+from app.backends.base import Backend, EventStream
+from model.streaming import done_event
 from model.types import Completion, Scores, Suggestion, Timings, TokenScore
 from app.bench.processes import free_port
 
@@ -98,23 +99,38 @@ class ScriptedBackend(Backend):
             raise self.error
         return {"name": name, "parameters": 124_439_808, "loaded": True, "device": "cpu"}
 
-    def complete(self, request, timeout=None, supersede=None):
+    def stream(self, request, *, client=None, supersede=None, timeout=None, partials=True):
+        """The one completion primitive, as every backend has it: here, one done event (or the error)."""
         self.supersede_keys.append(supersede)
-        self._maybe_fail(request)
-        return Completion(model=request.model, suggestions=[Suggestion(text=t) for t in self.suggestions],
-                          timings=Timings(total_ms=12.0, decode_ms=10.0, tokens_decoded=8))
 
-    def classify(self, request, timeout=None):
+        def events():
+            self._maybe_fail(request)
+            yield done_event(Completion(model=request.model, suggestions=[Suggestion(text=t) for t in self.suggestions],
+                                        timings=Timings(total_ms=12.0, decode_ms=10.0, tokens_decoded=8)))
+
+        return EventStream(events())
+
+    def classify(self, request, timeout=None, client=None):
         self._maybe_fail(request)
         raise NotImplementedError
 
-    def answer(self, request, timeout=None):
+    def answer(self, request, timeout=None, client=None):
         self._maybe_fail(request)
         raise NotImplementedError
 
-    def score(self, request, timeout=None):
+    def score(self, request, timeout=None, client=None):
         self._maybe_fail(request)
         raise NotImplementedError
+
+    def health(self):
+        ok = self.error is None
+        return {"ready": ok, "backend": self.kind, "model": self.names[0],
+                **({} if ok else {"reason": str(getattr(self.error, "message", self.error))})}
+
+    def model_gauges(self):
+        if self.error is not None:
+            raise self.error
+        return {name: {"loaded": 1, "queue_depth": 0} for name in self.names}
 
     def save_document(self, text, client=None):
         self._maybe_fail(text)
@@ -141,7 +157,7 @@ class GatedBackend(ScriptedBackend):
         self.running = 0
         self._lock = threading.Lock()
 
-    def score(self, request, timeout=None):
+    def score(self, request, timeout=None, client=None):
         with self._lock:
             self.running += 1
         self.gate.wait(120)
@@ -151,16 +167,19 @@ class GatedBackend(ScriptedBackend):
         self.gate.set()
 
 
-def launch_in_process(backend: Backend):
+def launch_in_process(backend: Backend, config=None):
     """The app as `wwt serve` builds it (build_app, app_kwargs, launch_kwargs) for a backend the test
-    controls, on a free loopback port in this process: (demo, url). demo.close() stops it."""
+    controls and an AppConfig (default: the registry's defaults), on a free loopback port in this
+    process: (demo, url). demo.close() stops it."""
+    from app.config import AppConfig
     from app.server import app_kwargs, build_app
     from app.web.ui import launch_kwargs
 
-    demo = build_app(backend)
+    config = config or AppConfig()
+    demo = build_app(backend, config)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                app_kwargs=app_kwargs(backend), **launch_kwargs())
+                app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity))
     return demo, f"http://127.0.0.1:{port}/"
 
 

@@ -12,7 +12,8 @@ import threading
 import time
 from typing import Optional
 
-from model.errors import BadRequest, Cancelled, RequestTimeout, UnknownModel, WWTError
+from model import contract
+from model.errors import BadRequest, Cancelled, RequestTimeout, UnknownModel, caller_error
 from model.types import REQUEST_TYPES
 
 from . import cancel
@@ -24,7 +25,7 @@ log = logging.getLogger("wwt.worker")
 
 # What this process serves: model name -> engine, set by worker.py before consuming starts.
 _engines: dict = {}
-_stats_client = None
+_redis = None
 _node: Optional[str] = None  # this worker's node name in the heartbeat registry (registry.py)
 _lock = threading.Lock()
 
@@ -37,21 +38,21 @@ WORKER_STATS_INDEX = "wwt:stats:workers"
 MAX_WORKER_STATS = 64
 
 
-def serve(name: str, engine, stats_client=None, node: Optional[str] = None) -> None:
-    """Make `engine` answer tasks for model `name` in this process; count tasks in `stats_client`.
+def serve(name: str, engine, redis_client=None, node: Optional[str] = None) -> None:
+    """Make `engine` answer tasks for model `name` in this process; count tasks in `redis_client`.
     `node` is the name this worker announces itself under: each task it takes is recorded under it."""
-    global _stats_client, _node
+    global _redis, _node
     with _lock:
         _engines[name] = engine
-        if stats_client is not None:
-            _stats_client = stats_client
+        if redis_client is not None:
+            _redis = redis_client
         if node is not None:
             _node = node
 
 
 def _record_holder(task, task_id: Optional[str], hostname: str, hard_limit: Optional[float]) -> None:
     """Tell the app which worker runs this task, so it notices at once when that worker dies."""
-    client = _stats_client
+    client = _redis
     if client is None or not task_id:
         return
     options = getattr(task.app.conf, "broker_transport_options", None) or {}
@@ -67,7 +68,7 @@ def _record_holder(task, task_id: Optional[str], hostname: str, hard_limit: Opti
 
 def _count(hostname: str, field: str) -> None:
     """Per-worker and total task counters in Redis: observability, and how tests see who served."""
-    client = _stats_client
+    client = _redis
     if client is None:
         return
     try:
@@ -102,9 +103,11 @@ def _request(kind: str, data: dict):
     if not isinstance(data, dict):
         raise BadRequest("the request must be a JSON object")
     try:
-        return cls.from_dict(data)
+        request = cls.from_dict(data)
     except TypeError as e:
         raise BadRequest(f"malformed {kind} request: {e}") from None
+    # The queue is a boundary: what comes off it is checked here, once (model/contract.py).
+    return contract.check_completion(request) if kind == "complete" else request
 
 
 CANCEL_POLL_S = 0.2  # how often a running completion looks for a cancellation mark
@@ -112,9 +115,9 @@ CANCEL_POLL_S = 0.2  # how often a running completion looks for a cancellation m
 
 def _complete(engine, request, hard_limit: Optional[float], task_id: Optional[str]):
     """A completion that stops early when the app marks its task stale (see cancel.py)."""
-    client = _stats_client
+    client = _redis
     if client is None or task_id is None:
-        return engine.completion(request, timeout=hard_limit)
+        return engine.complete(request, timeout=hard_limit)
     handle = engine.submit(request)
     deadline = None if hard_limit is None else time.monotonic() + hard_limit
     while not handle.wait(CANCEL_POLL_S):
@@ -125,14 +128,14 @@ def _complete(engine, request, hard_limit: Optional[float], task_id: Optional[st
         if stale or (deadline is not None and time.monotonic() >= deadline):
             handle.cancel()
             break
-    return engine.completion_from(handle, timeout=hard_limit)
+    return engine.result(handle, timeout=hard_limit)
 
 
 def _complete_streaming(engine, request, hard_limit: Optional[float], task_id: str):
     """A completion whose snapshots go to the app as they are decoded (progress.py); it stops
     early, as `_complete` does, when the app marks the task stale (the reader went away, or a
     newer request from the same editor)."""
-    client = _stats_client
+    client = _redis
     publisher = Publisher(client, task_id)
     handle = engine.submit(request)
     checked = time.monotonic()
@@ -150,7 +153,7 @@ def _complete_streaming(engine, request, hard_limit: Optional[float], task_id: s
                     handle.cancel()
     except RequestTimeout:
         pass  # cancelled at the hard limit: the answer says so
-    return engine.completion_from(handle, timeout=hard_limit)
+    return engine.result(handle, timeout=hard_limit)
 
 
 def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: Optional[float] = None,
@@ -165,12 +168,9 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
         if soft_limit:
             # The threads pool cannot interrupt a thread, so the soft time limit is enforced
             # by the engine itself: decoding stops at max_time and returns what it has.
-            limit = request.max_time
-            if limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0):
-                request = dataclasses.replace(request, max_time=min(limit or soft_limit, soft_limit))
-            # any other max_time is left for the engine to reject with a clear message
+            request = dataclasses.replace(request, max_time=min(request.max_time or soft_limit, soft_limit))
         # ...and the hard limit bounds the whole wait (queued inside the engine included).
-        if stream and task_id is not None and _stats_client is not None:
+        if stream and task_id is not None and _redis is not None:
             return _complete_streaming(engine, request, hard_limit, task_id)
         return _complete(engine, request, hard_limit, task_id)
     if kind == "classify":
@@ -180,7 +180,7 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
     return engine.score(request.text)
 
 
-def infer(task, kind: str, request: dict, stream: bool = False) -> dict:
+def answer_task(task, kind: str, request: dict, stream: bool = False) -> dict:
     """The Celery task body (bound): never raises for a request's fault. With `stream`, a
     completion's partial suggestions are published as they are decoded (progress.py)."""
     hostname = getattr(task.request, "hostname", None) or "unknown"
@@ -194,31 +194,25 @@ def infer(task, kind: str, request: dict, stream: bool = False) -> dict:
         # A stale task is skipped: a newer request from the same editor replaced it, or its caller
         # gave up on it (its worker died and the caller was told so: a late redelivered copy must
         # not run for nobody).
-        if task_id and _stats_client is not None and cancel.is_cancelled(_stats_client, task_id):
+        if task_id and _redis is not None and cancel.is_cancelled(_redis, task_id):
             raise Cancelled("a newer request from the same editor replaced this one" if kind == "complete"
                             else "the caller stopped waiting for this request")
         result = run(kind, request, soft_limit=soft_limit, hard_limit=hard_limit, task_id=task_id,
                      stream=bool(stream)).to_dict()
         _count(hostname, "done")
-    except WWTError as e:
-        result = {"error": e.to_dict()}
-        _count(hostname, "failed")
-    except Exception as e:  # an engine bug: report it, keep serving
-        log.exception("task %s failed", getattr(task.request, "id", "?"))
-        model = request.get("model", "") if isinstance(request, dict) else ""
-        result = {"error": {"kind": "worker_failed",
-                            "message": f"the worker serving {model or 'the model'} failed: {type(e).__name__}: {e}"}}
+    except Exception as e:  # a request's fault or an engine bug: reported, and the worker keeps serving
+        result = {"error": caller_error(e, log, f"task {task_id or '?'}").to_dict()}
         _count(hostname, "failed")
     result["worker"] = hostname
     result["worker_ms"] = (time.perf_counter() - started) * 1000
-    if stream and task_id and _stats_client is not None:
-        Publisher(_stats_client, task_id).end()  # the reader now takes the result
+    if stream and task_id and _redis is not None:
+        Publisher(_redis, task_id).end()  # the reader now takes the result
     return result
 
 
 def register(app) -> None:
     """Register the task on a Celery app under its fixed name (the app sends it by name)."""
-    app.task(name=TASK_NAME, bind=True)(infer)
+    app.task(name=TASK_NAME, bind=True)(answer_task)
 
 
-__all__ = ["infer", "register", "run", "serve"]
+__all__ = ["answer_task", "register", "run", "serve"]

@@ -19,8 +19,9 @@ import os
 import socket
 import sys
 
-from model.errors import WWTError
+from model.errors import OPERATOR, WWTError
 from model.network.known import parse_model_spec
+from model.serving.engine_config import EngineConfig
 
 from model import settings
 
@@ -37,10 +38,11 @@ def node_name(model: str) -> str:
     return settings.get("WWT_WORKER_NAME") or f"{queue_name(model)}-{os.getpid()}@{socket.gethostname()}"
 
 
-def load_engine(source: str, device=None, slots=None, name=None, dtype=None):
+def load_engine(source: str, config, device=None, name=None, dtype=None):
+    """`config`: the EngineConfig the worker built from the settings registry (and --slots)."""
     from model import Engine  # the engine module pulls in torch; import it only in a worker
 
-    return Engine.from_pretrained(source, device=device, slots=slots, name=name, dtype=dtype)
+    return Engine.from_pretrained(source, device=device, dtype=dtype, config=config, name=name)
 
 
 def engine_info(engine, spec, device, concurrency: int) -> dict:
@@ -85,8 +87,12 @@ def run_worker(args) -> int:
     try:
         app = make_app(url)    # settings that contradict each other are caught here,
         heartbeat_settings()   # before a model is loaded
-    except WWTError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        # Built once, here: the engine reads no settings (model/serving/engine_config.py).
+        engine_config = EngineConfig.from_settings()
+        if slots:
+            engine_config = engine_config.with_(slots=slots)
+    except (WWTError, settings.SettingError) as e:
+        print(f"error: {e.text_for(OPERATOR) if isinstance(e, WWTError) else e}", file=sys.stderr)
         return 2
     warning = insecure_redis_warning(url)
     if warning:
@@ -100,14 +106,14 @@ def run_worker(args) -> int:
 
     log.info("loading %s from %s on %s", spec.name, spec.source, device or "the default device")
     try:
-        engine = load_engine(spec.source, device=device, slots=slots, name=spec.name,
+        engine = load_engine(spec.source, engine_config, device=device, name=spec.name,
                              dtype=spec.precision or getattr(args, "dtype", None))
     except WWTError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        print(f"error: {e.text_for(OPERATOR)}", file=sys.stderr)
         return 2
     node = node_name(spec.name)
     own_queue = node_queue(spec.name, node)  # where a document routed to this worker waits (affinity.py)
-    tasks.serve(spec.name, engine, stats_client=client, node=node)
+    tasks.serve(spec.name, engine, redis_client=client, node=node)
     heartbeat = Heartbeat(client, spec.name, node,
                           {**engine_info(engine, spec, device, concurrency), "queue": own_queue})
 

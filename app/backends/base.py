@@ -1,4 +1,10 @@
-"""The interface the UI and the CLI talk to, whether the engine runs here or behind a queue."""
+"""The interface the UI, the APIs and the CLI talk to, whether the engine runs here or behind a queue.
+
+A backend has one completion primitive, `stream`: a request in, events out (partials, then one
+answer or one error; model/streaming.py). Everything else that completes text (the
+non-streaming `complete`, the page, the named endpoints, the SSE route, the CLI) is built on it,
+so the suggestion cache, the waiting bounds and supersede are written once per backend.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,8 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Callable, Iterator, Optional
 
-from model.errors import BadRequest, UnknownModel, WWTError
-from model.streaming import done_event, error_event
+from model.errors import UnknownModel, WWTError, caller_error
+from model.streaming import error_event
 from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
                          ScoreRequest, Scores)
 
@@ -29,6 +35,7 @@ class EventStream:
         self._on_cancel: list[Callable[[], None]] = []
         self.cancelled = False
         self.ended = False
+        self.error: Optional[WWTError] = None  # the error the last event reports, with its operator detail
 
     def on_cancel(self, fn: Callable[[], None]) -> None:
         """Call `fn` when the stream is cancelled (at once if it already was)."""
@@ -61,11 +68,9 @@ class EventStream:
         except StopIteration:
             self.ended = True
             raise
-        except WWTError as e:
-            event = error_event(e)
-        except Exception as e:  # a bug: logged for the operator, a readable line for the reader
-            log.exception("streamed completion failed")
-            event = error_event(WWTError(f"internal error: {e.__class__.__name__}"))
+        except Exception as e:  # one place decides what the reader is told (model/errors.py)
+            self.error = caller_error(e, log, "completion")
+            event = error_event(self.error)
         if event.get("type") in ("done", "error"):
             self.ended = True
             self._close_events()
@@ -85,16 +90,14 @@ class EventStream:
 
 
 class Backend(ABC):
-    """complete / classify / answer / score, plus shared documents.
+    """complete / classify / answer / score, plus shared documents, health and queue depth.
 
     Every method either returns a result or raises a `model.errors.WWTError` with a message
-    a person can read; nothing else escapes.
+    a person can read. `client` is who asks (an IP address, else an editor id): the per-client
+    bounds count by it. `timeout` None means the backend's configured request timeout.
     """
 
-    kind = "abstract"
-    # Whether complete / stream_complete take a `client` keyword (the caller's address, held to a
-    # per-client bound on waiting requests); callers pass it only where this is True.
-    admits_clients = False
+    kind = "abstract"  # a display string ("local", "celery"); nothing branches on it
 
     @abstractmethod
     def models(self) -> list[str]:
@@ -111,31 +114,48 @@ class Backend(ABC):
     def model_info(self, name: str) -> dict:
         """What is known about a model without running it (parameters, loaded, device...)."""
 
+    def prepare(self, name: str) -> None:
+        """Make `name` ready to answer now (embedded: load it, with its download in the log); a
+        backend whose models live elsewhere has nothing to do."""
+
+    # -- completion: one primitive ---------------------------------------------------------
     @abstractmethod
-    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                 supersede: Optional[str] = None) -> Completion:
-        """Suggestions for `request`. With `supersede` (say, one editor's id), a newer request with
-        the same key cancels this one if it is still running: its answer would be stale."""
+    def stream(self, request: CompletionRequest, *, client: Optional[str] = None, supersede: Optional[str] = None,
+               timeout: Optional[float] = None, partials: bool = True) -> EventStream:
+        """The completion as it is written: partial events, then one done or one error event.
 
-    def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                        supersede: Optional[str] = None) -> EventStream:
-        """`complete` as it is written: an EventStream of partial events, then one done or error
-        event (model/streaming.py). This default has no partials: one done event when the answer
-        is there; backends that can do better override it."""
-        def events():
-            yield done_event(self.complete(request, timeout, supersede))
+        `supersede` (one editor's id): a newer request with the same key cancels this one while it
+        runs (its answer would be stale) and takes its waiting place. `partials=False`: nobody reads
+        partials, so none are built or carried; the stream is the answer alone. Cancelling the
+        stream stops the work. Later modes (raw completions, partials with token ids) are more
+        keywords of this one call."""
 
-        return EventStream(events())
+    def complete(self, request: CompletionRequest, *, client: Optional[str] = None, supersede: Optional[str] = None,
+                 timeout: Optional[float] = None) -> Completion:
+        """The answer of `stream`, waited for; its error raised."""
+        events = self.stream(request, client=client, supersede=supersede, timeout=timeout, partials=False)
+        try:
+            for event in events:
+                if event["type"] == "done":
+                    return Completion.from_dict(event["result"])
+                if event["type"] == "error":
+                    raise events.error or WWTError(event.get("error") or "no answer")
+        finally:
+            events.close()
+        raise WWTError("the answer was cut off; try again")
+
+    # -- single passes ---------------------------------------------------------------------
+    @abstractmethod
+    def classify(self, request: ClassifyRequest, timeout: Optional[float] = None,
+                 client: Optional[str] = None) -> Classification: ...
 
     @abstractmethod
-    def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification: ...
+    def answer(self, request: AnswerRequest, timeout: Optional[float] = None, client: Optional[str] = None) -> Answer: ...
 
     @abstractmethod
-    def answer(self, request: AnswerRequest, timeout: Optional[float] = None) -> Answer: ...
+    def score(self, request: ScoreRequest, timeout: Optional[float] = None, client: Optional[str] = None) -> Scores: ...
 
-    @abstractmethod
-    def score(self, request: ScoreRequest, timeout: Optional[float] = None) -> Scores: ...
-
+    # -- shared documents ------------------------------------------------------------------
     @abstractmethod
     def save_document(self, text: str, client: Optional[str] = None) -> str:
         """Store a document; returns an unguessable id for a share link. `client` (the caller's
@@ -144,9 +164,29 @@ class Backend(ABC):
     @abstractmethod
     def load_document(self, doc_id: str) -> str: ...
 
+    @abstractmethod
     def delete_document(self, doc_id: str) -> None:
-        """Delete a shared document: whoever holds the link (the id) may. BadRequest when there is none."""
-        raise BadRequest("this app cannot delete shared documents")
+        """Delete a shared document. BadRequest when there is none."""
+
+    # -- what operations read --------------------------------------------------------------
+    @abstractmethod
+    def health(self) -> dict:
+        """{"ready": bool, "backend": kind, "model": the default, "reason": why not, ...} for /healthz.
+        Never raises; a reason is fit for anyone to read (no addresses)."""
+
+    @abstractmethod
+    def model_gauges(self) -> dict[str, dict]:
+        """Per offered model, what /metrics shows: {"queue_depth": n, and "loaded" (0/1) or
+        "live_workers": n}. Raises BackendUnavailable when the state cannot be read."""
+
+    def cache_stats(self) -> dict:
+        """Suggestion-cache counters ({"hits", "incremental_hits", "misses"}), {} without a cache."""
+        return {}
+
+    def security_warning(self, for_operator: bool = True) -> Optional[str]:
+        """A warning about how the backend is set up (say, Redis without a password off loopback),
+        or None. `for_operator=False`: the same without addresses, for the page."""
+        return None
 
     def close(self) -> None:
         """Release what the backend holds (engines, connections)."""

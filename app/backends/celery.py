@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 import uuid
@@ -19,16 +20,15 @@ import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 
-from model import settings
 from model.errors import (BackendUnavailable, Busy, Cancelled, NoWorker, RequestTimeout, UnknownModel, WorkerFailed,
-                          error_from_dict)
+                          caller_error, error_from_dict)
 from model.network.config import GPTConfig
 from model.network.known import KNOWN_MODELS, KNOWN_SHAPES, parse_model_spec
 from model.streaming import GrowOnly, done_event, partial_event, partials_of
-from model.types import RESULT_TYPES, Completion, CompletionRequest
+from model.types import RESULT_TYPES, CompletionRequest
 from workers import affinity, cancel
 from workers.celery_app import make_app
-from workers.queues import TASK_NAME, queue_name, redact
+from workers.queues import TASK_NAME, insecure_redis_warning, queue_name, redact
 from workers.partials_channel import Subscription
 from workers.queues import redis_url as default_redis_url
 from workers.registry import live_workers, served_models, task_holder
@@ -36,6 +36,8 @@ from workers.suggestion_cache import SuggestionCache
 
 from .base import Backend, EventStream
 from .documents import RedisDocumentStore
+
+log = logging.getLogger(__name__)
 
 _REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.InvalidResponse,
                  OperationalError,
@@ -54,13 +56,14 @@ class _Waiting:
     key takes the place of the older one under that key (which is being cancelled), so a fast
     typist is never refused because of their own older keystrokes."""
 
-    def __init__(self):
+    def __init__(self, bound: Optional[int]):
+        self.bound = bound or 0  # 0: no bound
         self._lock = threading.Lock()
         self._held: dict[str, dict] = {}  # client -> {place: the request holding it}
 
     @contextlib.contextmanager
     def hold(self, client: Optional[str], model: str, supersede: Optional[str] = None):
-        bound = settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or 0
+        bound = self.bound
         if client is None or not bound:
             yield
             return
@@ -99,26 +102,31 @@ class _Watch:
 
 class CeleryBackend(Backend):
     kind = "celery"
-    admits_clients = True  # complete / stream_complete take `client` (the per-client waiting bound)
 
-    def __init__(self, model_specs: Optional[list] = None, redis_url: Optional[str] = None, *,
-                 timeout: Optional[float] = None, cache: bool = True, affinity: Optional[bool] = None,
-                 **_ignored):
+    def __init__(self, model_specs: Optional[list] = None, redis_url: str = "redis://localhost:6379/0", *,
+                 timeout: float = 60.0, cache: bool = True, affinity: bool = True, max_waiting: Optional[int] = 32,
+                 max_waiting_per_client: Optional[int] = 4, cache_ttl_s: Optional[float] = None,
+                 cache_max_entries: Optional[int] = None, documents: Optional[dict] = None):
+        """`timeout`: how long a call waits when it names none; `affinity`: route a document's
+        completions to the worker holding its prefix (workers/affinity.py); `max_waiting`: tasks
+        that may wait in a model's queues (all app processes); `max_waiting_per_client`: requests
+        one client may have in flight through this process; `documents`: the document store's
+        limits (RedisDocumentStore's keywords). None or 0: no bound."""
         self.url = default_redis_url(redis_url)
         self.names = [parse_model_spec(s).name for s in (model_specs or []) if s and s.strip()]
         # the spec each name was given as (`tiny=/path@int8`): what a worker for it must be started with
         self.specs = {parse_model_spec(s).name: s.strip() for s in (model_specs or []) if s and s.strip()}
-        self.timeout = timeout if timeout is not None else settings.get_float("WWT_REQUEST_TIMEOUT")
-        # route a document's completions to the worker holding its prefix (workers/affinity.py)
-        self.affinity = settings.get_bool("WWT_AFFINITY") if affinity is None else affinity
+        self.timeout = timeout
+        self.affinity = affinity
+        self.max_waiting = max_waiting or 0
         self.celery = make_app(self.url)  # QueueMisconfigured (a WWTError) if the settings contradict
         self.redis = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=10)
-        self.cache = SuggestionCache(self.redis) if cache else None
-        self.documents = RedisDocumentStore(self.redis)
+        self.cache = SuggestionCache(self.redis, ttl_s=cache_ttl_s, max_entries=cache_max_entries) if cache else None
+        self.documents = RedisDocumentStore(self.redis, **(documents or {}))
         self._live: dict[str, tuple[float, list]] = {}  # model -> (when asked, its live workers)
         self._served_list: tuple[float, list] = (-1e9, [])
         self._lock = threading.Lock()
-        self.waiting = _Waiting()
+        self.waiting = _Waiting(max_waiting_per_client)
 
     # -- models -------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -183,34 +191,13 @@ class CeleryBackend(Backend):
                            f"({', '.join(KNOWN_MODELS)}) and no worker is serving it")
 
     # -- requests -----------------------------------------------------------------------
-    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                 supersede: Optional[str] = None, client: Optional[str] = None) -> Completion:
-        """`client` (the caller's address, else the supersede key) may have WWT_MAX_WAITING_PER_CLIENT
-        requests in flight through this app; past that, or with WWT_MAX_WAITING tasks already
-        waiting in the model's queues, Busy at once and nothing is sent."""
-        started = time.perf_counter()
-        request = dataclasses.replace(request, model=request.model or self._default())
-        if self.cache is not None and not request.fresh:
-            hit = self._redis(self.cache.lookup, request)
-            if hit is not None:
-                hit.timings.total_ms = (time.perf_counter() - started) * 1000
-                return hit
-        with self.waiting.hold(client if client is not None else supersede, request.model, supersede):
-            completion = self._call("complete", request, timeout, started, supersede)
-        if self.cache is not None:
-            try:
-                self.cache.store(request, completion)
-            except _REDIS_ERRORS:
-                pass  # the answer is good; only its caching failed
-        return completion
-
-    def classify(self, request, timeout=None):
+    def classify(self, request, timeout=None, client=None):
         return self._call("classify", request, timeout, time.perf_counter())
 
-    def answer(self, request, timeout=None):
+    def answer(self, request, timeout=None, client=None):
         return self._call("answer", request, timeout, time.perf_counter())
 
-    def score(self, request, timeout=None):
+    def score(self, request, timeout=None, client=None):
         return self._call("score", request, timeout, time.perf_counter())
 
     def _call(self, kind: str, request, timeout: Optional[float], started: float, supersede: Optional[str] = None):
@@ -274,7 +261,7 @@ class CeleryBackend(Backend):
         """The queue to send to: the owner's own, or the shared one when there is no owner or its
         queue has a backlog. Busy when the model's waiting tasks (in all its queues) reach
         WWT_MAX_WAITING."""
-        bound = settings.get_int("WWT_MAX_WAITING", default=None) or 0
+        bound = self.max_waiting
         lengths = self.queue_lengths(name, workers)
         waiting = sum(lengths.values())
         if bound and waiting >= bound:
@@ -385,11 +372,15 @@ class CeleryBackend(Backend):
         return result
 
     # -- streaming ----------------------------------------------------------------------
-    def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                        supersede: Optional[str] = None, client: Optional[str] = None) -> EventStream:
-        """Partials published by the worker on the task's Redis channel (workers/partials_channel.py) as
-        they are decoded, then the task's result. A suggestion-cache hit is one done event at once.
-        Cancelling the stream marks the task stale; its worker frees the slots at its next check."""
+    def stream(self, request: CompletionRequest, *, client: Optional[str] = None, supersede: Optional[str] = None,
+               timeout: Optional[float] = None, partials: bool = True) -> EventStream:
+        """The suggestion cache first (a hit is one done event at once, no task); else one task, whose
+        partials the worker publishes on the task's Redis channel (workers/partials_channel.py) as
+        they are decoded, then its result. `client` (else the supersede key) may have
+        max_waiting_per_client requests in flight through this app; past that, or with max_waiting
+        tasks already waiting in the model's queues, Busy at once and nothing is sent. Without
+        `partials` no channel is opened and the worker publishes nothing. Cancelling the stream
+        marks the task stale; its worker frees the slots at its next check."""
         def events():
             started = time.perf_counter()
             limit = self.timeout if timeout is None else timeout
@@ -401,19 +392,23 @@ class CeleryBackend(Backend):
                     yield done_event(hit)
                     return
             task_id = str(uuid.uuid4())
-            subscription = self._redis(Subscription, self.redis, task_id)  # before the task can publish
+            # subscribe before the task can publish
+            subscription = self._redis(Subscription, self.redis, task_id) if partials else None
             stream.on_cancel(lambda: self._redis(cancel.cancel_task, self.redis, task_id))
             try:
                 with self.waiting.hold(client if client is not None else supersede, req.model, supersede):
-                    pending, watch = self._send("complete", req, limit, supersede, task_id=task_id, stream=True)
+                    pending, watch = self._send("complete", req, limit, supersede, task_id=task_id,
+                                                stream=partials)
                     try:
-                        yield from self._partials(subscription, pending, watch, limit, stream)
+                        if subscription is not None:
+                            yield from self._partials(subscription, pending, watch, limit, stream)
                         completion = self._answer("complete", pending, watch.name, limit, started, watch=watch,
                                                   limit=limit)
                     finally:
                         self._forget(pending)
             finally:
-                subscription.close()
+                if subscription is not None:
+                    subscription.close()
             if self.cache is not None:
                 try:
                     self.cache.store(req, completion)
@@ -454,6 +449,30 @@ class CeleryBackend(Backend):
     def load_document(self, doc_id: str) -> str:
         return self.documents.load(doc_id)
 
+    # -- what operations read -----------------------------------------------------------
+    def health(self) -> dict:
+        out = {"ready": False, "backend": self.kind}
+        try:
+            default = out["model"] = self._default()
+            workers = self._redis(live_workers, self.redis, default)
+            out["workers"] = len(workers)
+            out["ready"] = bool(workers)
+            if not workers:
+                out["reason"] = f"no worker is serving {default}"
+        except Exception as e:  # never raises: not ready, and why (no addresses: anyone may read it)
+            out["reason"] = caller_error(e, log, "health check").message
+        return out
+
+    def model_gauges(self) -> dict[str, dict]:
+        gauges = {}
+        for name in self.models():
+            live = self._redis(live_workers, self.redis, name)
+            gauges[name] = {"live_workers": len(live), "queue_depth": sum(self.queue_lengths(name, live).values())}
+        return gauges
+
+    def security_warning(self, for_operator: bool = True) -> Optional[str]:
+        return insecure_redis_warning(self.url, name_url=for_operator)
+
     # -- plumbing -----------------------------------------------------------------------
     def cache_stats(self) -> dict:
         return self._redis(self.cache.stats) if self.cache is not None else {}
@@ -465,9 +484,12 @@ class CeleryBackend(Backend):
             raise self._unavailable(e) from None
 
     def _unavailable(self, e: Exception) -> BackendUnavailable:
+        """The visitor hears that the queue is down; the operator (log, command line) hears where and why."""
         if isinstance(e, redis.exceptions.AuthenticationError) or "auth" in str(e).lower():
-            return BackendUnavailable(f"Redis at {redact(self.url)} refused the password: {e}")
-        return BackendUnavailable(f"cannot reach Redis at {redact(self.url)} ({e}); is redis-server "
+            return BackendUnavailable("the queue (Redis) refused the app's password; try again later",
+                                      f"Redis at {redact(self.url)} refused the password: {e}")
+        return BackendUnavailable("cannot reach Redis, the app's queue; try again in a moment",
+                                  f"cannot reach Redis at {redact(self.url)} ({e}); is redis-server "
                                   f"running and WWT_REDIS_URL right?")
 
     def close(self) -> None:

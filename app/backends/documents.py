@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from model import settings
 from model.errors import BadRequest, BackendUnavailable, LimitReached
 
 MAX_DOCUMENT_BYTES = 1_000_000
@@ -41,8 +40,12 @@ SWEEP_BUDGET_S = 0.25   # ... and one sweep stops after this long
 MAX_CLIENTS = 10_000    # embedded rate limiter: clients remembered at most
 
 
-def max_total_bytes() -> int:
-    return int(settings.get_float("WWT_DOCUMENTS_MAX_MB") * 1_000_000)
+# The registry's defaults (WWT_SHARE_LIMIT, WWT_SHARE_WINDOW_S, WWT_DOCUMENTS_MAX_MB, WWT_DATA_DIR);
+# the app's entry points pass the configured values (app/config.py).
+SHARE_LIMIT = 10
+SHARE_WINDOW_S = 600.0
+MAX_TOTAL_BYTES = 200_000_000
+DEFAULT_FOLDER = "~/.cache/write-with-transformer/documents"
 
 
 def full_message() -> str:
@@ -54,8 +57,8 @@ class ShareRateLimiter:
     """At most `limit` shares per client per `window_s` seconds (a sliding window), in this process."""
 
     def __init__(self, limit: Optional[int] = None, window_s: Optional[float] = None):
-        self.limit = settings.get_int("WWT_SHARE_LIMIT") if limit is None else limit
-        self.window_s = settings.get_float("WWT_SHARE_WINDOW_S") if window_s is None else window_s
+        self.limit = SHARE_LIMIT if limit is None else limit
+        self.window_s = SHARE_WINDOW_S if window_s is None else window_s
         self._seen: "OrderedDict[str, list]" = OrderedDict()
         self._lock = threading.Lock()
 
@@ -113,10 +116,9 @@ class FileDocumentStore:
 
     def __init__(self, folder: Optional[str] = None, ttl_s: int = DOCUMENT_TTL_S, max_bytes: Optional[int] = None,
                  limiter: Optional[ShareRateLimiter] = None):
-        default = Path(settings.get("WWT_DATA_DIR")).expanduser()
-        self.folder = Path(folder) if folder else default / "documents"
+        self.folder = Path(folder or DEFAULT_FOLDER).expanduser()
         self.ttl_s = ttl_s
-        self.max_bytes = max_total_bytes() if max_bytes is None else max_bytes
+        self.max_bytes = MAX_TOTAL_BYTES if max_bytes is None else max_bytes
         self.limiter = limiter or ShareRateLimiter()
         self._lock = threading.Lock()
         self._total: Optional[int] = None   # bytes on disk, known after the first sweep
@@ -271,9 +273,9 @@ class RedisDocumentStore:
                  limit: Optional[int] = None, window_s: Optional[float] = None):
         self.client = client
         self.ttl_s = ttl_s
-        self.max_bytes = max_total_bytes() if max_bytes is None else max_bytes
-        self.limit = settings.get_int("WWT_SHARE_LIMIT") if limit is None else limit
-        self.window_s = settings.get_float("WWT_SHARE_WINDOW_S") if window_s is None else window_s
+        self.max_bytes = MAX_TOTAL_BYTES if max_bytes is None else max_bytes
+        self.limit = SHARE_LIMIT if limit is None else limit
+        self.window_s = SHARE_WINDOW_S if window_s is None else window_s
         self._save = client.register_script(_SAVE)
         self._delete = client.register_script(_DELETE)
 
@@ -287,7 +289,7 @@ class RedisDocumentStore:
             status, detail = self._save(keys=keys, args=[doc_id, data, int(self.ttl_s), time.time(), self.max_bytes,
                                                          self.limit, self.window_s, 100, self.prefix])
         except Exception as e:
-            raise BackendUnavailable(f"cannot reach Redis to save the document: {e}") from None
+            raise BackendUnavailable("cannot reach Redis to save the document; try again in a moment", f"cannot reach Redis to save the document: {e}") from None
         if status == 0:
             raise LimitReached(full_message())
         if status == -1:
@@ -300,7 +302,7 @@ class RedisDocumentStore:
         except BadRequest:
             raise
         except Exception as e:
-            raise BackendUnavailable(f"cannot reach Redis to load the document: {e}") from None
+            raise BackendUnavailable("cannot reach Redis to load the document; try again in a moment", f"cannot reach Redis to load the document: {e}") from None
         if data is None:
             raise BadRequest("no shared document at that link (it may have expired or been deleted)")
         return data.decode("utf-8", errors="surrogatepass") if isinstance(data, bytes) else data
@@ -310,7 +312,7 @@ class RedisDocumentStore:
         try:
             existed = self._delete(keys=[key, self.expiry_key, self.sizes_key, self.bytes_key], args=[doc_id])
         except Exception as e:
-            raise BackendUnavailable(f"cannot reach Redis to delete the document: {e}") from None
+            raise BackendUnavailable("cannot reach Redis to delete the document; try again in a moment", f"cannot reach Redis to delete the document: {e}") from None
         if not existed:
             raise BadRequest("no shared document at that link (it may have expired or been deleted already)")
 

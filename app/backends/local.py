@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Optional
 
-from model import settings
-from model.errors import UnknownModel, WWTError
+from model.errors import UnknownModel, caller_error
 from model.network.config import GPTConfig
 from model.network.known import KNOWN_SHAPES, ModelSpec, parse_model_spec
+from model.serving.engine_config import EngineConfig
 from model.streaming import done_event, partial_event
-from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
-                         ScoreRequest, Scores)
+from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, CompletionRequest, ScoreRequest,
+                         Scores)
 
 from .base import Backend, EventStream
 from .documents import FileDocumentStore
@@ -21,36 +21,29 @@ from .documents import FileDocumentStore
 log = logging.getLogger(__name__)
 
 
-def _guarded(call: Callable):
-    """Run `call`; anything that is not already a readable error becomes one (and is logged)."""
-    try:
-        return call()
-    except WWTError:
-        raise
-    except Exception as e:
-        log.exception("request failed")
-        raise WWTError(f"internal error: {e.__class__.__name__}: {e}") from None
-
-
 class LocalBackend(Backend):
     """Engines in this process, loaded on first use; the least recently used is unloaded past a memory budget."""
 
     kind = "local"
-    admits_clients = True  # complete / stream_complete take `client` (the per-client waiting bound)
 
-    def __init__(self, models: list[str], device: Optional[str] = None, slots: Optional[int] = None,
-                 memory_budget_gb: Optional[float] = None, documents: Optional[FileDocumentStore] = None,
-                 engine_factory=None, dtype: Optional[str] = None):
+    def __init__(self, models: list[str], device: Optional[str] = None, dtype: Optional[str] = None, *,
+                 engine_config: Optional[EngineConfig] = None, slots: Optional[int] = None,
+                 memory_budget_gb: float = 8.0, request_timeout: Optional[float] = 60.0,
+                 documents: Optional[FileDocumentStore] = None, engine_factory=None):
+        """`engine_config` sets up every engine (`slots` is a shorthand for its field); `dtype` is the
+        precision of specs that name none; past `memory_budget_gb` the least recently used engine
+        is unloaded; `request_timeout` is how long a call waits when it names no timeout."""
         specs = [parse_model_spec(m) for m in models if m and m.strip()]
         if not specs:
             raise UnknownModel("no model to serve")
         self.specs: dict[str, ModelSpec] = {s.name: s for s in specs}
         self.device = device
         self.dtype = dtype  # for specs that name no precision
-        self.slots = slots
-        self.budget = (memory_budget_gb if memory_budget_gb is not None
-                       else settings.get_float("WWT_MEMORY_BUDGET_GB")) * (1 << 30)
-        self.documents = documents or FileDocumentStore()
+        engine_config = engine_config or EngineConfig()
+        self.engine_config = engine_config.with_(slots=slots) if slots else engine_config
+        self.budget = memory_budget_gb * (1 << 30)
+        self.request_timeout = request_timeout
+        self.documents = documents if documents is not None else FileDocumentStore()
         self._engines: "OrderedDict[str, object]" = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {name: threading.Lock() for name in self.specs}
@@ -82,7 +75,7 @@ class LocalBackend(Backend):
                 if spec.name in self._engines:
                     return self._engines[spec.name]
             engine = self._factory(spec.source, device=self.device, dtype=spec.precision or self.dtype,
-                                   slots=self.slots, name=spec.name)
+                                   config=self.engine_config, name=spec.name)
             with self._lock:
                 self._engines[spec.name] = engine
                 self._evict(keep=spec.name)
@@ -119,24 +112,34 @@ class LocalBackend(Backend):
                                            ).parameter_count()
         return info
 
-    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                 supersede: Optional[str] = None, client: Optional[str] = None) -> Completion:
-        """`client` (the caller's address) is held to WWT_MAX_WAITING_PER_CLIENT waiting requests
-        (without one, the supersede key is); past that, or past WWT_MAX_WAITING, Busy at once."""
-        if supersede is None:
-            return _guarded(lambda: self.engine(request.model).completion(request, timeout, client=client))
+    def prepare(self, name: str) -> None:
+        self.engine(name)
 
-        def run():
+    def stream(self, request: CompletionRequest, *, client: Optional[str] = None, supersede: Optional[str] = None,
+               timeout: Optional[float] = None, partials: bool = True) -> EventStream:
+        """Partial events from the engine's snapshots as each step is decoded (none are built when
+        `partials` is False). The engine holds `client` (else the supersede key) to its per-client
+        waiting bound; cancelling the stream, or a newer request under the same supersede key,
+        frees the slots at the next step."""
+        timeout = self.request_timeout if timeout is None else timeout
+
+        def events():
             engine = self.engine(request.model)
             handle = self._start(engine, request, supersede, client)
+            stream.on_cancel(handle.cancel)
             try:
-                return engine.completion_from(handle, timeout)
+                if not partials:
+                    yield done_event(engine.result(handle, timeout))
+                    return
+                for update in engine.stream(handle, timeout):
+                    yield partial_event(update.suggestions) if update.completion is None else done_event(update.completion)
             finally:
                 self._ended(supersede, handle)
 
-        return _guarded(run)
+        stream = EventStream(events())
+        return stream
 
-    def _start(self, engine, request: CompletionRequest, supersede: Optional[str], client: Optional[str] = None):
+    def _start(self, engine, request: CompletionRequest, supersede: Optional[str], client: Optional[str]):
         """Submit; with a supersede key, cancel the older request under it first (its answer would be
         stale: free its slots now, and its waiting place, so a fast typist is not refused as busy
         because of their own older keystrokes)."""
@@ -156,45 +159,48 @@ class LocalBackend(Backend):
                 if self._latest.get(supersede) is handle:
                     del self._latest[supersede]
 
-    def stream_complete(self, request: CompletionRequest, timeout: Optional[float] = None,
-                        supersede: Optional[str] = None, client: Optional[str] = None) -> EventStream:
-        """Partial events from the engine's snapshots (Engine.stream_from), as each step is decoded.
-        Cancelling the stream, or a newer request under the same supersede key, frees the slots."""
-        def events():
-            engine = self.engine(request.model)
-            handle = self._start(engine, request, supersede, client)
-            stream.on_cancel(handle.cancel)
-            try:
-                for update in engine.stream_from(handle, timeout):
-                    yield partial_event(update.suggestions) if update.completion is None else done_event(update.completion)
-            finally:
-                self._ended(supersede, handle)
-
-        stream = EventStream(events())
-        return stream
-
     def superseding(self) -> list[str]:
         """The supersede keys that still have a request running (none is kept once it ends)."""
         with self._lock:
             return sorted(self._latest)
 
-    def classify(self, request: ClassifyRequest, timeout: Optional[float] = None) -> Classification:
-        return _guarded(lambda: self.engine(request.model).classify(request.text, request.labels))
+    def classify(self, request: ClassifyRequest, timeout: Optional[float] = None,
+                 client: Optional[str] = None) -> Classification:
+        return self.engine(request.model).classify(request.text, request.labels)
 
-    def answer(self, request: AnswerRequest, timeout: Optional[float] = None) -> Answer:
-        return _guarded(lambda: self.engine(request.model).answer(request.question, request.context))
+    def answer(self, request: AnswerRequest, timeout: Optional[float] = None, client: Optional[str] = None) -> Answer:
+        return self.engine(request.model).answer(request.question, request.context)
 
-    def score(self, request: ScoreRequest, timeout: Optional[float] = None) -> Scores:
-        return _guarded(lambda: self.engine(request.model).score(request.text))
+    def score(self, request: ScoreRequest, timeout: Optional[float] = None, client: Optional[str] = None) -> Scores:
+        return self.engine(request.model).score(request.text)
 
     def save_document(self, text: str, client: Optional[str] = None) -> str:
-        return _guarded(lambda: self.documents.save(text, client))
+        return self.documents.save(text, client)
 
     def delete_document(self, doc_id: str) -> None:
-        return _guarded(lambda: self.documents.delete(doc_id))
+        return self.documents.delete(doc_id)
 
     def load_document(self, doc_id: str) -> str:
-        return _guarded(lambda: self.documents.load(doc_id))
+        return self.documents.load(doc_id)
+
+    def health(self) -> dict:
+        out = {"ready": False, "backend": self.kind}
+        try:
+            default = out["model"] = self.default_model()
+            out["loaded"] = self.loaded()
+            out["ready"] = default in out["loaded"]
+            if not out["ready"]:
+                out["reason"] = f"{default} is not loaded"
+        except Exception as e:  # never raises: not ready, and why
+            out["reason"] = caller_error(e, log, "health check").message
+        return out
+
+    def model_gauges(self) -> dict[str, dict]:
+        with self._lock:
+            engines = dict(self._engines)
+        return {name: {"loaded": int(name in engines),
+                       "queue_depth": engines[name].scheduler.waiting() if name in engines else 0}
+                for name in self.models()}
 
     def close(self) -> None:
         with self._lock:

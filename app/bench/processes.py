@@ -170,7 +170,7 @@ class WorkerProcess:
 
     def wait_announced(self, client, timeout: float = 60) -> "WorkerProcess":
         """Until this process has announced its model in Redis (it has loaded it and consumes its queue)."""
-        from .registry import live_workers
+        from workers.registry import live_workers
 
         def announced():
             if not self.alive():

@@ -53,6 +53,7 @@ def bench_queue(redis_url: Optional[str], model_dir: str, repeats: int = 20, thr
     import torch
 
     from model import Engine
+    from model.serving.engine_config import EngineConfig
     from model.types import CompletionRequest
 
     from app.backends.celery import CeleryBackend
@@ -68,7 +69,7 @@ def bench_queue(redis_url: Optional[str], model_dir: str, repeats: int = 20, thr
 
         with redis.Redis.from_url(url) as client:
             worker.wait_announced(client, timeout=300)
-        engine = Engine.from_pretrained(spec, device="cpu")
+        engine = Engine.from_pretrained(spec, device="cpu", config=EngineConfig().unbounded())
         backend = CeleryBackend([name], redis_url=url, timeout=120)
         try:
             def request(i: int, **kw) -> CompletionRequest:
@@ -77,7 +78,7 @@ def bench_queue(redis_url: Optional[str], model_dir: str, repeats: int = 20, thr
                                          seed=abs(i), stop=None, **kw)
 
             for i in range(-3, 0):  # warm both paths up: connections, allocations, first batches
-                engine.completion(request(i))
+                engine.complete(request(i))
                 backend.complete(request(i, fresh=True))
             answers = []
             for i in range(repeats):
@@ -85,7 +86,7 @@ def bench_queue(redis_url: Optional[str], model_dir: str, repeats: int = 20, thr
                 for path in order:
                     t = time.perf_counter()
                     if path == "engine":
-                        engine.completion(request(i))
+                        engine.complete(request(i))
                         embedded.append((time.perf_counter() - t) * 1000)
                     else:
                         answers.append(backend.complete(request(i, fresh=True)))

@@ -2,7 +2,7 @@
 
 A report, not a test: it prints figures and ratios. Random weights at the real gpt2 size
 (124M parameters, float32), a byte-level tokenizer with gpt2's vocabulary size, 2 threads.
-The reference runs on the engine's model thread (`Engine.run`), so both share one OpenMP
+The reference runs on the engine's model thread (`Engine.run_on_model_thread`), so both share one OpenMP
 pool and neither pays for the other's idle threads (see model/serving/threads.py); this thread only
 tokenizes, submits and times.
 """
@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from model.serving.engine_config import EngineConfig
 from model.serving.threads import in_fresh_thread
 
 TARGETS = {
@@ -72,8 +73,10 @@ class Bench:
         self.quick = quick
         self.repeats = 3 if quick else 5
         self.device = torch.device(device)
-        self.engine = Engine.from_pretrained(str(folder), device=self.device, dtype=torch.float32, slots=24)
-        self.ref = self.engine.run(lambda: GPT2LMHeadModel.from_pretrained(str(folder)).to(self.device).eval())
+        self.engine = Engine.from_pretrained(str(folder), device=self.device, dtype=torch.float32,
+                                             config=EngineConfig(slots=24).unbounded())
+        self.ref = self.engine.run_on_model_thread(
+            lambda: GPT2LMHeadModel.from_pretrained(str(folder)).to(self.device).eval())
         self.tok = self.engine.tokenizer
         self.results: dict = {}
 
@@ -100,11 +103,11 @@ class Bench:
                 torch.cuda.synchronize(self.device)
             return time.perf_counter() - t0
 
-        return self.engine.run(timed)
+        return self.engine.run_on_model_thread(timed)
 
     def ours(self, text: str, n: int, new_tokens: int, greedy: bool, seed: int = 0, engine=None):
         t0 = time.perf_counter()
-        done = (engine or self.engine).completion(self._request(text, n, new_tokens, greedy, seed))
+        done = (engine or self.engine).complete(self._request(text, n, new_tokens, greedy, seed))
         return time.perf_counter() - t0, done
 
     @staticmethod
@@ -135,7 +138,7 @@ class Bench:
         """(1) batch-1 greedy decode: 512-token prompt, 64 new tokens; decode time = T(64) - T(1)."""
         o, f = self.decode_tok_s()
         self.reference_decode = f
-        weights_ms = self.engine.run(self.weights_pass_ms)
+        weights_ms = self.engine.run_on_model_thread(self.weights_pass_ms)
         return {"ours_tok_s": o, "reference_tok_s": f, "ratio": o / f, "target": TARGETS["decode_speedup"],
                 "one_row_kernels": self.engine.stats()["one_row_kernels"], "weights_pass_ms": weights_ms,
                 "bound_tok_s": 1000 / weights_ms, "bound_ratio": 1000 / weights_ms / f}
@@ -186,7 +189,7 @@ class Bench:
             return [self.document(24, salt * 100 + i) for i in range(callers)]
 
         def run_one(text, i):
-            return self.engine.completion(self._request(text, 3, new, False, i))
+            return self.engine.complete(self._request(text, 3, new, False, i))
 
         def concurrent(salt):
             done = [None] * callers
@@ -227,10 +230,11 @@ class Bench:
                  "keystroke_ms": f32_key, "keystroke_share": 1.0, "weight_mb": f32_bytes / 2**20,
                  "weight_share": 1.0}]
         for name in names:
-            engine = Engine.from_pretrained(f"{folder}@{name}", device=self.device, slots=24)
+            engine = Engine.from_pretrained(f"{folder}@{name}", device=self.device,
+                                            config=EngineConfig(slots=24).unbounded())
             try:
                 tok_s, _ = self.decode_tok_s(engine, reference=False)
-                pass_ms = engine.run(lambda: self.weights_pass_ms(engine))
+                pass_ms = engine.run_on_model_thread(lambda: self.weights_pass_ms(engine))
                 key = self.keystroke(900, with_reference=False, engine=engine)["ours_ms"]
                 weights = weight_bytes(engine.model)
                 rows.append({"precision": name, "decode_tok_s": tok_s, "decode_ratio": tok_s / reference,
@@ -346,7 +350,8 @@ def run_bench(args) -> int:
 
             from .writers import many_writers
 
-            writers = Engine.from_pretrained(str(folder), device=bench.device, dtype=torch.float32)  # default slots
+            writers = Engine.from_pretrained(str(folder), device=bench.device, dtype=torch.float32,
+                                             config=EngineConfig().unbounded())  # default slots
             results["writers"] = many_writers(writers, bench.document, rounds=2 if args.quick else 4)
             writers.close()
         bench.engine.close()  # its thread and OpenMP pool go; the queue section makes its own engine

@@ -36,7 +36,7 @@ def many_writers(engine, document: Callable[[int, int], str], ks=(1, 4, 8, 16), 
                 docs[d] += f" word{r}"
                 request = CompletionRequest(text=docs[d], n=SUGGESTIONS, max_new_tokens=NEW_TOKENS, seed=r, stop=None)
                 t0 = time.perf_counter()
-                done = engine.completion(request)
+                done = engine.complete(request)
                 elapsed = (time.perf_counter() - t0) * 1000
                 if r == 0:
                     continue  # a document's first keystroke has nothing to reuse

@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from app.backends.base import Backend
-from model import settings
 from model import contract
-from model.errors import BadRequest, UnknownModel, WWTError
+from model.errors import BadRequest, UnknownModel, WWTError, caller_error
 from model.types import AnswerRequest, ClassifyRequest, CompletionRequest, ScoreRequest
 
 from . import ops, render
@@ -30,31 +29,15 @@ DEFAULTS = {name: contract.DEFAULTS[name] for name in PAGE_SETTINGS}
 Warn = Optional[Callable[[str], None]]
 
 
-def timeout() -> float:
-    return settings.get_float("WWT_REQUEST_TIMEOUT")
-
-
 def friendly(call: Callable, warn: Warn = None):
-    """(result, None) or (None, message): a WWTError's message, or a plain one for a bug (logged)."""
+    """(result, None) or (None, message): what the visitor is told (model.errors.caller_error)."""
     try:
         return call(), None
-    except WWTError as e:
-        message = e.message
-    except Exception as e:  # a bug: log it for the operator, tell the person something readable
-        log.exception("callback failed")
-        message = f"internal error ({e.__class__.__name__}); the app is still running, try again"
+    except Exception as e:
+        message = caller_error(e, log, "callback").message
     if warn is not None:
         warn(message)
     return None, message
-
-
-def complete(backend: Backend, request: CompletionRequest, supersede: Optional[str] = None,
-             client: Optional[str] = None):
-    """backend.complete, with the caller's address for the per-client waiting bound where the
-    backend takes one (Backend.admits_clients)."""
-    if client is not None and getattr(backend, "admits_clients", False):
-        return backend.complete(request, timeout(), supersede=supersede, client=client)
-    return backend.complete(request, timeout(), supersede=supersede)
 
 
 # -- input checks --------------------------------------------------------------------------
@@ -66,7 +49,7 @@ def clean(text, what: str = "text", required: bool = False) -> str:
 MAX_SHOWN = 60  # characters of a caller's value repeated in a message
 
 
-def shown(value, limit: int = MAX_SHOWN) -> str:
+def quoted(value, limit: int = MAX_SHOWN) -> str:
     """repr(value), cut to `limit` characters: a message never echoes a caller's 10 MB back."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
@@ -77,14 +60,14 @@ def check_model(backend: Backend, name: Optional[str]) -> str:
         return backend.default_model()
     offered = backend.models()
     if not isinstance(name, str) or name not in offered:
-        raise UnknownModel(f"unknown model {shown(name)}; this app offers {', '.join(offered) or 'none'}")
+        raise UnknownModel(f"unknown model {quoted(name)}; this app offers {', '.join(offered) or 'none'}")
     return name
 
 
 def completion_request(backend: Backend, text: str, model: Optional[str], fresh: bool = False,
-                       seed: Optional[int] = None, **settings) -> CompletionRequest:
+                       seed: Optional[int] = None, **given) -> contract.CheckedCompletion:
     """The page's request, checked against the contract (temperature 0 means greedy)."""
-    values = {name: contract.check_setting(name, settings.get(name)) for name in PAGE_SETTINGS}
+    values = {name: contract.check_setting(name, given.get(name)) for name in PAGE_SETTINGS}
     request = CompletionRequest(text=text, model=check_model(backend, model), seed=seed, fresh=bool(fresh),
                                 stop="auto", **values)
     return contract.check_completion(request)
@@ -97,7 +80,7 @@ def parse_labels(labels) -> Optional[list]:
     if isinstance(labels, str):
         labels = labels.split(",")
     elif not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
-        raise BadRequest(f"labels must be text (comma-separated) or a list of texts (got {shown(labels)})")
+        raise BadRequest(f"labels must be text (comma-separated) or a list of texts (got {quoted(labels)})")
     if len(labels) > 10 * contract.MAX_LABELS:  # before cleaning a million of them
         raise BadRequest(f"at most {contract.MAX_LABELS} candidate labels (got {len(labels):,})")
     out = [clean(label, "label").strip() for label in labels]
@@ -118,21 +101,16 @@ def suggest(backend: Backend, data: dict, client: Optional[str] = None) -> dict:
             request = completion_request(backend, data.get("before", ""), data.get("model"),
                                          fresh=data.get("fresh", False),
                                          **{name: data.get(name) for name in PAGE_SETTINGS})
-            client = data.get("client")  # one editor: its newer request cancels its older one
-            supersede = client if isinstance(client, str) and client else None
-            return request, complete(backend, request, supersede, client)
+            editor = data.get("client")  # one editor: its newer request cancels its older one
+            supersede = editor if isinstance(editor, str) and editor else None
+            return request, backend.complete(request, client=client if client is not None else supersede,
+                                             supersede=supersede)
 
-    answer_, error = friendly(run)
+    done, error = friendly(run)
     if error:
         return {"ok": False, "error": error}
-    request, result = answer_
-    # The engine (and the suggestion cache) already keep distinct, non-empty, clean suggestions.
-    items = [{"text": s.text, "finish": s.finish_reason} for s in result.suggestions]
-    if not items:
-        return {"ok": False, "error": f"{result.model} had nothing to suggest here; try again or change the settings"}
-    return {"ok": True, "model": result.model, "ms": round(result.timings.total_ms, 1),
-            "suggestions": items, "info": render.timing_text(result.model, result.timings),
-            "asked": request.n}  # fewer came back when duplicates were dropped: the page says so
+    request, result = done
+    return render.page_answer(result, asked=request.n)
 
 
 def share(backend: Backend, data: dict, client: Optional[str] = None) -> dict:
@@ -162,7 +140,7 @@ def token_view(backend: Backend, text: str, model: Optional[str], warn: Warn = N
     """The document coloured by how likely the model found each token."""
     def run():
         req = ScoreRequest(text=clean(text, "document", required=True), model=check_model(backend, model))
-        return backend.score(req, timeout())
+        return backend.score(req)
 
     scores, error = friendly(run, warn)
     if error:
@@ -172,21 +150,10 @@ def token_view(backend: Backend, text: str, model: Optional[str], warn: Warn = N
             + render.token_view_html(scores))
 
 
-def redis_warning(backend: Backend, name_url: bool = True) -> Optional[str]:
-    """The warning for a Redis used without a password on a non-loopback address (celery backend),
-    else None. `name_url=False`: without the address, for the page every visitor sees."""
-    url = getattr(backend, "url", None)
-    if getattr(backend, "kind", "") != "celery" or not isinstance(url, str) or not url:
-        return None
-    from workers.queues import insecure_redis_warning
-
-    return insecure_redis_warning(url, name_url=name_url)
-
-
 def model_status(backend: Backend, model: Optional[str]) -> str:
     """'gpt2 · 124M parameters · loaded on cpu' for the settings panel, with the operator's
-    warning under it when the backend's Redis has no password (redis_warning)."""
-    warning = redis_warning(backend, name_url=False)
+    warning under it when the backend's Redis has no password (Backend.security_warning)."""
+    warning = backend.security_warning(for_operator=False)
     return _model_state(backend, model) + (render.warning_html(warning) if warning else "")
 
 
@@ -210,11 +177,9 @@ def _model_state(backend: Backend, model: Optional[str]) -> str:
 
 def load_model(backend: Backend, model: Optional[str], warn: Warn = None) -> str:
     """Load a model now (embedded mode), so its download and loading happen under a progress bar."""
-    loader = getattr(backend, "engine", None)  # LocalBackend loads on first use; queues have nothing to load
-    if callable(loader):
-        _, error = friendly(lambda: loader(check_model(backend, model)), warn)
-        if error:
-            return render.error_html(error)
+    _, error = friendly(lambda: backend.prepare(check_model(backend, model)), warn)
+    if error:
+        return render.error_html(error)
     return model_status(backend, model)
 
 
@@ -225,7 +190,7 @@ def classify(backend: Backend, text: str, labels, model: Optional[str], warn: Wa
     def run():
         req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
                               labels=parse_labels(labels))
-        return backend.classify(req, timeout())
+        return backend.classify(req)
 
     result, error = friendly(run, warn)
     if error:
@@ -239,7 +204,7 @@ def answer(backend: Backend, context: str, question: str, model: Optional[str], 
     def run():
         req = AnswerRequest(question=clean(question, "question", required=True),
                             context=clean(context, "context", required=True), model=check_model(backend, model))
-        return req.context, backend.answer(req, timeout())
+        return req.context, backend.answer(req)
 
     result, error = friendly(run, warn)
     if error:
@@ -277,14 +242,14 @@ def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn:
     def one(name: str) -> dict:
         req = CompletionRequest(text=prompt, model=name, n=n, max_new_tokens=length, seed=0, stop="auto")
         started = time.perf_counter()
-        result, error = friendly(lambda: backend.complete(req, timeout()))
+        result, error = friendly(lambda: backend.complete(req))
         if error:
             return {"model": name, "error": error}
         t = result.timings
         ms = t.total_ms or (time.perf_counter() - started) * 1000
         decode_s = (t.decode_ms or ms) / 1000
         info, _ = friendly(lambda: backend.model_info(name))
-        scores, score_error = friendly(lambda: backend.score(ScoreRequest(text=prompt, model=name), timeout()))
+        scores, score_error = friendly(lambda: backend.score(ScoreRequest(text=prompt, model=name)))
         return {"model": result.model, "ms": ms, "tokens_per_s": t.tokens_decoded / decode_s if decode_s else 0.0,
                 "parameters": (info or {}).get("parameters"), "precision": (info or {}).get("precision"),
                 "weight_bytes": (info or {}).get("weight_bytes"), "prompt_tail": prompt_tail(prompt),
@@ -315,27 +280,27 @@ def api_complete(backend: Backend, text: str, model: str = "", n: int = 3, max_n
                  seed: Optional[int] = None, client: Optional[str] = None) -> dict:
     with ops.observe("complete", backend, model):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise BadRequest(f"seed must be a whole number of at least 0 (got {shown(seed)})")
+            raise BadRequest(f"seed must be a whole number of at least 0 (got {quoted(seed)})")
         req = completion_request(backend, text, model, fresh=fresh, seed=seed, n=n, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p)
-        return complete(backend, req, client=client).to_dict()
+        return backend.complete(req, client=client).to_dict()
 
 
 def api_classify(backend: Backend, text: str, labels="", model: str = "") -> dict:
     with ops.observe("classify", backend, model):
         req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
                               labels=parse_labels(labels))
-        return backend.classify(req, timeout()).to_dict()
+        return backend.classify(req).to_dict()
 
 
 def api_answer(backend: Backend, question: str, context: str, model: str = "") -> dict:
     with ops.observe("answer", backend, model):
         req = AnswerRequest(question=clean(question, "question", required=True),
                             context=clean(context, "context", required=True), model=check_model(backend, model))
-        return backend.answer(req, timeout()).to_dict()
+        return backend.answer(req).to_dict()
 
 
 def api_score(backend: Backend, text: str, model: str = "") -> dict:
     with ops.observe("score", backend, model):
         req = ScoreRequest(text=clean(text, required=True), model=check_model(backend, model))
-        return backend.score(req, timeout()).to_dict()
+        return backend.score(req).to_dict()

@@ -23,12 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from model import settings
 from model.errors import BadRequest, WWTError
 
-
-def max_body_bytes() -> int:
-    return int(settings.get_float("WWT_MAX_BODY_MB") * 1_000_000)
+MAX_BODY_BYTES = 4_000_000  # the registry's default (WWT_MAX_BODY_MB); `wwt serve` passes the configured one
 
 
 def too_large_message(limit: int) -> str:
@@ -45,7 +42,7 @@ class BodyLimit:
 
     def __init__(self, app, limit: Optional[int] = None):
         self.app = app
-        self.limit = max_body_bytes() if limit is None else limit
+        self.limit = MAX_BODY_BYTES if limit is None else limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.limit <= 0:
@@ -171,9 +168,9 @@ class QueueFullWording:
         await self.app(scope, receive, rewording_send)
 
 
-def middleware() -> list:
+def middleware(max_body_bytes: int = MAX_BODY_BYTES) -> list:
     """For `FastAPI(middleware=...)` (app/server.py's app_kwargs)."""
-    return [Middleware(BodyLimit), Middleware(QueueFullWording)]
+    return [Middleware(BodyLimit, limit=max_body_bytes), Middleware(QueueFullWording)]
 
 
 def routes(backend) -> list:

@@ -96,44 +96,11 @@ def observe(endpoint: str, backend, model):
     record(endpoint, label, started)
 
 
-# -- readiness -----------------------------------------------------------------------------
-
-def health(backend) -> dict:
-    """{"ready": bool, "backend": kind, "model": default, ...}; never raises."""
-    out = {"ready": False, "backend": getattr(backend, "kind", "?")}
-    try:
-        default = backend.default_model()
-        out["model"] = default
-        loaded = getattr(backend, "loaded", None)
-        if callable(loaded):  # embedded: the engine is in memory
-            out["loaded"] = loaded()
-            out["ready"] = default in out["loaded"]
-            if not out["ready"]:
-                out["reason"] = f"{default} is not loaded"
-        else:  # queue: some worker announces it
-            workers = _live_workers(backend, default)
-            out["workers"] = len(workers)
-            out["ready"] = bool(workers)
-            if not workers:
-                out["reason"] = f"no worker is serving {default}"
-    except WWTError as e:
-        out["reason"] = e.message
-    except Exception as e:  # Redis down, a bug: not ready, and why
-        log.warning("health check failed: %s", e)
-        out["reason"] = f"{e.__class__.__name__}: {e}"[:300]
-    return out
-
-
-def _live_workers(backend, model: str) -> list:
-    from workers.registry import live_workers
-
-    return backend._redis(live_workers, backend.redis, model)
-
-
 # -- what is read at scrape time -----------------------------------------------------------
 
 class BackendCollector:
-    """Gauges read from the backend when /metrics is scraped: readiness, queues, workers, cache."""
+    """Gauges read from the backend when /metrics is scraped: readiness, queues, workers, cache
+    (Backend.health, model_gauges and cache_stats; no backend internals)."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -146,50 +113,35 @@ class BackendCollector:
         up = GaugeMetricFamily("wwt_backend_up", "1 when the backend's state could be read for this scrape")
         ready = GaugeMetricFamily("wwt_ready", "1 when the default model can answer now (/healthz)")
         depth = GaugeMetricFamily("wwt_queue_depth", "Requests waiting for the model", labels=["model"])
-        ok = 1
+        loaded = GaugeMetricFamily("wwt_model_loaded", "1 when the model's engine is in memory", labels=["model"])
+        workers = GaugeMetricFamily("wwt_live_workers", "Workers announcing the model now", labels=["model"])
+        ok, families = 1, []
         try:
-            state = health(backend)
-            ready.add_metric([], 1 if state["ready"] else 0)
-            if getattr(backend, "kind", "") == "celery":
-                yield from self._celery(backend, depth)
-            else:
-                yield from self._local(backend, depth)
+            ready.add_metric([], 1 if backend.health()["ready"] else 0)
+            for name, gauges in backend.model_gauges().items():
+                depth.add_metric([name], gauges.get("queue_depth", 0))
+                if "loaded" in gauges:
+                    loaded.add_metric([name], gauges["loaded"])
+                if "live_workers" in gauges:
+                    workers.add_metric([name], gauges["live_workers"])
+            families = [f for f in (loaded, workers) if f.samples]
+            stats = backend.cache_stats()
+            if stats:
+                hits = CounterMetricFamily("wwt_suggestion_cache_hits", "Suggestion-cache hits (all app processes)",
+                                           labels=["kind"])
+                hits.add_metric(["exact"], stats.get("hits", 0))
+                hits.add_metric(["incremental"], stats.get("incremental_hits", 0))
+                families += [hits, CounterMetricFamily("wwt_suggestion_cache_misses",
+                                                       "Suggestion-cache misses (all app processes)",
+                                                       value=stats.get("misses", 0))]
         except Exception as e:
             log.warning("metrics: cannot read the backend: %s", e)
             ok = 0
         up.add_metric([], ok)
+        yield from families
         yield up
         yield ready
         yield depth
-
-    def _local(self, backend, depth):
-        loaded = GaugeMetricFamily("wwt_model_loaded", "1 when the model's engine is in memory", labels=["model"])
-        in_memory = set(backend.loaded())
-        for name in backend.models():
-            loaded.add_metric([name], 1 if name in in_memory else 0)
-            engine = backend._engines.get(name) if name in in_memory else None
-            planner = getattr(getattr(engine, "scheduler", None), "planner", None)
-            depth.add_metric([name], len(getattr(planner, "waiting", ()) or ()))
-        yield loaded
-
-    def _celery(self, backend, depth):
-        from workers.registry import live_workers
-
-        workers = GaugeMetricFamily("wwt_live_workers", "Workers announcing the model now", labels=["model"])
-        for name in backend.models():
-            live = backend._redis(live_workers, backend.redis, name)
-            workers.add_metric([name], len(live))
-            depth.add_metric([name], sum(backend.queue_lengths(name, live).values()))
-        yield workers
-        stats = backend.cache_stats() if getattr(backend, "cache", None) is not None else {}
-        if stats:
-            hits = CounterMetricFamily("wwt_suggestion_cache_hits", "Suggestion-cache hits (all app processes)",
-                                       labels=["kind"])
-            hits.add_metric(["exact"], stats.get("hits", 0))
-            hits.add_metric(["incremental"], stats.get("incremental_hits", 0))
-            yield hits
-            yield CounterMetricFamily("wwt_suggestion_cache_misses", "Suggestion-cache misses (all app processes)",
-                                      value=stats.get("misses", 0))
 
 
 def metrics_text(backend) -> bytes:
@@ -215,7 +167,7 @@ def routes(backend) -> list:
     async def healthz(request: Request):
         import asyncio
 
-        state = await asyncio.to_thread(health, backend)
+        state = await asyncio.to_thread(backend.health)
         return JSONResponse(state, status_code=200 if state["ready"] else 503, headers={"Cache-Control": "no-store"})
 
     async def metrics(request: Request):

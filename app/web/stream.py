@@ -21,10 +21,15 @@ Response: 200, `text/event-stream`, one event per message, each `data` a JSON ob
 
     event: done
     data: {"type": "done", "result": {"model": ..., "suggestions": [{"text", "token_ids",
-           "logprobs", "finish_reason"}], "timings": {...}, "healed": ...}}
+           "logprobs", "finish_reason"}], "timings": {...}, "healed": ...},
+           "answer": {"ok": true, "model": ..., "suggestions": [{"text", "finish"}], "info": ..., ...}}
 
     event: error
-    data: {"type": "error", "error": "max_new_tokens must be ...", "kind": "bad_request"}
+    data: {"type": "error", "error": "max_new_tokens must be ...", "kind": "bad_request",
+           "answer": {"ok": false, "error": "max_new_tokens must be ..."}}
+
+`answer` is what the page shows, in the same shape as the editor's Tab call answers
+(render.page_answer): the page reads one shape whichever way the answer came.
 
 Zero or more partial events, then exactly one done or error event, then the stream ends.
 Bad input is an error event too (still status 200), so a client has one path to read. Each
@@ -54,11 +59,12 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from app.backends.base import Backend, EventStream
-from model.errors import BadRequest, Busy, WWTError
+from model.errors import BadRequest, Busy, caller_error
 from model.streaming import error_event
+from model.types import Completion
 
-from . import ops
-from .callbacks import PAGE_SETTINGS, completion_request, shown, timeout
+from . import ops, render
+from .callbacks import DEFAULTS, PAGE_SETTINGS, completion_request, quoted
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,7 @@ _NOT_JSON = object()
 
 def start(backend: Backend, data, client=None) -> EventStream:
     """The events for one request body (a dict), checked against the contract first. `client`:
-    the caller's address, held to the per-client waiting bound where the backend has one."""
+    the caller's address, held to the per-client waiting bound."""
     try:
         if data is _NOT_JSON:
             raise BadRequest("the request body must be JSON")
@@ -80,20 +86,24 @@ def start(backend: Backend, data, client=None) -> EventStream:
             raise BadRequest("the request body must be a JSON object")
         seed = data.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise BadRequest(f"seed must be a whole number of at least 0 (got {shown(seed)})")
+            raise BadRequest(f"seed must be a whole number of at least 0 (got {quoted(seed)})")
         request = completion_request(backend, data.get("before", ""), data.get("model"),
                                      fresh=data.get("fresh", False), seed=seed,
                                      **{name: data.get(name) for name in PAGE_SETTINGS})
         editor = data.get("client")
         supersede = editor if isinstance(editor, str) and editor else None
-        if client is not None and getattr(backend, "admits_clients", False):
-            return backend.stream_complete(request, timeout(), supersede=supersede, client=client)
-        return backend.stream_complete(request, timeout(), supersede=supersede)
-    except WWTError as e:
-        return _one(error_event(e))
-    except Exception as e:  # a bug: logged, and a readable line for the client
-        log.exception("stream request failed")
-        return _one(error_event(WWTError(f"internal error ({e.__class__.__name__}); try again")))
+        return backend.stream(request, client=client if client is not None else supersede, supersede=supersede)
+    except Exception as e:  # one place decides what the reader is told (model/errors.py)
+        return _one(error_event(caller_error(e, log, "stream request")))
+
+
+def with_page_answer(event: dict, asked: int) -> dict:
+    """The done or error event with the answer in the page's shape added (render.page_answer)."""
+    if event["type"] == "done":
+        return {**event, "answer": render.page_answer(Completion.from_dict(event["result"]), asked)}
+    if event["type"] == "error":
+        return {**event, "answer": {"ok": False, "error": event.get("error") or "no answer"}}
+    return event
 
 
 def _one(event: dict) -> EventStream:
@@ -104,7 +114,7 @@ def sse(event: dict) -> bytes:
     return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
-class _Slots:
+class _StreamCount:
     """A count of the streams being written, bounded by MAX_STREAMS."""
 
     def __init__(self, limit: int):
@@ -122,21 +132,23 @@ class _Slots:
             self.used -= 1
 
 
-async def _events(backend: Backend, data, request: Request, slots: _Slots):
+async def _events(backend: Backend, data, request: Request, streams: _StreamCount):
     """Run the (blocking) event iterator on its own thread and send each event as it comes;
     partials that pile up behind a slow reader are merged into the newest (each is complete)."""
     started = time.perf_counter()
     model = await asyncio.to_thread(ops.model_label, backend, data.get("model") if isinstance(data, dict) else None)
     outcome = ["cancelled"]  # until a done or error event is written: the reader hung up
-    if not slots.take():
+    n = data.get("n") if isinstance(data, dict) else None
+    asked = n if isinstance(n, int) and not isinstance(n, bool) else DEFAULTS["n"]
+    if not streams.take():
         ops.record("stream", model, started, "busy")
-        yield sse(error_event(Busy(f"busy: {slots.limit} suggestions are being written; try again in a moment")))
+        yield sse(error_event(Busy(f"busy: {streams.limit} suggestions are being written; try again in a moment")))
         return
     try:
         client = getattr(request.client, "host", None) or None
         events = await asyncio.to_thread(start, backend, data, client)  # asks the backend which models it offers
     except BaseException:
-        slots.give()
+        streams.give()
         raise
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -153,7 +165,7 @@ async def _events(backend: Backend, data, request: Request, slots: _Slots):
                 put(event)
         finally:
             put(None)
-            slots.give()
+            streams.give()
 
     async def hang_up() -> None:  # for servers that do not cancel the response when the client goes
         while (await request.receive())["type"] != "http.disconnect":
@@ -176,6 +188,7 @@ async def _events(backend: Backend, data, request: Request, slots: _Slots):
                     continue  # the newer snapshot holds everything this one does
                 if event["type"] in ("done", "error"):
                     outcome[0] = None if event["type"] == "done" else event.get("kind", "error")
+                    event = with_page_answer(event, asked)
                 yield sse(event)
     finally:
         ops.record("stream", model, started, outcome[0])
@@ -186,14 +199,14 @@ async def _events(backend: Backend, data, request: Request, slots: _Slots):
 
 def routes(backend: Backend) -> list:
     """The routes to mount on the app's server (server.app_kwargs passes them to Gradio's FastAPI)."""
-    slots = _Slots(MAX_STREAMS)
+    streams = _StreamCount(MAX_STREAMS)
 
     async def endpoint(request: Request):
         try:
             data = await request.json()
         except Exception:
             data = _NOT_JSON
-        return StreamingResponse(_events(backend, data, request, slots), media_type="text/event-stream",
+        return StreamingResponse(_events(backend, data, request, streams), media_type="text/event-stream",
                                  headers=HEADERS)
 
     return [Route(PATH, endpoint, methods=["POST"])]

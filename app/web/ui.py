@@ -15,7 +15,7 @@ from typing import Optional
 
 import gradio as gr
 
-from model.errors import WWTError
+from model.errors import caller_error
 
 from . import callbacks
 from app.backends.base import Backend
@@ -54,18 +54,16 @@ def theme() -> gr.themes.Base:
 MAX_UPLOAD = "1kb"
 
 
-def launch_kwargs() -> dict:
+def launch_kwargs(session_capacity: int = 200) -> dict:
     """What Gradio 6 takes at launch() rather than in gr.Blocks: css and theme, the upload cap, and
-    how many sessions' state is kept (each plain-HTTP call opens one; WWT_SESSION_CAPACITY); in the
+    how many sessions' state is kept (each plain-HTTP call opens one; AppConfig.session_capacity); in the
     page's head, queue_full.js (a full queue's toast in our words, as the API says it). Gradio's own
     monitoring routes are off: `/gradio_api/monitoring/summary` would show anyone per-endpoint
     timings, and `/metrics` (ops.py) is where the service reports itself."""
-    from model import settings
-
     return {"css": static_text("app.css"), "theme": theme(), "max_file_size": MAX_UPLOAD,
             "enable_monitoring": False,
             "head": f"<script>{static_text('queue_full.js')}</script>",
-            "state_session_capacity": max(1, settings.get_int("WWT_SESSION_CAPACITY"))}
+            "state_session_capacity": max(1, session_capacity)}
 
 
 # How often the model-status panel asks again (workers come and go; a model loads or fails).
@@ -108,11 +106,8 @@ def _api(fn, *args):
     """Run an API callback; its error becomes a gr.Error whose message reaches the client."""
     try:
         return fn(*args)
-    except WWTError as e:
-        raise gr.Error(e.message, print_exception=False) from None
-    except Exception as e:
-        log.exception("API call failed")
-        raise gr.Error(f"internal error ({e.__class__.__name__})", print_exception=False) from None
+    except Exception as e:  # one place decides what the caller is told (model/errors.py)
+        raise gr.Error(caller_error(e, log, "API call").message, print_exception=False) from None
 
 
 def client_address(request: Optional[gr.Request]) -> Optional[str]:

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..contract import MAX_LABELS, checked_once, clean_text
+from ..contract import MAX_LABELS, clean_text, narrowed
 from ..errors import BadRequest, CheckpointError
 from ..network.known import parse_model_spec
 from ..network.tokenizer import complete_utf8_prefix, load_tokenizer_folder
@@ -110,7 +110,7 @@ class Engine:
 
     # -- completion ----------------------------------------------------------------------
     def _job(self, request: CompletionRequest) -> Job:
-        r = checked_once(request, max_n=self.cache.slots, max_new_tokens=self.config.n_positions // 2)
+        r = narrowed(request, max_n=self.cache.slots, max_new_tokens=self.config.n_positions // 2)
         prompt = build_prompt(self.tokenizer, r.text, self.config.n_positions - r.max_new_tokens, self.eos)
         sampling = SamplingSettings(r.greedy, r.temperature, r.top_k, r.top_p, r.repetition_penalty)
         return Job(prompt, r.n, r.max_new_tokens, sampling, r.seed, r.max_time, r.stop, self.eos)
@@ -118,30 +118,28 @@ class Engine:
     def submit(self, request: CompletionRequest, client: Optional[str] = None) -> Handle:
         """Queue a completion; the handle waits for it or cancels it.
 
-        Raises Busy at once, queueing nothing, when WWT_MAX_WAITING requests already wait for
-        slots, or WWT_MAX_WAITING_PER_CLIENT of them come from `client` (an IP address or an
-        editor id; None: not counted per client).
+        Raises Busy at once, queueing nothing, past the engine's admission bounds (EngineConfig):
+        max_waiting requests already wait for slots, max_waiting_per_client of them come from
+        `client` (an IP address or an editor id; None: not counted per client), or the work
+        already in the engine would take longer than max_wait_s.
         """
         return self.scheduler.submit(self._job(request), client)
 
-    def completion(self, request: CompletionRequest, timeout: Optional[float] = None,
-                   client: Optional[str] = None) -> Completion:
-        return self.completion_from(self.submit(request, client), timeout)
+    def complete(self, request: CompletionRequest, timeout: Optional[float] = None,
+                 client: Optional[str] = None) -> Completion:
+        """Submit a completion and wait for its answer: `result(submit(request, client), timeout)`."""
+        return self.result(self.submit(request, client), timeout)
 
-    def completion_from(self, handle: Handle, timeout: Optional[float] = None) -> Completion:
+    def result(self, handle: Handle, timeout: Optional[float] = None) -> Completion:
         """Wait for a submitted request (cancelling it if `timeout` passes) and package its answer."""
         suggestions, timings = handle.result(timeout)
         return Completion(model=self.name, suggestions=suggestions, timings=timings,
                           healed=handle.job.prompt.heal.decode("utf-8", errors="replace"))
 
-    def stream(self, request: CompletionRequest, timeout: Optional[float] = None) -> Iterator[CompletionUpdate]:
-        """A completion as it is written: see `stream_from`."""
-        return self.stream_from(self.submit(request), timeout)
-
-    def stream_from(self, handle: Handle, timeout: Optional[float] = None) -> Iterator[CompletionUpdate]:
+    def stream(self, handle: Handle, timeout: Optional[float] = None) -> Iterator[CompletionUpdate]:
         """Updates of a submitted request: its suggestions after each step that changed them, then
-        one last update whose `completion` is the answer `completion_from` gives (authoritative;
-        what partial texts promise is in model/streaming.py). Raises what `completion_from` raises.
+        one last update whose `completion` is the answer `result` gives (authoritative; what
+        partial texts promise is in model/streaming.py). Raises what `result` raises.
 
         Closing the iterator before the end (a reader that went away) cancels the request, which
         frees its slots at the next step.
@@ -149,7 +147,7 @@ class Engine:
         try:
             for suggestions in handle.updates(timeout):
                 yield CompletionUpdate(suggestions=list(suggestions))
-            completion = self.completion_from(handle)
+            completion = self.result(handle)
         finally:
             if not handle.done():
                 handle.cancel()
@@ -157,15 +155,7 @@ class Engine:
                  for i, s in enumerate(completion.suggestions)]
         yield CompletionUpdate(suggestions=final, completion=completion)
 
-    def complete(self, text: str, n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.9, repetition_penalty: float = 1.0, greedy: bool = False,
-                 seed: Optional[int] = None, max_time: Optional[float] = None, stop="auto") -> list[Suggestion]:
-        request = CompletionRequest(text=text, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                    greedy=greedy, seed=seed, max_time=max_time, stop=stop)
-        return self.completion(request).suggestions
-
-    def run(self, fn):
+    def run_on_model_thread(self, fn):
         """fn() on the engine's model thread, between batching steps: its result, or its exception.
 
         Torch work that shares the engine's thread shares its OpenMP pool (see threads.py);
@@ -186,7 +176,7 @@ class Engine:
 
     def classify(self, text: str, labels: Optional[list] = None) -> Classification:
         """Label probabilities: the checkpoint's classifier, or zero-shot over `labels` with the LM."""
-        return self.run(lambda: self._classify(text, labels))
+        return self.run_on_model_thread(lambda: self._classify(text, labels))
 
     def _classify(self, text: str, labels: Optional[list]) -> Classification:
         t0 = time.perf_counter()
@@ -241,7 +231,7 @@ class Engine:
         question = clean_text(question, "question", required=True)
         context = clean_text(context, "context", required=True)
         if "question-answering" in self.extra_heads:
-            result = self.run(lambda: self._extract(question, context))
+            result = self.run_on_model_thread(lambda: self._extract(question, context))
         else:
             result = self._generate_answer(question, context)
         result.timings.total_ms = (time.perf_counter() - t0) * 1000
@@ -276,7 +266,7 @@ class Engine:
     def _generate_answer(self, question: str, context: str) -> Answer:
         prompt = f"{context.strip()}\n\nQuestion: {question.strip()}\nAnswer:"
         request = CompletionRequest(text=prompt, n=1, max_new_tokens=24, greedy=True, stop=["\n"])
-        done = self.completion(request)
+        done = self.complete(request)
         best = done.suggestions[0] if done.suggestions else Suggestion(text="")
         text = best.text.strip()
         score = math.exp(sum(best.logprobs) / len(best.logprobs)) if best.logprobs else 0.0
@@ -286,7 +276,7 @@ class Engine:
 
     def score(self, text: str) -> Scores:
         """Each token of `text` with the probability and rank the model gave it."""
-        return self.run(lambda: self._score(text))
+        return self.run_on_model_thread(lambda: self._score(text))
 
     def _score(self, text: str) -> Scores:
         t0 = time.perf_counter()

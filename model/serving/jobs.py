@@ -2,6 +2,10 @@
 
 `Job` is the request's state (prompt, slots, rows being generated, accepted suggestions);
 `Handle` is what a caller holds; `Call` runs a function on the model thread between steps.
+
+Each field has one writer: the scheduler (scheduler.py) a job's slots, prefill progress, rows,
+timings and outcome; the row policy (row_policy.py) what a row generates and the suggestions
+kept; the handle the cancellation mark. The planner only reads.
 """
 
 from __future__ import annotations
@@ -33,8 +37,7 @@ class Row:
     logprobs: list = field(default_factory=list)
     text: str = ""
     finish: Optional[str] = None
-    collected: bool = False  # looked at by the job's round of distinct suggestions
-    kept: Optional[bool] = None  # once collected: whether it became a suggestion (not a duplicate or empty)
+    kept: Optional[bool] = None  # None until the finished row is collected; then whether it became a suggestion
 
 
 class Job:
@@ -56,14 +59,12 @@ class Job:
         self.prefilled = 0  # prompt tokens whose keys/values are in the base slot
         self.last_logits: Optional[torch.Tensor] = None
         self.rows: list[Row] = []
-        self.next_index = 0
         self.rounds = 0
         self.accepted: list[Suggestion] = []
         self.seen_texts: set[str] = set()
         self.cancelled = False
         self.client: Optional[str] = None  # who asked (Scheduler.submit), for the per-client bound
         self.timings = Timings()
-        self.admitted = 0.0
         self.decode_started = 0.0
         self.done = threading.Event()
         self.progress = Progress()  # snapshots for a streaming reader (progress.py)
@@ -79,8 +80,7 @@ class Job:
 
     def new_row(self, slot: int) -> Row:
         """The next row of this request, in `slot`: row i samples with seed + i."""
-        index = self.next_index
-        self.next_index += 1
+        index = len(self.rows)
         generator = None if self.settings.greedy else torch.Generator().manual_seed(self.seed + index)
         return Row(index=index, slot=slot, generator=generator, pending=self.prompt.heal)
 
@@ -98,10 +98,6 @@ class Handle:
     @property
     def job(self) -> Job:
         return self._job
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Whether the request finished within `timeout` (it keeps running if not)."""
-        return self._job.done.wait(timeout)
 
     def result(self, timeout: Optional[float] = None) -> tuple[list[Suggestion], Timings]:
         if not self._job.done.wait(timeout):
@@ -155,7 +151,6 @@ class Call:
     def __init__(self, fn):
         self.fn = fn
         self.done = threading.Event()
-        self.progress = Progress()  # snapshots for a streaming reader (progress.py)
         self.result = None
         self.error: Optional[BaseException] = None
 

@@ -16,13 +16,17 @@ chunk, and under load every answer would take as long as the whole backlog. Behi
 generation (hundreds of tokens still to go), or on a small model whose prefill is cheap, it
 goes on at once. The costs come from the engine's recent pace (backlog.py); before it is
 known, nothing waits. Younger requests never hold back older ones, so none starves.
+
+The planner only decides: it reads the queues, the requests and the slot pool, and returns a
+plan (Admissions, StepPlan) that the scheduler applies. So each field of a request has one
+writer, and a plan can be looked at before anything is changed.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 from .jobs import Job, Row
 from .slots import SlotPool
@@ -31,13 +35,40 @@ PREFILL_CHUNK = 256  # prompt tokens prefilled per step, in all
 PREFILL_BEHIND_DECODE = 32  # a younger prompt's rest this short is prefilled beside older decoding at once
 WAIT_MARGIN = 2.0  # a longer one waits only when prefilling it now costs the older requests this much more
 
+Pace = tuple[Optional[float], Optional[float]]  # seconds per prefilled token, per decode step (backlog.py)
+Chunk = tuple[Job, int, int]  # a request and the [start, end) range of its prompt to prefill
+
+
+@dataclass
+class Admission:
+    """A waiting request that gets slots now."""
+
+    job: Job
+    slots: list[int]  # the base slot first: it holds the prefill, the others are forked from it
+    reused: int  # prompt tokens the base slot already holds
+
+
+@dataclass
+class Admissions:
+    admit: list[Admission]  # oldest first
+    drop: list[Job]  # waiting requests that were cancelled or ran out of time
+
+
+@dataclass
+class StepPlan:
+    """What one step runs. The rows to decode are asked for after the prefill (decoding_rows),
+    as a request whose prompt this step finishes decodes its first token in the same step."""
+
+    stop: list[Job]  # running requests that were cancelled or ran out of time
+    prefill: list[list[Chunk]]  # one group per chunk length, each run as one batch
+
 
 def steps_left(job: Job) -> int:
     """Decode steps until a decoding request's current rows have all reached max_new_tokens."""
     return max((job.max_new_tokens - len(row.tokens) for row in job.live_rows()), default=0)
 
 
-def should_wait(left: int, older: list[Job], pace: tuple[Optional[float], Optional[float]]) -> bool:
+def should_wait(left: int, older: list[Job], pace: Pace) -> bool:
     """Whether a prompt with `left` tokens to prefill should wait for the `older` requests to
     finish decoding: prefilling it now delays each of them by its prefill time, waiting delays it
     by their remaining decode steps. It waits only when prefilling now costs WAIT_MARGIN times
@@ -53,47 +84,44 @@ def should_wait(left: int, older: list[Job], pace: tuple[Optional[float], Option
 class Planner:
     def __init__(self, pool: SlotPool):
         self.pool = pool
+        # The queues planned over, oldest first; only the scheduler moves requests in and out.
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def admit(self, now: float) -> tuple[list[Job], list[Job]]:
-        """Give slots to waiting requests, oldest first: (the requests admitted, the waiting ones
-        that were cancelled or ran out of time, for the caller to finish)."""
-        admitted, dropped, blocked = [], [], False
-        for job in list(self.waiting):
+    def admit(self, now: float) -> Admissions:
+        """Which waiting requests get slots, oldest first while the pool has room, and which
+        waiting ones were cancelled or ran out of time."""
+        plan, taken, blocked = Admissions([], []), set(), False
+        for job in self.waiting:
             if job.cancelled or job.out_of_time(now):
-                self.waiting.remove(job)
-                dropped.append(job)
+                plan.drop.append(job)
                 continue
             if blocked:
                 continue  # first come, first served: later requests wait behind the blocked one
-            got = self.pool.acquire(job.prompt.tokens, job.n)
+            got = self.pool.choose(job.prompt.tokens, job.n, taken)
             if got is None:
                 blocked = True
                 continue
-            self.waiting.remove(job)
-            job.slots, job.prefilled = got
-            job.admitted = time.perf_counter()
-            job.timings.queue_ms = (job.admitted - job.submitted) * 1000
-            job.timings.tokens_reused = job.prefilled
-            self.running.append(job)
-            admitted.append(job)
-        return admitted, dropped
+            taken.update(got[0])
+            plan.admit.append(Admission(job, *got))
+        return plan
 
-    def stopped(self, now: float) -> list[Job]:
-        """Running requests that were cancelled or ran out of time."""
-        return [job for job in self.running if job.cancelled or job.out_of_time(now)]
+    def step(self, now: float, pace: Pace = (None, None)) -> StepPlan:
+        """The running requests to stop, and the prompt chunks to prefill in this step."""
+        stop = [job for job in self.running if job.cancelled or job.out_of_time(now)]
+        return StepPlan(stop, self.prefill_chunks(pace, skip=stop))
 
-    def prefill_chunks(self, pace: tuple[Optional[float], Optional[float]] = (None, None)
-                       ) -> list[list[tuple[Job, int, int]]]:
+    def prefill_chunks(self, pace: Pace = (None, None), skip: Sequence[Job] = ()) -> list[list[Chunk]]:
         """Groups of (job, start, end) prompt ranges to prefill this step, one group per chunk length.
         The budget goes to the oldest requests first; a prompt younger than a decoding request
-        waits while waiting is cheaper (`pace`: seconds per prefilled token, per decoding step)."""
+        waits while waiting is cheaper (`pace`). Requests in `skip` are being stopped."""
         budget, older, groups = PREFILL_CHUNK, [], {}
         for job in self.running:  # oldest first
+            if job in skip:
+                continue
             if job.last_logits is not None:
                 older.append(job)
                 continue
@@ -108,7 +136,3 @@ class Planner:
     def decoding_rows(self) -> list[tuple[Job, Row]]:
         """Every live row that has a token to feed back: one decode token each this step."""
         return [(job, row) for job in self.running for row in job.live_rows() if row.tokens]
-
-    def remove(self, job: Job) -> None:
-        if job in self.running:
-            self.running.remove(job)

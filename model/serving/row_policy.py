@@ -78,9 +78,8 @@ class RowPolicy:
     def collect(job: Job) -> int:
         """Keep the finished rows' distinct, non-empty suggestions; how many are still missing."""
         for row in sorted(job.rows, key=lambda r: r.index):
-            if row.collected or row.finish is None:
+            if row.kept is not None or row.finish is None:
                 continue
-            row.collected = True
             key = suggestion_key(row.text)
             row.kept = bool(key and key not in job.seen_texts and len(job.accepted) < job.n)
             if row.kept:

@@ -1,10 +1,11 @@
 """Continuous batching over the static KV cache: the loop that ties the parts together.
 
 The model thread (threads.py) gives the scheduler turns. Each turn runs the calls waiting for
-the model thread, admits requests and takes one step: the planner (planner.py) says what runs,
-the runner (runner.py) runs the network on it, the row policy (row_policy.py) picks tokens and
-decides when rows and requests are done, and the slot pool (slots.py) records what each slot
-holds. A request that arrives mid-way joins at the next step; a cancelled or timed-out request
+the model thread, admits requests and takes one step: the planner (planner.py) decides what runs
+and the scheduler applies its plans, the runner (runner.py) runs the network on them, the row
+policy (row_policy.py) picks tokens and decides when rows and requests are done, and the slot
+pool (slots.py) records what each slot holds. The scheduler alone writes a request's slots,
+prefill progress, rows and timings, and its own counters. A request that arrives mid-way joins at the next step; a cancelled or timed-out request
 frees its slots at the next step.
 """
 
@@ -25,7 +26,7 @@ from .backlog import Backlog
 from .decode_graph import FixedShapeDecoder
 from .jobs import Call, Handle, Job, Row
 from .kv_cache import KVCache
-from .planner import Planner
+from .planner import Admissions, Chunk, Planner
 from .progress import snapshot
 from .row_policy import RowPolicy
 from .runner import ModelRunner
@@ -35,8 +36,6 @@ from .threads import model_thread
 log = logging.getLogger(__name__)
 
 EXTRA_ROUNDS = 2  # rounds of replacement rows for empty or duplicate suggestions
-
-__all__ = ["Call", "Handle", "Job", "Scheduler"]
 
 
 class Scheduler:
@@ -51,7 +50,6 @@ class Scheduler:
         self.max_waiting_per_client = max_waiting_per_client or None
         self.max_wait_s = max_wait_s or None
         self.backlog = Backlog()
-        self.cache = cache
         self.pool = SlotPool(cache.slots)
         self.planner = Planner(self.pool)
         self.runner = ModelRunner(model, cache, fixed_shape)
@@ -96,7 +94,8 @@ class Scheduler:
             return
         live = self._live_waiting(time.perf_counter())
         if self.max_wait_s:
-            behind = self.backlog.expected_wait(live + self.planner.running)
+            # a cancelled request (say, the keystroke this one supersedes) leaves at the next step
+            behind = self.backlog.expected_wait(live + [j for j in self.planner.running if not j.cancelled])
             if behind is not None and behind > self.max_wait_s:
                 amount = f"{behind:.1f}" if behind < 10 else f"{behind:.0f}"  # never "about 0 s"
                 raise Busy(f"busy: {self.name} is about {amount} s behind; try again in a moment")
@@ -154,11 +153,8 @@ class Scheduler:
                 self._shut_down()
                 return
             calls, self._calls = list(self._calls), deque()
-            admitted, dropped = self.planner.admit(time.perf_counter())
-            for job in dropped:
-                self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
+            admitted = self._admit(self.planner.admit(time.perf_counter()))
         self._copy_prefixes(admitted)
-        self.counters["tokens_reused"] += sum(job.prefilled for job in admitted)
         for call in calls:
             call.run()
         if not self.planner.running:
@@ -175,22 +171,38 @@ class Scheduler:
                 self._finish(job, error=WWTError(f"internal error while generating: {e.__class__.__name__}"))
         self.backlog.turn(time.perf_counter() - started, self.backlog.counted_seconds() - counted)
 
+    def _admit(self, plan: Admissions) -> list[Job]:
+        """(under the lock) Apply the planner's admissions: finish the dropped requests, give the
+        admitted ones their slots and start them. The admitted requests."""
+        for job in plan.drop:
+            self.planner.waiting.remove(job)
+            self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
+        now = time.perf_counter()
+        for a in plan.admit:
+            self.planner.waiting.remove(a.job)
+            self.pool.reserve(a.slots, a.reused)
+            a.job.slots, a.job.prefilled = a.slots, a.reused
+            a.job.timings.queue_ms = (now - a.job.submitted) * 1000
+            self.planner.running.append(a.job)
+        return [a.job for a in plan.admit]
+
     def _copy_prefixes(self, admitted: list[Job]) -> None:
         """Copy into each new request's base slot the prefix another slot holds (a running request
-        of the same document), before any step can write over it."""
+        of the same document), before any step can write over it; count the tokens reused."""
         for job in admitted:
             donor = self.pool.donor(job.prompt.tokens, job.base)
-            if donor is None:
-                continue
-            src, upto = donor
-            try:
-                with torch.inference_mode():
-                    self.runner.fork(src, job.base, upto, start=job.prefilled)
-            except Exception:  # then the prompt is prefilled as if no slot held it
-                log.exception("copying a prefix between slots failed")
-                continue
-            self.pool.wrote(job.base, job.prompt.tokens[:upto])
-            job.prefilled = job.timings.tokens_reused = upto
+            if donor is not None:
+                src, upto = donor
+                try:
+                    with torch.inference_mode():
+                        self.runner.fork(src, job.base, upto, start=job.prefilled)
+                except Exception:  # then the prompt is prefilled as if no slot held it
+                    log.exception("copying a prefix between slots failed")
+                else:
+                    self.pool.wrote(job.base, job.prompt.tokens[:upto])
+                    job.prefilled = upto
+            job.timings.tokens_reused = job.prefilled
+            self.counters["tokens_reused"] += job.prefilled
 
     def _shut_down(self) -> None:
         for job in list(self.planner.waiting) + self.planner.running:
@@ -204,7 +216,8 @@ class Scheduler:
         self._gone.set()
 
     def _step(self) -> None:
-        for job in self.planner.stopped(time.perf_counter()):
+        plan = self.planner.step(time.perf_counter(), self.backlog.pace())
+        for job in plan.stop:
             reason = "cancelled" if job.cancelled else "time"
             for row in job.live_rows():
                 self.policy.end(job, row, reason)
@@ -212,15 +225,15 @@ class Scheduler:
                 self._finish(job, error=Cancelled("the request was cancelled"))
             else:
                 self._complete_round(job)
-        self._prefill()
-        self._decode()
+        self._prefill(plan.prefill)
+        self._decode(self.planner.decoding_rows())
         self.counters["steps"] += 1
         for job in self.planner.running:  # streaming readers see the step's tokens now (progress.py)
             if job.progress.watched:
                 job.progress.publish(snapshot(job))
 
-    def _prefill(self) -> None:
-        for group in self.planner.prefill_chunks(self.backlog.pace()):
+    def _prefill(self, groups: list[list[Chunk]]) -> None:
+        for group in groups:
             t0 = time.perf_counter()
             done = [b for b, (job, _, end) in enumerate(group) if end == len(job.prompt.tokens)]
             logits = self.runner.prefill([job.prompt.tokens[start:end] for job, start, end in group],
@@ -255,8 +268,7 @@ class Scheduler:
         if started:
             self.policy.take([(job, row) for row in started], job.last_logits.expand(len(started), -1))
 
-    def _decode(self) -> None:
-        rows = self.planner.decoding_rows()
+    def _decode(self, rows: list[tuple[Job, Row]]) -> None:
         if not rows:
             return
         t0 = time.perf_counter()
@@ -299,7 +311,8 @@ class Scheduler:
         if job.done.is_set():
             return
         now = time.perf_counter()
-        self.planner.remove(job)
+        if job in self.planner.running:
+            self.planner.running.remove(job)
         if job.slots:  # the base slot stays usable as the document's prefix; the copies become spares
             self.pool.release(job.slots, keep=job.base)
         if job.decode_started:

@@ -12,6 +12,9 @@ prefix, the others become spares that are given away first.
 A slot still busy can give its prefix too: when a document's next keystroke arrives while its
 previous request is still running, the new request's slot copies the keys/values it shares
 with the running one's (a copy of memory) instead of prefilling them (donor()).
+
+The planner chooses slots (choose(), which changes nothing); the scheduler reserves them and
+records what it writes into them (reserve(), wrote(), appended(), release()).
 """
 
 from __future__ import annotations
@@ -97,14 +100,15 @@ class SlotPool:
             return max(harmless, key=lambda i: (reuse[i], -self._last_used[i]))
         return min(free, key=lambda i: (self._last_used[i], -reuse[i]))
 
-    def acquire(self, prompt: list[int], n: int) -> Optional[tuple[list[int], int]]:
-        """Reserve `n` slots for `prompt`: (slots, the base first; tokens the base already holds) or None.
+    def choose(self, prompt: list[int], n: int, taken=()) -> Optional[tuple[list[int], int]]:
+        """The `n` free slots, besides those in `taken`, that `prompt` would get: (slots, the base
+        first; tokens the base already holds) or None. Changes nothing: reserve() does.
 
         The base holds the prefill; the others are forked from it, copying only what they do not
         already share with the prompt, so they are chosen among slots that destroy nothing first,
         then least recently used.
         """
-        free = self.free()
+        free = [i for i in self.free() if i not in taken]
         if len(free) < n:
             return None
         base = self._base_choice(free, prompt)
@@ -116,16 +120,26 @@ class SlotPool:
             return 0, -shared, self._last_used[i]
 
         chosen = [base] + sorted((i for i in free if i != base), key=fork_order)[:n - 1]
-        for i in chosen:
+        return chosen, min(common_prefix(self._tokens[base], prompt), len(prompt) - 1)
+
+    def reserve(self, slots: list[int], reused: int) -> None:
+        """Make `slots` (from choose) busy; the base keeps only the `reused` tokens of the prompt."""
+        for i in slots:
             self._busy[i] = True
             self._spare[i] = False
-        reuse = min(common_prefix(self._tokens[base], prompt), len(prompt) - 1)
-        self._tokens[base] = self._tokens[base][:reuse]
-        self._prompt_len[base] = min(self._prompt_len[base], reuse)
-        return chosen, reuse
+        base = slots[0]
+        self._tokens[base] = self._tokens[base][:reused]
+        self._prompt_len[base] = min(self._prompt_len[base], reused)
+
+    def acquire(self, prompt: list[int], n: int) -> Optional[tuple[list[int], int]]:
+        """choose() and reserve() at once (the tests' shorthand)."""
+        got = self.choose(prompt, n)
+        if got is not None:
+            self.reserve(*got)
+        return got
 
     def donor(self, prompt: list[int], base: int) -> Optional[tuple[int, int]]:
-        """A slot, busy or not, holding a longer prefix of `prompt` than `base` (just acquired for
+        """A slot, busy or not, holding a longer prefix of `prompt` than `base` (just reserved for
         it) does: (that slot, the tokens to copy from it into `base`), or None."""
         cap = len(prompt) - 1
         shared = {i: min(common_prefix(t, prompt), cap) for i, t in enumerate(self._tokens) if i != base}

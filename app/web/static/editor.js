@@ -243,27 +243,6 @@ function cancelStream() {
   if (streaming) { streaming.abort(); streaming = null; }
 }
 
-function timingText(model, t) {
-  // The same line as render.timing_text on the server.
-  const parts = [model, Math.round(t.total_ms || 0) + " ms"];
-  if (t.tokens_decoded) parts.push(t.tokens_decoded + " tokens decoded");
-  if (t.tokens_prefilled || t.tokens_reused) parts.push((t.tokens_prefilled || 0) + " prefilled, " + (t.tokens_reused || 0) + " reused");
-  if (t.source && t.source !== "engine") parts.push("from " + t.source);
-  return parts.join(" · ");
-}
-
-function fromDone(result, asked) {
-  // The stream's last word, in the shape server.suggest answers with.
-  const items = (result.suggestions || []).map((x) => ({text: x.text, finish: x.finish_reason}))
-                                          .filter((x) => x.text);
-  if (!items.length) {
-    return {ok: false, error: result.model + " had nothing to suggest here; try again or change the settings"};
-  }
-  const t = result.timings || {};
-  return {ok: true, model: result.model, ms: t.total_ms || 0, suggestions: items, info: timingText(result.model, t),
-          asked: asked};
-}
-
 async function streamSuggest(body, onPartial) {
   // -> the answer, {aborted: true} when cancelled, or null when the route cannot stream here.
   const control = new AbortController();
@@ -297,8 +276,11 @@ async function streamSuggest(body, onPartial) {
         if (!data) continue;
         const event = JSON.parse(data);
         if (event.type === "partial") { if (!gone()) onPartial(event.suggestions || []); }
-        else if (event.type === "done") { control.abort(); return fromDone(event.result || {}, body.n); }
-        else if (event.type === "error") { control.abort(); return {ok: false, error: event.error || "no answer"}; }
+        else if (event.type === "done" || event.type === "error") {
+          // The answer in the one shape the Tab's call answers with too (render.page_answer).
+          control.abort();
+          return event.answer || {ok: false, error: event.error || "no answer"};
+        }
       }
     }
     return gone() ? {aborted: true} : {ok: false, error: "the answer was cut off; try again"};
