@@ -331,35 +331,33 @@ def test_tab_again_adds_fresh_suggestions_and_keeps_the_earlier_ones(app):
     app.page.keyboard.type(" Later")
     first = _wait_for_answer(app)
 
+    def rewrite(value):
+        """Every suggestion list in an answer: one that repeats the first answer's first suggestion
+        is written differently, so that one is sure to stay in the list as an older item."""
+        if isinstance(value, list):
+            for x in value:
+                rewrite(x)
+        elif isinstance(value, dict):
+            for key, x in value.items():
+                if key == "suggestions" and isinstance(x, list):
+                    for s in x:
+                        if s.get("text") == first[0]:
+                            s["text"] = _unlike(s["text"], set(first) | {y.get("text") for y in x})
+                else:
+                    rewrite(x)
+        return value
+
     def fresh_unlike_the_first(route):
-        """The second answer, with a suggestion that repeats the first answer's first one written
-        differently: that one is then sure to stay in the list as an older item."""
         response = route.fetch()
-        taken = set(first)
-
-        def rewrite(suggestions):
-            for x in suggestions:
-                if x["text"] == first[0]:
-                    x["text"] = _unlike(x["text"], taken | {y["text"] for y in suggestions})
-            return suggestions
-
         if "component_server" in route.request.url:
-            body = response.json()
-            rewrite(body["suggestions"])
-            route.fulfill(response=response, json=body)
+            route.fulfill(response=response, json=rewrite(response.json()))
             return
         events = []
         for block in response.text().split("\n\n"):
             if not block.strip():
                 continue
             name, data = (line.split(": ", 1)[1] for line in block.splitlines())
-            event = json.loads(data)
-            if event["type"] == "partial":
-                rewrite(event["suggestions"])
-            if event["type"] == "done":
-                rewrite(event["result"]["suggestions"])
-            events.append(f"event: {name}\ndata: {json.dumps(event)}\n\n")
-        print("DEBUG", first, events)
+            events.append(f"event: {name}\ndata: {json.dumps(rewrite(json.loads(data)))}\n\n")
         route.fulfill(response=response, body="".join(events))
 
     app.page.route(is_suggest, fresh_unlike_the_first)

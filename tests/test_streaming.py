@@ -17,6 +17,7 @@ import pytest
 
 from app.backends.local import LocalBackend
 from model import Engine
+from model.serving.engine_config import EngineConfig
 from model.errors import Cancelled, RequestTimeout
 from model.network.tiny import make_tiny_model
 from model.streaming import GrowOnly
@@ -148,6 +149,12 @@ def test_an_unwatched_request_builds_no_snapshots(make_engine):
 @pytest.fixture
 def slow_local(tiny_gpt2):
     """A LocalBackend whose engine is slowed down and records the handle of each request."""
+    backend = make_slow_local(tiny_gpt2)
+    yield backend
+    backend.close()
+
+
+def make_slow_local(tiny_gpt2, engine_config=None):
     engines, handles = [], []
 
     def factory(source, **kwargs):
@@ -164,11 +171,11 @@ def slow_local(tiny_gpt2):
         engines.append(engine)
         return engine
 
-    backend = LocalBackend([f"tiny={tiny_gpt2}"], device=DEVICE, slots=8, engine_factory=factory)
+    backend = LocalBackend([f"tiny={tiny_gpt2}"], device=DEVICE, slots=8, engine_factory=factory,
+                           engine_config=engine_config)
     backend.handles = handles
     backend.engine("tiny")
-    yield backend
-    backend.close()
+    return backend
 
 
 def test_local_backend_streams_partials_then_the_answer(slow_local):
@@ -280,13 +287,10 @@ def test_http_stream_bad_input_is_one_readable_error_event(served, body, kind, w
 @pytest.fixture
 def in_process(slow_local):
     """The real app (build_app, mounted routes) in this process, over the slowed embedded backend."""
-    from app.server import app_kwargs, build_app
+    from ui_support import launch_in_process
 
-    demo = build_app(slow_local)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                app_kwargs=app_kwargs(slow_local))
-    yield f"http://127.0.0.1:{port}/", slow_local
+    demo, url = launch_in_process(slow_local)
+    yield url, slow_local
     demo.close()
 
 
@@ -368,21 +372,25 @@ def test_a_reader_that_goes_away_stops_the_task_on_its_worker(queue):
     assert wait_until(lambda: worker_stats(client, node).get("done", 0) > done)
 
 
-def test_http_stream_past_the_waiting_bound_is_one_busy_error_event(in_process):
-    url, backend = in_process
+def test_http_stream_past_the_waiting_bound_is_one_busy_error_event(tiny_gpt2):
+    from ui_support import launch_in_process
+
+    # one waiting place, and no pace bound, so the refusal is the waiting bound's
+    backend = make_slow_local(tiny_gpt2, EngineConfig(max_waiting=1, max_wait_s=None))
+    demo, url = launch_in_process(backend)
     engine = backend.engine("tiny")
-    engine.scheduler.max_waiting = 1
     running = engine.submit(CompletionRequest(STORY, n=8, greedy=True, max_new_tokens=100, stop=None))
     assert wait_until(lambda: len(engine.scheduler.pool.busy()) == 8)
     waiting = engine.submit(CompletionRequest("Hello", n=1, max_new_tokens=4))
     try:
         with post_stream(url, {"before": "Once upon", "model": "tiny"}) as response:
             events = list(read_events(response))
-        assert events == [{"type": "error", "kind": "busy",
-                           "error": "busy: 1 request is waiting for tiny; try again in a moment"}]
+        busy = "busy: 1 request is waiting for tiny; try again in a moment"
+        assert events == [{"type": "error", "kind": "busy", "error": busy, "answer": {"ok": False, "error": busy}}]
         assert not running.done()
     finally:
         running.cancel()
         waiting.cancel()
-        engine.scheduler.max_waiting = None
+        demo.close()
     assert idle(engine)
+    backend.close()

@@ -99,6 +99,11 @@ class Handle:
     def job(self) -> Job:
         return self._job
 
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Whether the request finished within `timeout` (it keeps running if not): a worker waits in
+        short slices and looks for a cancellation mark between them."""
+        return self._job.done.wait(timeout)
+
     def result(self, timeout: Optional[float] = None) -> tuple[list[Suggestion], Timings]:
         if not self._job.done.wait(timeout):
             self.cancel()

@@ -5,8 +5,8 @@ the model thread, admits requests and takes one step: the planner (planner.py) d
 and the scheduler applies its plans, the runner (runner.py) runs the network on them, the row
 policy (row_policy.py) picks tokens and decides when rows and requests are done, and the slot
 pool (slots.py) records what each slot holds. The scheduler alone writes a request's slots,
-prefill progress, rows and timings, and its own counters. A request that arrives mid-way joins at the next step; a cancelled or timed-out request
-frees its slots at the next step.
+prefill progress, rows and timings, and its own counters. A request that arrives mid-way joins
+at the next step; a cancelled or timed-out request frees its slots at the next step.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class Scheduler:
 
     def _admit(self, plan: Admissions) -> list[Job]:
         """(under the lock) Apply the planner's admissions: finish the dropped requests, give the
-        admitted ones their slots and start them. The admitted requests."""
+        admitted ones their slots and make them run. Returns the admitted requests."""
         for job in plan.drop:
             self.planner.waiting.remove(job)
             self._finish(job, error=Cancelled("the request was cancelled") if job.cancelled else None)
