@@ -36,11 +36,13 @@ class AppConfig:
     affinity: bool = True                        # celery: route a document to the worker holding it
     cache_ttl_s: float = 3600.0                  # celery: the suggestion cache
     cache_max_entries: int = 20000
+    queue: Optional[object] = None               # celery: workers.queues.QueueConfig (None: its defaults)
 
     @classmethod
     def from_settings(cls, models: Optional[list] = None, **given) -> "AppConfig":
         """The registry's values; `models` (say, --model flags) instead of WWT_MODELS, and `given`
-        (flags such as backend, redis_url, device, dtype) where they are not None."""
+        (flags such as backend, redis_url, device, dtype) where they are not None. A value that
+        cannot be used is a SettingError, or QueueMisconfigured (a WWTError), naming the variable."""
         config = cls(
             backend=settings.get("WWT_BACKEND"),
             models=tuple(settings.model_specs(models)),
@@ -61,7 +63,12 @@ class AppConfig:
             cache_ttl_s=settings.get_float("WWT_CACHE_TTL_S"),
             cache_max_entries=settings.get_int("WWT_CACHE_MAX_ENTRIES"),
         )
-        return config.with_(**{k: v for k, v in given.items() if v is not None})
+        config = config.with_(**{k: v for k, v in given.items() if v is not None})
+        if config.backend == "celery":  # the time limits the app's Celery client shares with the workers
+            from workers.queues import QueueConfig
+
+            config = config.with_(queue=QueueConfig.from_settings())
+        return config
 
     def with_(self, **changes) -> "AppConfig":
         return replace(self, **changes)

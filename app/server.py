@@ -84,14 +84,14 @@ def _stop_like_ctrl_c(signum, frame) -> None:
 
 def serve(args) -> int:
     setup_logging()
-    config = AppConfig.from_settings(getattr(args, "model", None), backend=args.backend,
-                                     redis_url=getattr(args, "redis_url", None), device=getattr(args, "device", None),
-                                     dtype=getattr(args, "dtype", None))
     try:
+        config = AppConfig.from_settings(getattr(args, "model", None), backend=args.backend,
+                                         redis_url=getattr(args, "redis_url", None),
+                                         device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
         backend = prepare_backend(config)
     except WWTError as e:
         print(f"error: {e.text_for(OPERATOR)}", file=sys.stderr)
-        if config.backend == "local":
+        if args.backend == "local":
             print(HINT, file=sys.stderr)
         return 2
     from .web.ui import launch_kwargs

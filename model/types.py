@@ -96,6 +96,18 @@ class Timings(_JSON):
     source: str = "engine"  # engine | cache | cache-incremental
     worker: str = ""  # the Celery worker that answered, in the distributed mode
 
+    def summary(self, model: str) -> str:
+        """'gpt2 · 84 ms · 12 tokens decoded · 5 prefilled, 40 reused' — the line every answer carries,
+        formatted here only (the page shows the server's line as it is)."""
+        parts = [model, f"{self.total_ms:.0f} ms"]
+        if self.tokens_decoded:
+            parts.append(f"{self.tokens_decoded} tokens decoded")
+        if self.tokens_prefilled or self.tokens_reused:
+            parts.append(f"{self.tokens_prefilled} prefilled, {self.tokens_reused} reused")
+        if self.source and self.source != "engine":
+            parts.append(f"from {self.source}")
+        return " · ".join(parts)
+
 
 @dataclass
 class Completion(_JSON):

@@ -53,7 +53,7 @@ def test_one_client_holds_at_most_its_share_of_the_waiting_list(make_engine):
 def test_the_backlog_estimate_is_the_work_left_in_the_engine_over_its_recent_rates():
     from types import SimpleNamespace
 
-    from model.serving.backlog import WINDOW_S, Backlog
+    from model.serving.planner import WINDOW_S, Backlog
 
     now = [100.0]
     backlog = Backlog(clock=lambda: now[0])

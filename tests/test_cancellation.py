@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 
 from model.errors import Cancelled, RequestTimeout
+from model.serving.engine_config import EngineConfig
 from model.types import CompletionRequest
 from model_support import STORY, assert_good_suggestions, hold_every_slot, idle, suggest, wait_until
 
 
 def test_cancel_frees_the_slots(make_engine):
-    engine = make_engine(slots=4, delay=0.005)
+    # The slowed running request puts this engine ~0.7 s behind, near the 1 s pace bound: not what is tested here.
+    engine = make_engine(slots=4, delay=0.005, config=EngineConfig(max_wait_s=None))
     pool = engine.scheduler.pool
     running = engine.submit(CompletionRequest(STORY, n=3, greedy=True, max_new_tokens=100, stop=None))
     assert wait_until(lambda: len(pool.busy()) == 3)
@@ -30,7 +32,8 @@ def test_cancel_frees_the_slots(make_engine):
 
 def test_cancel_behind_a_waiting_request_is_prompt(make_engine):
     """A cancelled or timed-out request that waits behind another waiting one is answered at once."""
-    engine = make_engine(slots=4, delay=0.005)
+    # The slowed running request puts this engine ~0.7 s behind, near the 1 s pace bound: not what is tested here.
+    engine = make_engine(slots=4, delay=0.005, config=EngineConfig(max_wait_s=None))
     pool = engine.scheduler.pool
     running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))
     assert wait_until(lambda: len(pool.busy()) == 4)
@@ -76,7 +79,8 @@ def test_max_time_returns_partial_suggestions(make_engine):
 
 
 def test_time_spent_waiting_counts_toward_max_time(make_engine):
-    engine = make_engine(slots=4, delay=0.005)
+    # The slowed running request puts this engine ~0.7 s behind, near the 1 s pace bound: not what is tested here.
+    engine = make_engine(slots=4, delay=0.005, config=EngineConfig(max_wait_s=None))
     running = hold_every_slot(engine)
     limited = engine.submit(CompletionRequest("Once upon", n=1, greedy=True, max_new_tokens=50, max_time=0.3))
     assert limited.job.deadline == pytest.approx(limited.job.submitted + 0.3)

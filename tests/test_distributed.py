@@ -19,8 +19,8 @@ from app.backends.celery import CeleryBackend
 from model.errors import Cancelled, BackendUnavailable, BadRequest, NoWorker, UnknownModel
 from model.network.tiny import make_tiny_model
 from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, Suggestion
-from workers.queues import QueueMisconfigured, queue_name, redact
-from workers.registry import heartbeat_settings, live_workers
+from workers.queues import QueueConfig, QueueMisconfigured, queue_name, redact
+from workers.registry import live_workers
 from workers.suggestion_cache import SuggestionCache
 
 from dist_support import ROOT, Worker, total_tasks, wait_for, worker_stats
@@ -502,15 +502,22 @@ def test_time_limits_are_checked_for_consistency(monkeypatch):
     monkeypatch.setenv("WWT_VISIBILITY_TIMEOUT", "10")
     monkeypatch.setenv("WWT_TASK_TIME_LIMIT", "30")
     with pytest.raises(QueueMisconfigured, match="the queue is misconfigured: WWT_VISIBILITY_TIMEOUT"):
-        make_app("redis://127.0.0.1:1/0")
+        QueueConfig.from_settings()
+    with pytest.raises(QueueMisconfigured, match="WWT_VISIBILITY_TIMEOUT"):
+        QueueConfig(time_limit=30, visibility_timeout=10)  # built directly, checked the same way
     monkeypatch.setenv("WWT_TASK_TIME_LIMIT", "soon")
     with pytest.raises(QueueMisconfigured, match="WWT_TASK_TIME_LIMIT must be a number, not 'soon'"):
-        make_app("redis://127.0.0.1:1/0")
+        QueueConfig.from_settings()
     monkeypatch.setenv("WWT_TASK_TIME_LIMIT", "3")
+    monkeypatch.setenv("WWT_TASK_SOFT_TIME_LIMIT", "2")
     monkeypatch.setenv("WWT_HEARTBEAT_S", "5")
     monkeypatch.setenv("WWT_HEARTBEAT_TTL_S", "4")
     with pytest.raises(QueueMisconfigured, match="WWT_HEARTBEAT_TTL_S"):
-        heartbeat_settings()
+        QueueConfig.from_settings()
+    monkeypatch.delenv("WWT_HEARTBEAT_TTL_S")
+    monkeypatch.delenv("WWT_VISIBILITY_TIMEOUT")
+    conf = make_app("redis://127.0.0.1:1/0", QueueConfig.from_settings()).conf  # what was read is what is used
+    assert conf.task_time_limit == 3 and conf.broker_transport_options["visibility_timeout"] == 13
 
 
 MISCONFIGURED = {"WWT_TASK_SOFT_TIME_LIMIT": "5", "WWT_TASK_TIME_LIMIT": "10", "WWT_VISIBILITY_TIMEOUT": "5"}

@@ -120,7 +120,8 @@ def test_engines_of_a_process_share_one_model_thread(make_engine, tiny_openai):
     from model.serving.threads import model_thread
 
     a, b = make_engine(slots=4), make_engine(path=tiny_openai, slots=4)
-    assert a.run_on_model_thread(threading.current_thread) is b.run_on_model_thread(threading.current_thread) is model_thread(torch.device("cpu")).thread
+    thread_a, thread_b = a.run_on_model_thread(threading.current_thread), b.run_on_model_thread(threading.current_thread)
+    assert thread_a is thread_b is model_thread(torch.device("cpu")).thread
     assert model_thread(torch.device("cuda")) is not model_thread(torch.device("cpu"))  # GPUs keep their own
     expected = {e: ids(suggest(e, STORY, n=2, greedy=True, max_new_tokens=8, stop=None)) for e in (a, b)}
     results, errors = {}, []

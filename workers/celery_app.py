@@ -12,47 +12,18 @@ from __future__ import annotations
 
 from celery import Celery
 
-from model import settings
+from .queues import TASK_NAME, QueueConfig, QueueMisconfigured, queue_name, redis_url
 
-from .queues import TASK_NAME, QueueMisconfigured, queue_name, redis_url
-
-__all__ = ["TASK_NAME", "QueueMisconfigured", "make_app", "queue_name", "time_limits"]
+__all__ = ["TASK_NAME", "QueueConfig", "QueueMisconfigured", "make_app", "queue_name"]
 
 
-def _seconds(name: str, default=None) -> float:
-    try:
-        return settings.get_float(name) if default is None else settings.get_float(name, default=default)
-    except settings.SettingError as e:
-        raise QueueMisconfigured(str(e)) from None
-
-
-def time_limits() -> dict:
-    """Soft and hard task limits, the visibility timeout and the restore sweep, checked for consistency."""
-    soft = _seconds("WWT_TASK_SOFT_TIME_LIMIT")
-    hard = _seconds("WWT_TASK_TIME_LIMIT")
-    if not 0 < soft <= hard:
-        raise QueueMisconfigured(f"WWT_TASK_SOFT_TIME_LIMIT ({soft:g}) must be positive and at most "
-                                 f"WWT_TASK_TIME_LIMIT ({hard:g})")
-    # Defaults chosen so that redelivery can help a waiting caller: with the default request
-    # timeout (60 s), a task whose worker died is handed to another worker after
-    # visibility + one sweep (20 + 10 + 5 = 35 s) and decodes for at most the soft limit (15 s).
-    visibility = _seconds("WWT_VISIBILITY_TIMEOUT", default=hard + 10)
-    if visibility <= hard:
-        # Redis has no real acknowledgements: a task not acknowledged within the visibility
-        # timeout is handed to another worker. If that could happen while the first worker is
-        # still legitimately running it (within its hard limit), every long task would run twice.
-        raise QueueMisconfigured(f"WWT_VISIBILITY_TIMEOUT ({visibility:g} s) must be longer than "
-                                 f"WWT_TASK_TIME_LIMIT ({hard:g} s)")
-    restore = _seconds("WWT_RESTORE_INTERVAL", default=min(5.0, visibility / 4))
-    return {"soft": soft, "hard": hard, "visibility": visibility, "restore": max(0.1, restore)}
-
-
-def make_app(url: str | None = None) -> Celery:
-    """A Celery app for one Redis URL (password included: redis://:PASSWORD@host:6379/0).
-
-    Raises QueueMisconfigured (a WWTError) when the time-limit settings contradict each other."""
+def make_app(url: str | None = None, queue: QueueConfig | None = None) -> Celery:
+    """A Celery app for one Redis URL (password included: redis://:PASSWORD@host:6379/0) and the
+    queue's configuration (default: the registry's defaults; QueueConfig checks its consistency)."""
     url = redis_url(url)
-    limits = time_limits()
+    queue = queue or QueueConfig()
+    limits = {"soft": queue.soft_time_limit, "hard": queue.time_limit, "visibility": queue.visibility_timeout,
+              "restore": queue.restore_interval}
     app = Celery("wwt", broker=url, backend=url, set_as_current=False)
     app.conf.update(
         # Requests and results cross the queue as plain JSON (model.types to_dict/from_dict);
@@ -80,9 +51,9 @@ def make_app(url: str | None = None) -> Celery:
         task_soft_time_limit=limits["soft"],
         task_time_limit=limits["hard"],
         # Results are read once, at once, by the app; keep them only long enough for that.
-        result_expires=int(_seconds("WWT_RESULT_EXPIRES")),
+        result_expires=int(queue.result_expires),
         broker_transport_options={
-            # Longer than the hard limit (checked in time_limits): only a task whose worker
+            # Longer than the hard limit (checked by QueueConfig): only a task whose worker
             # died is ever redelivered.
             "visibility_timeout": limits["visibility"],
             # How often a worker sweeps for tasks abandoned by a dead worker; every sweep
@@ -117,11 +88,13 @@ _default_app = None
 
 
 def __getattr__(name: str):
-    """`workers.celery_app.app` (what `celery -A workers.celery_app ...` looks for): built on first
-    access from WWT_REDIS_URL, never at import. Connects lazily."""
+    """`workers.celery_app.app` (what `celery -A workers.celery_app ...` looks for, an entry point of
+    its own): built on first access from the settings registry, never at import. Connects lazily."""
     global _default_app
     if name == "app":
         if _default_app is None:
-            _default_app = make_app()
+            from model import settings
+
+            _default_app = make_app(settings.get("WWT_REDIS_URL"), QueueConfig.from_settings())
         return _default_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

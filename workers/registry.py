@@ -14,10 +14,7 @@ import threading
 import time
 from typing import Optional
 
-from model import settings
-
 from .affinity import drop_orphaned_queues
-from .queues import QueueMisconfigured
 
 log = logging.getLogger("wwt.registry")
 
@@ -28,17 +25,6 @@ WORKER_PREFIX = "wwt:worker:"
 
 def _s(value) -> str:
     return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
-
-
-def heartbeat_settings() -> tuple[float, float]:
-    try:
-        interval = settings.get_float("WWT_HEARTBEAT_S")
-        ttl = settings.get_float("WWT_HEARTBEAT_TTL_S", default=3 * interval)
-    except settings.SettingError as e:
-        raise QueueMisconfigured(str(e)) from None
-    if ttl <= interval:
-        raise QueueMisconfigured(f"WWT_HEARTBEAT_TTL_S ({ttl:g}) must be longer than WWT_HEARTBEAT_S ({interval:g})")
-    return interval, ttl
 
 
 def announce(client, model: str, node: str, info: dict, ttl: float) -> None:
@@ -120,12 +106,11 @@ class Heartbeat:
     Redis being briefly unreachable is logged, not fatal: the next beat announces again.
     """
 
-    def __init__(self, client, model: str, node: str, info: dict,
-                 interval: Optional[float] = None, ttl: Optional[float] = None):
-        default_interval, default_ttl = heartbeat_settings()
+    def __init__(self, client, model: str, node: str, info: dict, interval: float = 5.0, ttl: float = 15.0):
+        """`interval` and `ttl`: QueueConfig.heartbeat_s and heartbeat_ttl_s."""
         self.client, self.model, self.node, self.info = client, model, node, info
-        self.interval = interval or default_interval
-        self.ttl = ttl or max(default_ttl, 2 * self.interval)
+        self.interval = interval
+        self.ttl = max(ttl, 2 * self.interval)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._failing = False

@@ -18,7 +18,6 @@ import json
 import time
 from typing import Optional
 
-from model import settings
 from model.contract import suggestion_key
 from model.types import Completion, CompletionRequest, Suggestion, Timings
 
@@ -36,8 +35,9 @@ class SuggestionCache:
     def __init__(self, client, ttl_s: Optional[float] = None, max_entries: Optional[int] = None,
                  max_typed_chars: int = 256, max_entry_bytes: int = 64_000):
         self.client = client
-        self.ttl_s = int(ttl_s if ttl_s is not None else settings.get_float("WWT_CACHE_TTL_S"))
-        self.max_entries = int(max_entries if max_entries is not None else settings.get_int("WWT_CACHE_MAX_ENTRIES"))
+        # The registry's defaults (WWT_CACHE_TTL_S, WWT_CACHE_MAX_ENTRIES); the app passes the configured values.
+        self.ttl_s = int(ttl_s if ttl_s is not None else 3600)
+        self.max_entries = int(max_entries if max_entries is not None else 20000)
         self.max_typed_chars = max_typed_chars  # how far back an earlier text may end
         self.max_entry_bytes = max_entry_bytes
 

@@ -132,7 +132,7 @@ def _complete(engine, request, hard_limit: Optional[float], task_id: Optional[st
 
 
 def _complete_streaming(engine, request, hard_limit: Optional[float], task_id: str):
-    """A completion whose snapshots go to the app as they are decoded (progress.py); it stops
+    """A completion whose snapshots go to the app as they are decoded (partials_channel.py); it stops
     early, as `_complete` does, when the app marks the task stale (the reader went away, or a
     newer request from the same editor)."""
     client = _redis
@@ -182,7 +182,7 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
 
 def answer_task(task, kind: str, request: dict, stream: bool = False) -> dict:
     """The Celery task body (bound): never raises for a request's fault. With `stream`, a
-    completion's partial suggestions are published as they are decoded (progress.py)."""
+    completion's partial suggestions are published as they are decoded (partials_channel.py)."""
     hostname = getattr(task.request, "hostname", None) or "unknown"
     soft_limit = getattr(task.app.conf, "task_soft_time_limit", None)
     hard_limit = getattr(task.app.conf, "task_time_limit", None)

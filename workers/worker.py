@@ -28,7 +28,7 @@ from model import settings
 from . import tasks
 from .affinity import node_queue
 
-from .queues import insecure_redis_warning, queue_name, redact, redis_url
+from .queues import QueueConfig, insecure_redis_warning, queue_name, redact, redis_url
 
 log = logging.getLogger("wwt.worker")
 
@@ -72,7 +72,7 @@ def run_worker(args) -> int:
     from celery import signals
 
     from .celery_app import make_app
-    from .registry import Heartbeat, heartbeat_settings
+    from .registry import Heartbeat
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s")
     # One line per task received and per result (with the suggestions' text) is noise and
@@ -85,8 +85,8 @@ def run_worker(args) -> int:
     device = getattr(args, "device", None)
     slots = getattr(args, "slots", None)
     try:
-        app = make_app(url)    # settings that contradict each other are caught here,
-        heartbeat_settings()   # before a model is loaded
+        queue_config = QueueConfig.from_settings()  # settings that contradict each other are caught here,
+        app = make_app(url, queue_config)           # before a model is loaded
         # Built once, here: the engine reads no settings (model/serving/engine_config.py).
         engine_config = EngineConfig.from_settings()
         if slots:
@@ -115,7 +115,8 @@ def run_worker(args) -> int:
     own_queue = node_queue(spec.name, node)  # where a document routed to this worker waits (affinity.py)
     tasks.serve(spec.name, engine, redis_client=client, node=node)
     heartbeat = Heartbeat(client, spec.name, node,
-                          {**engine_info(engine, spec, device, concurrency), "queue": own_queue})
+                          {**engine_info(engine, spec, device, concurrency), "queue": own_queue},
+                          interval=queue_config.heartbeat_s, ttl=queue_config.heartbeat_ttl_s)
 
     def on_ready(**_):
         heartbeat.start()

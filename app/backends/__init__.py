@@ -37,5 +37,6 @@ def make_backend(config) -> Backend:
                              max_waiting_per_client=config.engine.max_waiting_per_client,
                              cache_ttl_s=config.cache_ttl_s, cache_max_entries=config.cache_max_entries,
                              documents={"max_bytes": config.documents_max_bytes, "limit": config.share_limit,
-                                        "window_s": config.share_window_s})
+                                        "window_s": config.share_window_s},
+                             queue=config.queue)
     raise UnknownModel(f"unknown backend {config.backend!r}: use local or celery")

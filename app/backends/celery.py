@@ -28,7 +28,7 @@ from model.streaming import GrowOnly, done_event, partial_event, partials_of
 from model.types import RESULT_TYPES, CompletionRequest
 from workers import affinity, cancel
 from workers.celery_app import make_app
-from workers.queues import TASK_NAME, insecure_redis_warning, queue_name, redact
+from workers.queues import TASK_NAME, QueueConfig, insecure_redis_warning, queue_name, redact
 from workers.partials_channel import Subscription
 from workers.queues import redis_url as default_redis_url
 from workers.registry import live_workers, served_models, task_holder
@@ -106,12 +106,14 @@ class CeleryBackend(Backend):
     def __init__(self, model_specs: Optional[list] = None, redis_url: str = "redis://localhost:6379/0", *,
                  timeout: float = 60.0, cache: bool = True, affinity: bool = True, max_waiting: Optional[int] = 32,
                  max_waiting_per_client: Optional[int] = 4, cache_ttl_s: Optional[float] = None,
-                 cache_max_entries: Optional[int] = None, documents: Optional[dict] = None):
+                 cache_max_entries: Optional[int] = None, documents: Optional[dict] = None,
+                 queue: Optional[QueueConfig] = None):
         """`timeout`: how long a call waits when it names none; `affinity`: route a document's
         completions to the worker holding its prefix (workers/affinity.py); `max_waiting`: tasks
         that may wait in a model's queues (all app processes); `max_waiting_per_client`: requests
         one client may have in flight through this process; `documents`: the document store's
-        limits (RedisDocumentStore's keywords). None or 0: no bound."""
+        limits (RedisDocumentStore's keywords); `queue`: the queue's time limits (QueueConfig).
+        None or 0: no bound."""
         self.url = default_redis_url(redis_url)
         self.names = [parse_model_spec(s).name for s in (model_specs or []) if s and s.strip()]
         # the spec each name was given as (`tiny=/path@int8`): what a worker for it must be started with
@@ -119,7 +121,7 @@ class CeleryBackend(Backend):
         self.timeout = timeout
         self.affinity = affinity
         self.max_waiting = max_waiting or 0
-        self.celery = make_app(self.url)  # QueueMisconfigured (a WWTError) if the settings contradict
+        self.celery = make_app(self.url, queue)
         self.redis = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=10)
         self.cache = SuggestionCache(self.redis, ttl_s=cache_ttl_s, max_entries=cache_max_entries) if cache else None
         self.documents = RedisDocumentStore(self.redis, **(documents or {}))

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from app.backends.base import Backend
 from model import contract
 from model.errors import BadRequest, UnknownModel, WWTError, caller_error
-from model.types import AnswerRequest, ClassifyRequest, CompletionRequest, ScoreRequest
+from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, ScoreRequest
 
 from . import ops, render
 
@@ -110,7 +110,19 @@ def suggest(backend: Backend, data: dict, client: Optional[str] = None) -> dict:
     if error:
         return {"ok": False, "error": error}
     request, result = done
-    return render.page_answer(result, asked=request.n)
+    return page_answer(result, asked=request.n)
+
+
+def page_answer(completion: Completion, asked: int) -> dict:
+    """The one shape the editor reads an answer in, from the Tab's call and the stream's done event
+    alike: {"ok": True, "model", "ms", "suggestions": [{"text", "finish"}], "info": the timing line
+    (Timings.summary), "asked"}, or {"ok": False, "error"} when nothing is left to suggest."""
+    items = [{"text": s.text, "finish": s.finish_reason} for s in completion.suggestions if s.text]
+    if not items:
+        return {"ok": False, "error": f"{completion.model} had nothing to suggest here; try again or change the settings"}
+    return {"ok": True, "model": completion.model, "ms": round(completion.timings.total_ms, 1), "suggestions": items,
+            "info": completion.timings.summary(completion.model),
+            "asked": asked}  # fewer came back when duplicates were dropped: the page says so
 
 
 def share(backend: Backend, data: dict, client: Optional[str] = None) -> dict:

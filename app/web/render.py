@@ -9,7 +9,7 @@ import html
 import math
 from typing import Optional
 
-from model.types import Answer, Completion, Scores, Timings
+from model.types import Answer, Scores, Timings
 
 
 def esc(text: str) -> str:
@@ -27,32 +27,8 @@ def human_count(n: Optional[int]) -> str:
     return str(n)
 
 
-def timing_text(model: str, t: Timings) -> str:
-    """'gpt2 · 84 ms · 12 tokens decoded (3 reused)' — the line every answer carries."""
-    parts = [model, f"{t.total_ms:.0f} ms"]
-    if t.tokens_decoded:
-        parts.append(f"{t.tokens_decoded} tokens decoded")
-    if t.tokens_prefilled or t.tokens_reused:
-        parts.append(f"{t.tokens_prefilled} prefilled, {t.tokens_reused} reused")
-    if t.source and t.source != "engine":
-        parts.append(f"from {t.source}")
-    return " · ".join(parts)
-
-
-def page_answer(completion: Completion, asked: int) -> dict:
-    """The one shape the editor reads an answer in, from the Tab's call and the stream's done event
-    alike: {"ok": True, "model", "ms", "suggestions": [{"text", "finish"}], "info": the timing line,
-    "asked"}, or {"ok": False, "error"} when nothing is left to suggest."""
-    items = [{"text": s.text, "finish": s.finish_reason} for s in completion.suggestions if s.text]
-    if not items:
-        return {"ok": False, "error": f"{completion.model} had nothing to suggest here; try again or change the settings"}
-    return {"ok": True, "model": completion.model, "ms": round(completion.timings.total_ms, 1), "suggestions": items,
-            "info": timing_text(completion.model, completion.timings),
-            "asked": asked}  # fewer came back when duplicates were dropped: the page says so
-
-
 def info_html(model: str, t: Timings, extra: str = "") -> str:
-    text = timing_text(model, t) + (f" · {extra}" if extra else "")
+    text = t.summary(model) + (f" · {extra}" if extra else "")
     return f'<div class="wwt-info">⚡ {esc(text)}</div>'
 
 

@@ -29,7 +29,7 @@ Response: 200, `text/event-stream`, one event per message, each `data` a JSON ob
            "answer": {"ok": false, "error": "max_new_tokens must be ..."}}
 
 `answer` is what the page shows, in the same shape as the editor's Tab call answers
-(render.page_answer): the page reads one shape whichever way the answer came.
+(callbacks.page_answer): the page reads one shape whichever way the answer came.
 
 Zero or more partial events, then exactly one done or error event, then the stream ends.
 Bad input is an error event too (still status 200), so a client has one path to read. Each
@@ -63,8 +63,8 @@ from model.errors import BadRequest, Busy, caller_error
 from model.streaming import error_event
 from model.types import Completion
 
-from . import ops, render
-from .callbacks import DEFAULTS, PAGE_SETTINGS, completion_request, quoted
+from . import ops
+from .callbacks import DEFAULTS, PAGE_SETTINGS, completion_request, page_answer, quoted
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ def start(backend: Backend, data, client=None) -> EventStream:
 
 
 def with_page_answer(event: dict, asked: int) -> dict:
-    """The done or error event with the answer in the page's shape added (render.page_answer)."""
+    """The done or error event with the answer in the page's shape added (callbacks.page_answer)."""
     if event["type"] == "done":
-        return {**event, "answer": render.page_answer(Completion.from_dict(event["result"]), asked)}
+        return {**event, "answer": page_answer(Completion.from_dict(event["result"]), asked)}
     if event["type"] == "error":
         return {**event, "answer": {"ok": False, "error": event.get("error") or "no answer"}}
     return event

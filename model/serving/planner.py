@@ -14,8 +14,19 @@ seconds while a suggestion of a few words has a few tenths of a second of decodi
 waits: prefilled beside them, it would make each of their decode steps as long as a prefill
 chunk, and under load every answer would take as long as the whole backlog. Behind a long
 generation (hundreds of tokens still to go), or on a small model whose prefill is cheap, it
-goes on at once. The costs come from the engine's recent pace (backlog.py); before it is
+goes on at once. The costs come from the engine's recent pace (Backlog, below); before it is
 known, nothing waits. Younger requests never hold back older ones, so none starves.
+
+The pace (Backlog, at the end of this file): how far behind an engine is, the time the work
+already in it will take at its recent pace. A bound on the number of waiting requests cannot
+keep latency down by itself: on a CPU the requests in an engine share the model thread, so eight
+long prompts make each other eight times slower, and the work in one request differs a
+hundredfold between a short text and a long one. So the scheduler also refuses a request when
+the work ahead of it (the prompt tokens still to prefill and the suggestion tokens still to
+decode, of every request running or waiting) would take longer than the configured max_wait_s at the rates
+this engine has prefilled and decoded over the last WINDOW_S (an engine idle for longer keeps
+its last rates). The rates are known from the first step on, so a burst on a cold engine is
+bounded too. An idle engine accepts any request.
 
 The planner only decides: it reads the queues, the requests and the slot pool, and returns a
 plan (Admissions, StepPlan) that the scheduler applies. So each field of a request has one
@@ -24,9 +35,10 @@ writer, and a plan can be looked at before anything is changed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from .jobs import Job, Row
 from .slots import SlotPool
@@ -35,7 +47,7 @@ PREFILL_CHUNK = 256  # prompt tokens prefilled per step, in all
 PREFILL_BEHIND_DECODE = 32  # a younger prompt's rest this short is prefilled beside older decoding at once
 WAIT_MARGIN = 2.0  # a longer one waits only when prefilling it now costs the older requests this much more
 
-Pace = tuple[Optional[float], Optional[float]]  # seconds per prefilled token, per decode step (backlog.py)
+Pace = tuple[Optional[float], Optional[float]]  # seconds per prefilled token, per decode step (Backlog, below)
 Chunk = tuple[Job, int, int]  # a request and the [start, end) range of its prompt to prefill
 
 
@@ -136,3 +148,77 @@ class Planner:
     def decoding_rows(self) -> list[tuple[Job, Row]]:
         """Every live row that has a token to feed back: one decode token each this step."""
         return [(job, row) for job in self.running for row in job.live_rows() if row.tokens]
+
+
+# -- the pace ------------------------------------------------------------------------------
+
+WINDOW_S = 30.0  # how much recent work the rates are measured over
+
+
+class _Rate:
+    """An amount (tokens, or seconds) per second of the model thread's time, over the last WINDOW_S."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._samples: deque[tuple[float, int, float]] = deque()  # (when, tokens, seconds)
+        self._tokens, self._seconds = 0, 0.0
+        self.total_seconds = 0.0  # ever added
+        self._last: Optional[float] = None  # the rate when work was last seen: an idle engine keeps its pace
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.total_seconds += seconds
+        self._samples.append((self._clock(), tokens, seconds))
+        self._tokens += tokens
+        self._seconds += seconds
+
+    def per_second(self) -> Optional[float]:
+        horizon = self._clock() - WINDOW_S
+        while self._samples and self._samples[0][0] < horizon:
+            _, tokens, seconds = self._samples.popleft()
+            self._tokens -= tokens
+            self._seconds -= seconds
+        if self._samples and self._seconds > 0 and self._tokens > 0:
+            self._last = self._tokens / self._seconds
+        return self._last
+
+
+class Backlog:
+    def __init__(self, clock=time.monotonic):
+        self.prefill = _Rate(clock)  # prompt tokens per second of prefill
+        self.decode = _Rate(clock)   # suggestion tokens (all rows together) per second of decoding
+        self.turns = _Rate(clock)    # seconds of whole turns per second of prefill and decode in them
+        self.decode_steps = _Rate(clock)  # steps that only decoded, per second of them (all of the step)
+
+    def counted_seconds(self) -> float:
+        """Seconds of prefill and decode ever timed (turn() takes the difference over a turn)."""
+        return self.prefill.total_seconds + self.decode.total_seconds
+
+    def turn(self, seconds: float, counted: float) -> None:
+        """A turn of the model thread took `seconds`, of which `counted` went to prefill and decode
+        (the rest, forks, sampling and bookkeeping, is spread over the rates in expected_wait)."""
+        if counted > 0:
+            self.turns.add(seconds, counted)
+
+    def pace(self) -> tuple[Optional[float], Optional[float]]:
+        """(seconds a prompt token takes to prefill, seconds a step that only decodes takes, with
+        its sampling and bookkeeping) at the recent rates; None for one not known yet. The planner
+        weighs prefilling a prompt now against making it wait for decoding requests with them."""
+        prefill_rate, step_rate = self.prefill.per_second(), self.decode_steps.per_second()
+        return (1 / prefill_rate if prefill_rate else None), (1 / step_rate if step_rate else None)
+
+    def expected_wait(self, jobs: Iterable) -> Optional[float]:
+        """Seconds the work left in `jobs` (running or waiting) takes at the recent rates; None while
+        no rate is known (nothing has run yet)."""
+        prefill_rate, decode_rate = self.prefill.per_second(), self.decode.per_second()
+        if prefill_rate is None and decode_rate is None:
+            return None
+        to_prefill = to_decode = 0
+        for job in jobs:
+            to_prefill += max(0, len(job.prompt.tokens) - job.prefilled)
+            to_decode += job.n * job.max_new_tokens - sum(len(row.tokens) for row in job.rows)
+        wait = 0.0
+        if prefill_rate is not None:
+            wait += to_prefill / prefill_rate
+        if decode_rate is not None:
+            wait += max(0, to_decode) / decode_rate
+        return wait * max(1.0, self.turns.per_second() or 1.0)

@@ -22,12 +22,10 @@ import torch
 from ..errors import Busy, Cancelled, WWTError
 from ..network.gpt import GPTWithHead
 from ..network.tokenizer import GPTTokenizer
-from .backlog import Backlog
 from .decode_graph import FixedShapeDecoder
-from .jobs import Call, Handle, Job, Row
+from .jobs import Call, Handle, Job, Row, snapshot
 from .kv_cache import KVCache
-from .planner import Admissions, Chunk, Planner
-from .progress import snapshot
+from .planner import Admissions, Backlog, Chunk, Planner
 from .row_policy import RowPolicy
 from .runner import ModelRunner
 from .slots import SlotPool
@@ -45,7 +43,7 @@ class Scheduler:
                  max_wait_s: Optional[float] = None):
         self.name = name
         # Admission bounds (EngineConfig); None or 0: no bound. Only requests still waiting for
-        # slots count, not running ones. max_wait_s: refuse when the engine is this far behind (backlog.py).
+        # slots count, not running ones. max_wait_s: refuse when the engine is this far behind (planner.py's Backlog).
         self.max_waiting = max_waiting or None
         self.max_waiting_per_client = max_waiting_per_client or None
         self.max_wait_s = max_wait_s or None
@@ -228,7 +226,7 @@ class Scheduler:
         self._prefill(plan.prefill)
         self._decode(self.planner.decoding_rows())
         self.counters["steps"] += 1
-        for job in self.planner.running:  # streaming readers see the step's tokens now (progress.py)
+        for job in self.planner.running:  # streaming readers see the step's tokens now (jobs.Progress)
             if job.progress.watched:
                 job.progress.publish(snapshot(job))
 

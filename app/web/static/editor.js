@@ -277,7 +277,7 @@ async function streamSuggest(body, onPartial) {
         const event = JSON.parse(data);
         if (event.type === "partial") { if (!gone()) onPartial(event.suggestions || []); }
         else if (event.type === "done" || event.type === "error") {
-          // The answer in the one shape the Tab's call answers with too (render.page_answer).
+          // The answer in the one shape the Tab's call answers with too (callbacks.page_answer).
           control.abort();
           return event.answer || {ok: false, error: event.error || "no answer"};
         }
