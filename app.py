@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from app.config import AppConfig  # noqa: E402
+from app.app_config import AppConfig  # noqa: E402
 from app.server import HINT, app_kwargs, build_app, prepare_backend, setup_logging  # noqa: E402
 from app.web.ui import launch_kwargs  # noqa: E402
 from model import settings  # noqa: E402

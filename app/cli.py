@@ -37,7 +37,7 @@ def cmd_complete(args) -> int:
     from model.types import CompletionRequest
 
     from .backends import make_backend
-    from .config import AppConfig
+    from .app_config import AppConfig
 
     try:
         config = AppConfig.from_settings([args.model], backend=args.backend, redis_url=args.redis_url,

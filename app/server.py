@@ -20,7 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
 from model.errors import OPERATOR, WWTError  # noqa: E402
 
-from .config import AppConfig  # noqa: E402
+from .app_config import AppConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
 

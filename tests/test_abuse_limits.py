@@ -281,7 +281,7 @@ def test_uploads_are_capped(server):
 
 def test_session_state_is_bounded(monkeypatch):
     """Each plain-HTTP call opens a Gradio session; at most WWT_SESSION_CAPACITY are kept."""
-    from app.config import AppConfig
+    from app.app_config import AppConfig
     from app.server import build_app
     from app.web.ui import launch_kwargs
     from ui_support import ScriptedBackend
@@ -313,7 +313,7 @@ def test_a_full_gradio_queue_answers_503_in_our_words(monkeypatch):
     (WWT_QUEUE_MAX_SIZE=1), then the next is refused at once with 503 and our busy wording."""
     from ui_support import GatedBackend, fill_gradio_queue, launch_in_process, post_json
 
-    from app.config import AppConfig
+    from app.app_config import AppConfig
 
     backend = GatedBackend(models=("m1",))
     demo, url = launch_in_process(backend, AppConfig(queue_max_size=1))

@@ -157,7 +157,7 @@ def celery_backend():
     """A CeleryBackend for a Redis URL; it connects only when asked something, so no Redis is needed
     as long as the test answers model_info and models itself."""
     from app.backends import make_backend
-    from app.config import AppConfig
+    from app.app_config import AppConfig
 
     made = []
 

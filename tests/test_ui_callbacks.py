@@ -402,7 +402,7 @@ def test_a_busy_refusal_reaches_the_editor_and_the_api_as_a_readable_message(tin
 
 
 def test_the_gradio_queue_is_bounded(backend, monkeypatch):
-    from app.config import AppConfig
+    from app.app_config import AppConfig
     from app.server import build_app
 
     monkeypatch.setenv("WWT_QUEUE_MAX_SIZE", "7")  # read once, at the edge, into the configuration

@@ -171,7 +171,7 @@ def launch_in_process(backend: Backend, config=None):
     """The app as `wwt serve` builds it (build_app, app_kwargs, launch_kwargs) for a backend the test
     controls and an AppConfig (default: the registry's defaults), on a free loopback port in this
     process: (demo, url). demo.close() stops it."""
-    from app.config import AppConfig
+    from app.app_config import AppConfig
     from app.server import app_kwargs, build_app
     from app.web.ui import launch_kwargs
 

@@ -18,7 +18,7 @@ __all__ = ["Backend", "make_backend"]
 
 
 def make_backend(config) -> Backend:
-    """`config` (app/config.py's AppConfig): `local` runs the engines here; `celery` sends requests
+    """`config` (app/app_config.py's AppConfig): `local` runs the engines here; `celery` sends requests
     through Redis to workers."""
     if config.backend == "local":
         from .documents import FileDocumentStore, ShareRateLimiter

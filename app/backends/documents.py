@@ -41,7 +41,7 @@ MAX_CLIENTS = 10_000    # embedded rate limiter: clients remembered at most
 
 
 # The registry's defaults (WWT_SHARE_LIMIT, WWT_SHARE_WINDOW_S, WWT_DOCUMENTS_MAX_MB, WWT_DATA_DIR);
-# the app's entry points pass the configured values (app/config.py).
+# the app's entry points pass the configured values (app/app_config.py).
 SHARE_LIMIT = 10
 SHARE_WINDOW_S = 600.0
 MAX_TOTAL_BYTES = 200_000_000
