@@ -169,3 +169,20 @@ def hold_every_slot(engine):
     running = engine.submit(CompletionRequest(STORY, n=4, greedy=True, max_new_tokens=100, stop=None))
     assert wait_until(lambda: len(engine.scheduler.pool.busy()) == 4)
     return running
+
+
+def fresh_engine_texts(folder, text: str, **settings) -> list[str]:
+    """The suggestions a fresh engine on the checkpoint in `folder` gives for this request, checked
+    by the contract as the app checks it (stop "auto", temperature 0 greedy): what any server on
+    the same checkpoint must answer for the same seeded request, so a test can expect the exact
+    suggestions (and their exact number) instead of a range."""
+    from model import Engine
+    from model.contract import check_completion
+    from model.types import CompletionRequest
+
+    engine = Engine.from_pretrained(str(folder), device="cpu", slots=8)
+    try:
+        request = check_completion(CompletionRequest(text=text, stop="auto", **settings))
+        return [s.text for s in engine.complete(request).suggestions]
+    finally:
+        engine.close()

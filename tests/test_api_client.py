@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from model_support import fresh_engine_texts
 from ui_support import call_over_http
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -17,15 +18,18 @@ def test_the_named_endpoints_are_listed(client):
     assert params[:3] == ["text", "model", "n"]
 
 
-def test_complete(client):
-    out = client.predict("Once upon a time", api_name="/complete")  # every setting has a default
-    assert out["model"] == "tiny" and 1 <= len(out["suggestions"]) <= 3
+def test_complete(client, tiny_gpt2, tiny_gpt2_heads):
+    out = client.predict("Once upon a time", seed=5, api_name="/complete")  # every other setting has a default
+    expected = fresh_engine_texts(tiny_gpt2, "Once upon a time", n=3, max_new_tokens=8, top_p=0.9, seed=5)
+    assert out["model"] == "tiny" and [x["text"] for x in out["suggestions"]] == expected
     s = out["suggestions"][0]
     assert s["text"] and len(s["token_ids"]) == len(s["logprobs"]) >= 1
     assert out["timings"]["total_ms"] > 0
     seeded = [client.predict("Once upon a time", model="heads", n=2, max_new_tokens=4, seed=7, api_name="/complete")
               for _ in range(2)]
-    assert seeded[0]["model"] == "heads" and len(seeded[0]["suggestions"]) <= 2
+    assert seeded[0]["model"] == "heads"
+    assert [x["text"] for x in seeded[0]["suggestions"]] == fresh_engine_texts(
+        tiny_gpt2_heads, "Once upon a time", n=2, max_new_tokens=4, seed=7)
     assert [x["token_ids"] for x in seeded[0]["suggestions"]] == [x["token_ids"] for x in seeded[1]["suggestions"]]
     assert all(len(x["token_ids"]) <= 4 for x in seeded[0]["suggestions"])
 
@@ -73,10 +77,13 @@ def test_plain_http(server):
     assert event == "error" and "unknown model 'gpt9'" in data["error"]
 
 
-def test_plain_http_with_fewer_inputs(server):
+def test_plain_http_with_fewer_inputs(server, tiny_gpt2):
     """Trailing inputs left out take their defaults; a missing text is a readable error, not {"error": null}."""
     event, data = _http(server, "complete", ["Once upon a time"])
-    assert event == "complete" and data[0]["model"] == "tiny" and 1 <= len(data[0]["suggestions"]) <= 3
+    assert event == "complete" and data[0]["model"] == "tiny" and data[0]["suggestions"]
+    event, data = _http(server, "complete", ["Once upon a time", "", 3, 8, 1.0, 0, 0.9, False, 11])
+    expected = fresh_engine_texts(tiny_gpt2, "Once upon a time", n=3, max_new_tokens=8, seed=11)
+    assert event == "complete" and [x["text"] for x in data[0]["suggestions"]] == expected
     event, data = _http(server, "score", ["Hello world"])
     assert event == "complete" and data[0]["tokens"]
     event, data = _http(server, "complete", [])

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from app.web.ui import STATUS_REFRESH_S
+from model_support import fresh_engine_texts
 from ui_support import ARTIFACTS, Server, free_port
 
 pytestmark = pytest.mark.browser
@@ -107,12 +108,29 @@ def app(server, browser):
     page.page.close()
 
 
-def test_tab_shows_suggestions_and_the_keyboard_inserts_one(app):
-    app.editor.click()
-    app.page.keyboard.type("Once upon a time there was")
-    app.page.keyboard.press("Tab")
-    texts = app.shown()
-    assert 1 <= len(texts) <= 3
+def test_tab_shows_suggestions_and_the_keyboard_inserts_one(app, tiny_gpt2):
+    asked = []
+
+    def seeded(route):  # the page sends no seed; one is added so the exact answer is known
+        body = json.loads(route.request.post_data)
+        if "/wwt/stream" not in route.request.url:
+            return route.continue_()
+        asked.append({**body, "seed": 13})
+        route.continue_(post_data=json.dumps(asked[-1]))
+
+    app.page.route(is_suggest, seeded)
+    try:
+        app.editor.click()
+        app.page.keyboard.type("Once upon a time there was")
+        app.page.keyboard.press("Tab")
+        texts = app.shown()
+    finally:
+        app.page.unroute(is_suggest)
+    body = asked[-1]
+    assert body["before"] == "Once upon a time there was"
+    expected = fresh_engine_texts(tiny_gpt2, body["before"], seed=13,
+                                  **{k: body[k] for k in ("n", "max_new_tokens", "temperature", "top_k", "top_p")})
+    assert texts == expected
     notes = app.items.locator(".wwt-meta").all_text_contents()
     assert all(n.startswith("tiny · ") and n.endswith(" ms") for n in notes)
     assert "tiny" in app.page.locator("#wwt-editor .wwt-status").text_content()
@@ -398,8 +416,9 @@ def test_fewer_suggestions_than_asked_are_said_in_one_quiet_line(app):
             event = json.loads(data)
             if event["type"] == "partial":
                 event["suggestions"] = [x for x in event["suggestions"] if x["index"] == 0]
-            if event["type"] == "done":
+            if event["type"] == "done":  # the page reads `answer`; `result` is for API callers
                 event["result"]["suggestions"] = event["result"]["suggestions"][:1]
+                event["answer"]["suggestions"] = event["answer"]["suggestions"][:1]
             events.append(f"event: {name}\ndata: {json.dumps(event)}\n\n")
         route.fulfill(response=response, body="".join(events))
 
@@ -660,9 +679,10 @@ def test_a_full_queue_is_said_in_our_words_on_the_page(browser, monkeypatch):
     message instead (app/web/static/queue_full.js), as a plain HTTP caller reads it."""
     from ui_support import GatedBackend, fill_gradio_queue, launch_in_process, post_json
 
-    monkeypatch.setenv("WWT_QUEUE_MAX_SIZE", "1")
+    from app.app_config import AppConfig
+
     backend = GatedBackend(models=("m1",))
-    demo, url = launch_in_process(backend)
+    demo, url = launch_in_process(backend, AppConfig(queue_max_size=1))
     try:
         page = Page(browser, url)
         page.page.wait_for_function("!!window.fetch.wwtQueueFull", timeout=WAIT_MS)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from app.bench.processes import RedisServer, WorkerProcess
+from app.bench.processes import LET_EVERYTHING_IN, RedisServer, WorkerProcess
 
 TEXT = ("The history of the written word is long. People wrote on clay, then on papyrus, then on paper, "
         "and now they write on screens that")
@@ -64,7 +64,8 @@ def bench_queue(redis_url: Optional[str], model_dir: str, repeats: int = 20, thr
     spec = f"{name}={Path(model_dir).resolve()}"
     embedded, queued, exact, incremental = [], [], [], []
     with tempfile.TemporaryDirectory() as folder, _redis(redis_url, folder) as url, \
-            WorkerProcess(spec, url, folder, concurrency=1, name="bench", threads=threads) as worker:
+            WorkerProcess(spec, url, folder, concurrency=1, name="bench", threads=threads,
+                          env=LET_EVERYTHING_IN) as worker:
         import redis
 
         with redis.Redis.from_url(url) as client:
@@ -142,9 +143,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from .speed import let_everything_in
-
-    let_everything_in()
     with tempfile.TemporaryDirectory() as folder:
         model_dir = args.model_dir
         if model_dir is None:

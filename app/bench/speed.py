@@ -309,18 +309,8 @@ def _print(results: dict) -> None:
         print("6. queue path over the embedded path:\n" + format_report(q))
 
 
-def let_everything_in() -> None:
-    """The benchmarks measure how fast an engine is with every request let in: the pace bound
-    (WWT_MAX_WAIT_S, model/serving/backlog.py) would refuse some of their concurrent callers as
-    busy. Set before any engine or worker process of the run starts."""
-    from model import settings
-
-    settings.override("WWT_MAX_WAIT_S", "0")
-
-
 def run_bench(args) -> int:
     torch.set_num_threads(2)
-    let_everything_in()
     only = {s for s in (args.only or "").split(",") if s}
     want = lambda name: not only or name in only  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:

@@ -73,6 +73,24 @@ def completion_request(backend: Backend, text: str, model: Optional[str], fresh:
     return contract.check_completion(request)
 
 
+def check_seed(seed) -> Optional[int]:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise BadRequest(f"seed must be a whole number of at least 0 (got {quoted(seed)})")
+    return seed
+
+
+def page_request(backend: Backend, data) -> tuple[contract.CheckedCompletion, Optional[str]]:
+    """The editor's body ({"before", "model", the page's settings, "fresh", "seed", "client"}), as
+    the streaming route and the Tab's fallback call both read it: (the checked request, the
+    supersede key: the editor's id, whose newer request cancels its older one)."""
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    request = completion_request(backend, data.get("before", ""), data.get("model"), fresh=data.get("fresh", False),
+                                 seed=check_seed(data.get("seed")), **{name: data.get(name) for name in PAGE_SETTINGS})
+    editor = data.get("client")
+    return request, editor if isinstance(editor, str) and editor else None
+
+
 def parse_labels(labels) -> Optional[list]:
     """'sports, politics' or a list -> ['sports', 'politics']; empty -> None (the model's own head)."""
     if labels is None:
@@ -98,11 +116,7 @@ def suggest(backend: Backend, data: dict, client: Optional[str] = None) -> dict:
 
     def run():
         with ops.observe("suggest", backend, data.get("model")):
-            request = completion_request(backend, data.get("before", ""), data.get("model"),
-                                         fresh=data.get("fresh", False),
-                                         **{name: data.get(name) for name in PAGE_SETTINGS})
-            editor = data.get("client")  # one editor: its newer request cancels its older one
-            supersede = editor if isinstance(editor, str) and editor else None
+            request, supersede = page_request(backend, data)
             return request, backend.complete(request, client=client if client is not None else supersede,
                                              supersede=supersede)
 
@@ -291,9 +305,7 @@ def api_complete(backend: Backend, text: str, model: str = "", n: int = 3, max_n
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.9, fresh: bool = False,
                  seed: Optional[int] = None, client: Optional[str] = None) -> dict:
     with ops.observe("complete", backend, model):
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise BadRequest(f"seed must be a whole number of at least 0 (got {quoted(seed)})")
-        req = completion_request(backend, text, model, fresh=fresh, seed=seed, n=n, max_new_tokens=max_new_tokens,
+        req = completion_request(backend, text, model, fresh=fresh, seed=check_seed(seed), n=n, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, top_p=top_p)
         return backend.complete(req, client=client).to_dict()
 

@@ -9,8 +9,8 @@ Request (same origin as the page; under a root path, relative to the app's root)
      "seed": null}
 
 Every field but `before` may be left out (the page's defaults; an empty model is the
-default one). The body is checked by the same contract as the editor's Tab
-(callbacks.completion_request). `client` is a supersede key: a newer request with the same
+default one). The body is read as the editor's Tab reads it
+(callbacks.page_request). `client` is a supersede key: a newer request with the same
 key cancels this one. `seed` (a whole number >= 0) makes the answer repeatable.
 
 Response: 200, `text/event-stream`, one event per message, each `data` a JSON object:
@@ -64,7 +64,7 @@ from model.streaming import error_event
 from model.types import Completion
 
 from . import ops
-from .callbacks import DEFAULTS, PAGE_SETTINGS, completion_request, page_answer, quoted
+from .callbacks import DEFAULTS, page_answer, page_request
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,7 @@ def start(backend: Backend, data, client=None) -> EventStream:
     try:
         if data is _NOT_JSON:
             raise BadRequest("the request body must be JSON")
-        if not isinstance(data, dict):
-            raise BadRequest("the request body must be a JSON object")
-        seed = data.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise BadRequest(f"seed must be a whole number of at least 0 (got {quoted(seed)})")
-        request = completion_request(backend, data.get("before", ""), data.get("model"),
-                                     fresh=data.get("fresh", False), seed=seed,
-                                     **{name: data.get(name) for name in PAGE_SETTINGS})
-        editor = data.get("client")
-        supersede = editor if isinstance(editor, str) and editor else None
+        request, supersede = page_request(backend, data)
         return backend.stream(request, client=client if client is not None else supersede, supersede=supersede)
     except Exception as e:  # one place decides what the reader is told (model/errors.py)
         return _one(error_event(caller_error(e, log, "stream request")))
