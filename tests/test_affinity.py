@@ -168,9 +168,7 @@ def _long(seed: int, text: str = "Once upon a time") -> CompletionRequest:
 def test_waiting_is_bounded_per_model_and_per_client(redis_server, client, slow_model, tmp_path, monkeypatch):
     workers = _start(redis_server, client, slow_model, tmp_path, ["busy0"], concurrency=1, model="slowq",
                      env={**FAST_ENV, "WWT_TASK_SOFT_TIME_LIMIT": "3", "WWT_TASK_TIME_LIMIT": "5"})
-    backend = CeleryBackend(["slowq"], redis_url=redis_server.url, timeout=60)
-    monkeypatch.setenv("WWT_MAX_WAITING", "2")
-    monkeypatch.setenv("WWT_MAX_WAITING_PER_CLIENT", "1")
+    backend = CeleryBackend(["slowq"], redis_url=redis_server.url, timeout=60, max_waiting=2, max_waiting_per_client=1)
     results, threads = {}, []
 
     def call(key, request, client_id):

@@ -238,6 +238,11 @@ class GPTWithHead(nn.Module):
         if head == "double-heads":
             self.multiple_choice_head = SequenceSummary(config)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (and so every input, cache and step): asked here, nowhere else."""
+        return self.transformer.wpe.weight.device
+
     def forward(self, input_ids, attention_mask=None, mc_token_ids=None, **cache_args):
         if self.head == "double-heads":
             B, C, T = input_ids.shape  # C choices per example

@@ -74,7 +74,7 @@ class Engine:
     @property
     def device(self) -> torch.device:
         """Where the weights, the cache and every step live."""
-        return self.model.transformer.wpe.weight.device
+        return self.model.device
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device=None, dtype=None, config: Optional[EngineConfig] = None, *,

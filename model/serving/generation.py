@@ -29,7 +29,7 @@ def generate(module: GPTWithHead, prompt_ids: list[int], max_new_tokens: int, n:
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     config = module.config
-    device = module.transformer.wpe.weight.device
+    device = module.device
     total = len(prompt_ids) + max_new_tokens
     if total > config.n_positions:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens is past the "

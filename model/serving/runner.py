@@ -22,7 +22,7 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.fixed_shape = fixed_shape
-        self.device = model.transformer.wpe.weight.device
+        self.device = model.device
 
     def prefill(self, chunks: Sequence[list[int]], starts: Sequence[int], slots: Sequence[int],
                 want_logits: Sequence[int]) -> Optional[torch.Tensor]:
