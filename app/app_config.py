@@ -30,9 +30,10 @@ class AppConfig:
     share_limit: int = 10                        # shares per client per window; 0: no limit
     share_window_s: float = 600.0
     documents_max_mb: float = 200.0
-    max_body_mb: float = 4.0
+    max_body_mb: float = 7.0
     session_capacity: int = 200
     queue_max_size: Optional[int] = 64           # the Gradio queue; None: no bound
+    trusted_proxies: str = "127.0.0.1,::1"       # whose forwarded client address is believed
     affinity: bool = True                        # celery: route a document to the worker holding it
     cache_ttl_s: float = 3600.0                  # celery: the suggestion cache
     cache_max_entries: int = 20000
@@ -59,6 +60,7 @@ class AppConfig:
             max_body_mb=settings.get_float("WWT_MAX_BODY_MB"),
             session_capacity=max(1, settings.get_int("WWT_SESSION_CAPACITY")),
             queue_max_size=settings.get_int("WWT_QUEUE_MAX_SIZE", default=None) or None,
+            trusted_proxies=_trusted_proxies(),
             affinity=settings.get_bool("WWT_AFFINITY"),
             cache_ttl_s=settings.get_float("WWT_CACHE_TTL_S"),
             cache_max_entries=settings.get_int("WWT_CACHE_MAX_ENTRIES"),
@@ -84,3 +86,15 @@ class AppConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1_000_000)
+
+
+def _trusted_proxies() -> str:
+    """WWT_TRUSTED_PROXIES, checked; empty: loopback, and on Spaces its proxy's ranges."""
+    from .web.client_identity import TrustedProxies, default_proxies
+
+    spec = settings.get("WWT_TRUSTED_PROXIES").strip() or default_proxies(bool(settings.get("SPACE_ID").strip()))
+    try:
+        TrustedProxies(spec)
+    except ValueError as e:
+        raise settings.SettingError(str(e)) from None
+    return spec

@@ -84,6 +84,13 @@ def cmd_loadtest(rest: list) -> int:
     return load(rest)
 
 
+def cmd_soak(rest: list) -> int:
+    """The distributed stack under mixed traffic, a worker killed and Redis restarted (app/bench/soak.py)."""
+    from .bench.soak import main as soak
+
+    return soak(rest)
+
+
 def cmd_bench(args) -> int:
     from .bench.speed import run_bench
 
@@ -153,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open-loop load: `wwt loadtest [--rates 2,10 ...]` on the app's HTTP API, "
                             "`wwt loadtest --workers 1,3 [...]` many writers over Celery workers; --help for each")
     p.set_defaults(func=lambda _args: cmd_loadtest([]))
+    p = sub.add_parser("soak", add_help=False,
+                       help="the distributed stack for minutes under mixed traffic, a worker SIGKILLed and Redis "
+                            "restarted: every request answered once, no shared document lost (--help for options)")
+    p.set_defaults(func=lambda _args: cmd_soak([]))
     return parser
 
 
@@ -160,6 +171,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["loadtest"]:  # its options belong to the load generators (argparse would take them)
         return cmd_loadtest(argv[1:])
+    if argv[:1] == ["soak"]:
+        return cmd_soak(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

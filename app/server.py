@@ -67,15 +67,21 @@ def app_kwargs(backend, config: Optional[AppConfig] = None) -> dict:
     """What `launch(app_kwargs=...)` gives Gradio's FastAPI app: our own routes (POST /wwt/stream,
     app/web/stream.py; GET /healthz and /metrics, app/web/ops.py), listed before Gradio's so none
     of its routes can shadow them."""
-    from .web import call_memory, limits, ops
+    from starlette.middleware import Middleware
 
-    config = config or AppConfig()
+    from .web import call_memory, limits, ops, shared_docs
+    from .web.client_identity import ClientIdentity, TrustedProxies, keep_the_real_peer
     from .web.stream import routes
 
-    # limits.py: the request-body limit in front of every route, a full queue's 503 in our words,
-    # and DELETE /wwt/doc/{id}; call_memory.py: what Gradio keeps per call bounded, the heap trimmed
-    return {"routes": routes(backend) + ops.routes(backend) + limits.routes(backend),
-            "middleware": limits.middleware(config.max_body_bytes) + call_memory.middleware()}
+    config = config or AppConfig()
+    keep_the_real_peer()  # ClientIdentity decides who the client is; uvicorn must not rewrite it first
+
+    # client_identity.py: who the client is, decided once, first; limits.py: the request-body limit in
+    # front of every route and a full queue's 503 in our words; call_memory.py: what Gradio keeps per
+    # call bounded, the heap trimmed; shared_docs.py: the shared-document routes
+    identity = Middleware(ClientIdentity, trusted=TrustedProxies(config.trusted_proxies))
+    return {"routes": routes(backend) + ops.routes(backend) + shared_docs.routes(backend),
+            "middleware": [identity] + limits.middleware(config.max_body_bytes) + call_memory.middleware()}
 
 
 def _stop_like_ctrl_c(signum, frame) -> None:

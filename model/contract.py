@@ -15,7 +15,10 @@ from typing import Optional
 from .errors import BadRequest
 from .types import CompletionRequest
 
-MAX_TEXT_CHARS = 1_000_000  # longest text (document, passage, question) a request may carry
+# Longest text (document, passage, question) a request may carry, in characters as a browser counts
+# them (UTF-16 code units: an emoji is two). Escaped in JSON a code unit takes at most 6 bytes
+# (\uXXXX), so the HTTP body limit (WWT_MAX_BODY_MB, 7 MB) carries any text this allows.
+MAX_TEXT_CHARS = 1_000_000
 MAX_LABELS = 32  # zero-shot candidate labels
 # The editor sends at most this much of the text before the cursor, cut by `stable_tail`:
 # far more than any model's window (1024 tokens), far less than a whole book.
@@ -75,8 +78,8 @@ def clean_text(text, what: str = "text", required: bool = False) -> str:
         text = ""
     if not isinstance(text, str):
         raise BadRequest(f"the {what} must be text")
-    if len(text) > MAX_TEXT_CHARS:
-        raise BadRequest(f"the {what} has {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+    if len(text) > MAX_TEXT_CHARS or utf16_length(text) > MAX_TEXT_CHARS:
+        raise BadRequest(f"the {what} has {utf16_length(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
     text = _CONTROL.sub("", text)
     if _has_surrogates(text):
         # Pairs split into two code units (as JavaScript sends them) join; lone halves become U+FFFD.
@@ -84,6 +87,11 @@ def clean_text(text, what: str = "text", required: bool = False) -> str:
     if required and not text.strip():
         raise BadRequest(f"the {what} is empty")
     return text
+
+
+def utf16_length(text: str) -> int:
+    """The text's length as a browser counts it: characters outside the BMP (emoji) count twice."""
+    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF) if not text.isascii() else len(text)
 
 
 def clean_output(text: str) -> str:

@@ -7,7 +7,9 @@ log and the command line): addresses, ports, a library's own words.
 
 from __future__ import annotations
 
+import copy
 import logging
+import secrets
 
 VISITOR, OPERATOR = "visitor", "operator"  # who reads an error: anyone, or whoever runs the service
 
@@ -78,10 +80,28 @@ class Cancelled(WWTError):
     kind = "cancelled"
 
 
+class NotFound(BadRequest):
+    """There is no such thing (a shared document that expired or was deleted)."""
+
+    kind = "not_found"
+
+
+class Forbidden(WWTError):
+    """The caller may not do this (delete a document without its delete key); nothing was changed."""
+
+    kind = "forbidden"
+
+
 class LimitReached(WWTError):
-    """A limit that protects the service was reached (share rate, storage, body size); nothing was stored."""
+    """A limit that protects the service was reached (share rate, storage, body size); nothing was stored.
+    `limit` says which ("rate", "storage", "size"); `retry_after` (seconds) when waiting helps."""
 
     kind = "limit"
+
+    def __init__(self, message: str, detail: str = "", limit: str = "", retry_after: float | None = None):
+        super().__init__(message, detail)
+        self.limit = limit
+        self.retry_after = retry_after
 
 
 class Busy(WWTError):
@@ -94,7 +114,8 @@ class Busy(WWTError):
 _KINDS = {
     cls.kind: cls
     for cls in (WWTError, BadRequest, UnknownModel, CheckpointError, NoWorker,
-                BackendUnavailable, WorkerFailed, RequestTimeout, Cancelled, LimitReached, Busy)
+                BackendUnavailable, WorkerFailed, RequestTimeout, Cancelled, LimitReached, Busy, NotFound,
+                Forbidden)
 }
 
 
@@ -105,13 +126,24 @@ def error_from_dict(data: dict) -> WWTError:
 
 
 def caller_error(exc: BaseException, log: logging.Logger, doing: str = "request") -> WWTError:
-    """Any exception as the WWTError its caller is given: a WWTError as it is (its detail goes to the
-    operator's log); anything else is a bug, logged with its traceback for the operator, and a
-    readable line without internals for the caller. Every edge (page, Gradio API, SSE, worker
-    result, command line) turns exceptions into answers here, then picks `text_for(audience)`."""
+    """Any exception as the WWTError its caller is given. Every edge (page, Gradio API, SSE, worker
+    result, command line) turns exceptions into answers here, then picks `text_for(audience)`.
+
+    A WWTError without detail is passed on as it is. One with an operator's detail (an address, a
+    library's words) keeps it for the operator: the log gets it under a short reference, and the
+    visitor's message ends with that reference, so a report can be matched to the log line.
+    Anything else is a bug: logged with its traceback under a reference, and the caller reads
+    a plain line with the same reference."""
     if isinstance(exc, WWTError):
-        if exc.detail:
-            log.warning("%s: %s", doing, exc.detail)
-        return exc
-    log.error("%s failed", doing, exc_info=(type(exc), exc, exc.__traceback__))
-    return WWTError(f"internal error ({exc.__class__.__name__}); the app is still running, try again")
+        if not exc.detail or getattr(exc, "ref", None):
+            return exc
+        ref = secrets.token_hex(4)
+        log.warning("%s [ref %s]: %s", doing, ref, exc.detail)
+        told = copy.copy(exc)
+        told.message, told.ref = f"{exc.message} (ref {ref})", ref
+        return told
+    ref = secrets.token_hex(4)
+    log.error("%s failed [ref %s]", doing, ref, exc_info=(type(exc), exc, exc.__traceback__))
+    error = WWTError(f"internal error ({exc.__class__.__name__}); the app is still running, try again (ref {ref})")
+    error.ref = ref
+    return error

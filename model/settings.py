@@ -59,14 +59,20 @@ _ALL = (
     Setting("WWT_DOCUMENTS_MAX_MB", "200", "total size of all shared documents kept (embedded: bytes on "
             "disk in the folder; distributed: bytes in Redis' document keys); a share past it is refused",
             "app"),
-    Setting("WWT_MAX_BODY_MB", "4", "largest HTTP request body the app reads; a larger one is answered "
-            "413 before it is read (uploads are refused past 1 kB: the app takes no files)", "app"),
+    Setting("WWT_MAX_BODY_MB", "7", "largest HTTP request body the app reads; a larger one is answered "
+            "413 before it is read. The default carries the longest text the contract takes (1,000,000 "
+            "characters as a browser counts them) in JSON however it is escaped (6 bytes a character); "
+            "uploads are refused outright: the app takes no files", "app"),
     Setting("WWT_SESSION_CAPACITY", "200", "Gradio sessions whose state the app keeps in memory (each "
             "plain-HTTP call opens one); the least recently used go first", "app"),
     Setting("WWT_QUEUE_MAX_SIZE", "64", "requests the Gradio queue (named API endpoints, page events) "
             "holds; past it a call is answered at once that the queue is full (HTTP 503, a busy message); "
             "0: no bound",
             "app"),
+    Setting("WWT_TRUSTED_PROXIES", "", "comma-separated addresses and CIDR ranges of proxies whose "
+            "X-Forwarded-For / Forwarded headers are believed (the client is the right-most address of the "
+            "chain that is not one of them); empty: 127.0.0.1 and ::1, and on Hugging Face Spaces (SPACE_ID set) "
+            "also the private ranges its proxy connects from", "app"),
     Setting("WWT_MAX_WAITING_PER_CLIENT", "4", "completion requests one client (its IP address, else its "
             "editor id) may have waiting for a model's slots; past it a request is refused as busy at once "
             "(a newer keystroke of one editor still replaces its older request first); 0: no bound", "app"),
@@ -112,6 +118,8 @@ _ALL = (
     # -- the Hugging Face Hub (read by huggingface_hub and model/network/weights.py) ---------------
     Setting("HF_HUB_OFFLINE", "", "1: never reach the Hub; only cached or local weights", "hub"),
     Setting("HF_HOME", "~/.cache/huggingface", "where downloaded weights are cached", "hub"),
+    Setting("SPACE_ID", "", "set by Hugging Face Spaces in every Space (owner/name): the app then trusts the "
+            "Spaces proxy's forwarded client address (WWT_TRUSTED_PROXIES)", "hub"),
 )
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _ALL}

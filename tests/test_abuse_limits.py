@@ -1,6 +1,6 @@
 """Abuse limits and bounded memory (issue 12, points 1 and 4): share rate per client, a bound on
 the documents' total size, deletion by whoever holds the link, expired files swept on save, a
-request-body limit (413), uploads capped, Gradio's session state bounded.
+request-body limit (413), uploads refused, Gradio's session state bounded.
 
 Unit tests on both document stores (the Redis one against a real redis-server), then real HTTP
 against a `wwt serve` subprocess.
@@ -20,8 +20,8 @@ import uuid
 import pytest
 
 from app.backends.documents import BLOCK, FileDocumentStore, RedisDocumentStore, ShareRateLimiter
-from model.errors import BadRequest, LimitReached
-from ui_support import Server
+from model.errors import BadRequest, Forbidden, LimitReached, NotFound
+from ui_support import Server, call_over_http, http_call
 from app.bench.processes import RedisServer
 
 
@@ -56,47 +56,65 @@ def test_file_store_rate_window_slides(tmp_path):
 
 def test_file_store_total_bound_counts_bytes_on_disk(tmp_path):
     store = FileDocumentStore(tmp_path / "docs", max_bytes=3 * BLOCK, limiter=ShareRateLimiter(limit=0))
-    ids = [store.save(f"small {i}") for i in range(3)]  # each takes one block
+    saved = [store.save(f"small {i}") for i in range(3)]  # each takes one block
+    ids, keys_of = [d for d, _ in saved], dict(saved)
     assert store.total_bytes() == 3 * BLOCK
     with pytest.raises(LimitReached) as e:
         store.save("one too many")
     assert "storage is full; nothing was saved" in e.value.message
     assert len(_files(store.folder)) == 3
-    store.delete(ids[0])  # deleting makes room again
+    store.delete(ids[0], keys_of[ids[0]])  # deleting makes room again
     assert store.total_bytes() == 2 * BLOCK
     store.save("fits now")
     # a megabyte of non-ASCII text takes about a megabyte (not 6x, as \\u escapes would)
     big = FileDocumentStore(tmp_path / "big", max_bytes=10**8, limiter=ShareRateLimiter(limit=0))
-    doc = big.save("é" * 400_000)
+    doc, _ = big.save("é" * 400_000)
     assert (big.folder / f"{doc}.json").stat().st_size < 900_000
     assert big.load(doc) == "é" * 400_000
 
 
-def test_file_store_delete_by_link(tmp_path):
+def test_file_store_reads_by_link_and_deletes_by_key_only(tmp_path):
     store = FileDocumentStore(tmp_path / "docs", limiter=ShareRateLimiter(limit=0))
-    doc = store.save("to be deleted")
-    store.delete(doc)
-    with pytest.raises(BadRequest, match="no shared document at that link"):
+    doc, key = store.save("to be deleted")
+    other, other_key = store.save("another")
+    for wrong in (None, "", "nope", other_key, "x" * 1000):
+        with pytest.raises(Forbidden, match="only the delete key"):
+            store.delete(doc, wrong)
+        assert store.load(doc) == "to be deleted"  # nothing deleted
+    assert key not in (store.folder / f"{doc}.json").read_text()  # kept hashed only
+    store.delete(doc, key)
+    with pytest.raises(NotFound, match="no shared document at that link"):
         store.load(doc)
-    with pytest.raises(BadRequest, match="deleted already"):
-        store.delete(doc)
+    with pytest.raises(NotFound, match="no shared document"):
+        store.delete(doc, key)
     with pytest.raises(BadRequest, match="not a valid document link"):
-        store.delete("../../etc/passwd")
-    assert _files(store.folder) == []
+        store.delete("../../etc/passwd", key)
+    assert _files(store.folder) == [f"{other}.json"]
+
+
+def test_a_document_shared_before_delete_keys_reads_but_cannot_be_deleted(tmp_path):
+    store = FileDocumentStore(tmp_path / "docs", limiter=ShareRateLimiter(limit=0))
+    store.folder.mkdir(parents=True)
+    old = "A" * 22
+    (store.folder / f"{old}.json").write_text(json.dumps({"text": "from before", "expires": time.time() + 60}))
+    assert store.load(old) == "from before"
+    with pytest.raises(Forbidden):
+        store.delete(old, "any key at all")
+    assert store.load(old) == "from before"
 
 
 def test_file_store_sweeps_expired_files_on_save(tmp_path):
     store = FileDocumentStore(tmp_path / "docs", ttl_s=3600, max_bytes=4 * BLOCK, limiter=ShareRateLimiter(limit=0))
-    old = [store.save(f"old {i}") for i in range(4)]
+    old = [store.save(f"old {i}")[0] for i in range(4)]
     past = time.time() - 7200
     for doc in old:
         os.utime(store.folder / f"{doc}.json", (past, past))
     # the store is full of expired documents: a save sweeps them (none is ever read) and fits
-    fresh = store.save("fresh")
+    fresh, _ = store.save("fresh")
     assert _files(store.folder) == [f"{fresh}.json"]
     assert store.total_bytes() == BLOCK
     # and on its own schedule: a save after SWEEP_EVERY_S removes expired files even when not full
-    for doc in [store.save("a")]:
+    for doc in [store.save("a")[0]]:
         os.utime(store.folder / f"{doc}.json", (past, past))
     store._swept_at -= 3600
     store.save("b")
@@ -126,21 +144,26 @@ def redis_client(tmp_path_factory):
 def test_redis_store_bound_rate_and_delete(redis_client):
     redis_client.flushdb()
     store = RedisDocumentStore(redis_client, max_bytes=25, limit=3, window_s=600)
-    a = store.save("0123456789", "1.2.3.4")
-    b = store.save("0123456789", "1.2.3.4")
+    a, a_key = store.save("0123456789", "1.2.3.4")
+    b, b_key = store.save("0123456789", "1.2.3.4")
     assert store.total_bytes() == 20
     keys = set(redis_client.keys("wwt:doc:*"))
+    assert a_key.encode() not in b"".join(redis_client.get(k) or b"" for k in redis_client.keys("wwt:dockey:*"))
     with pytest.raises(LimitReached, match="storage is full"):
         store.save("0123456789", "5.6.7.8")
     assert set(redis_client.keys("wwt:doc:*")) == keys and store.total_bytes() == 20  # nothing stored
-    store.delete(a)
-    with pytest.raises(BadRequest, match="no shared document"):
+    for wrong in (None, "", b_key, "nope"):
+        with pytest.raises(Forbidden, match="only the delete key"):
+            store.delete(a, wrong)
+    assert store.load(a) == "0123456789" and store.total_bytes() == 20  # a link alone deletes nothing
+    store.delete(a, a_key)
+    with pytest.raises(NotFound, match="no shared document"):
         store.load(a)
-    with pytest.raises(BadRequest, match="deleted already"):
-        store.delete(a)
-    assert store.total_bytes() == 10
+    with pytest.raises(NotFound, match="no shared document"):
+        store.delete(a, a_key)
+    assert store.total_bytes() == 10 and not redis_client.exists(store.key_prefix + a)
     store.save("0123456789", "1.2.3.4")  # the third share of 1.2.3.4
-    store.delete(b)
+    store.delete(b, b_key)
     with pytest.raises(LimitReached, match="too many shares from your address: at most 3 every 10 minutes"):
         store.save("x", "1.2.3.4")
     assert store.total_bytes() == 10
@@ -152,7 +175,7 @@ def test_redis_store_expired_entries_leave_the_count(redis_client):
     store = RedisDocumentStore(redis_client, ttl_s=1, max_bytes=25, limit=0)
     store.save("0123456789")
     store.save("0123456789")
-    time.sleep(1.2)  # Redis expired the documents; the next save drops them from the count
+    time.sleep(1.2)  # Redis expired the documents (and their key hashes); the next save drops them from the count
     store.save("0123456789")
     assert store.total_bytes() == 10
     assert redis_client.zcard(store.expiry_key) == 1 and redis_client.hlen(store.sizes_key) == 1
@@ -165,7 +188,7 @@ def server(tiny_gpt2, tmp_path_factory):
     folder = tmp_path_factory.mktemp("limits")
     s = Server([f"tiny={tiny_gpt2}"], folder, extra_env={
         "WWT_SHARE_LIMIT": "3", "WWT_SHARE_WINDOW_S": "600", "WWT_MAX_BODY_MB": "2",
-        "WWT_DOCUMENTS_MAX_MB": "50", "WWT_SESSION_CAPACITY": "50"}).start()
+        "WWT_DOCUMENTS_MAX_MB": "50", "WWT_SESSION_CAPACITY": "50", "WWT_TRUSTED_PROXIES": "127.0.0.2"}).start()
     s.docs = folder / "data" / "documents"
     yield s
     s.stop()
@@ -180,52 +203,89 @@ def _post(url: str, body: bytes, content_type: str = "application/json", timeout
         return e.code, e.read()
 
 
-def _editor_id(server) -> int:
-    with urllib.request.urlopen(server.url + "config", timeout=10) as r:
-        config = json.load(r)
-    return next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "wwt-editor")
+def _share(server, text, source="127.0.0.1", forwarded=None):
+    headers = {"X-Forwarded-For": forwarded} if forwarded else None
+    status, headers, body = http_call(server.url + "wwt/doc", "POST", {"text": text}, headers, source=source)
+    return status, headers, json.loads(body)
 
 
-def _server_fn(server, fn: str, data) -> dict:
-    body = json.dumps({"session_hash": uuid.uuid4().hex, "component_id": _editor_id(server), "fn_name": fn,
-                       "data": data}).encode()
-    status, out = _post(server.url + "gradio_api/component_server", body)
-    assert status == 200, out
-    return json.loads(out)
-
-
-def test_share_flood_is_refused_with_a_message_and_stores_nothing(server):
-    ids = []
+def test_share_flood_is_refused_with_429_and_stores_nothing(server):
     for i in range(3):
-        r = _server_fn(server, "share", {"text": f"draft {i}"})
-        assert r["ok"], r
-        ids.append(r["id"])
+        status, _, r = _share(server, f"draft {i}", source="127.0.0.4")
+        assert status == 200 and r["ok"] and r["url"] == f"?doc={r['id']}" and len(r["delete_key"]) >= 32, r
     before = _files(server.docs)
-    r = _server_fn(server, "share", {"text": "one too many"})
-    assert r["ok"] is False and "too many shares from your address: at most 3 every 10 minutes" in r["error"]
+    status, headers, r = _share(server, "one too many", source="127.0.0.4")
+    assert status == 429 and r["kind"] == "limit" and r["limit"] == "rate", r
+    assert "too many shares from your address: at most 3 every 10 minutes" in r["error"]
+    assert 1 <= int(headers["retry-after"]) <= 600
     assert _files(server.docs) == before
 
 
-def test_delete_by_link_from_the_api_and_the_page(server):
-    doc = server.docs / "anything"
-    # shares are used up by the flood test in this module (same client address); save directly
-    from app.backends.documents import FileDocumentStore as Store
-    a = Store(server.docs, limiter=ShareRateLimiter(limit=0)).save("delete me over HTTP")
-    b = Store(server.docs, limiter=ShareRateLimiter(limit=0)).save("delete me from the page")
-    req = urllib.request.Request(f"{server.url}wwt/doc/{a}", method="DELETE")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        assert json.load(r) == {"ok": True}
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(urllib.request.Request(f"{server.url}wwt/doc/{a}", method="DELETE"), timeout=10)
-    assert e.value.code == 404 and "no shared document" in json.load(e.value)["error"]
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(urllib.request.Request(f"{server.url}wwt/doc/not-an-id", method="DELETE"), timeout=10)
-    assert e.value.code == 400
-    assert _server_fn(server, "unshare", {"id": b}) == {"ok": True}
-    r = _server_fn(server, "unshare", {"id": b})
-    assert r["ok"] is False and "no shared document" in r["error"]
-    assert f"{a}.json" not in _files(server.docs) and f"{b}.json" not in _files(server.docs)
-    assert not doc.exists()
+def test_behind_a_trusted_proxy_each_user_has_their_own_share_limit(server):
+    """A proxy on 127.0.0.2 (trusted) forwards twelve users: each has their own three shares. A
+    stranger on 127.0.0.3 forging the header is one client whatever it sends."""
+    for user in range(12):
+        status, _, r = _share(server, f"user {user}", source="127.0.0.2", forwarded=f"198.51.100.{user + 1}")
+        assert status == 200, (user, r)
+    for _ in range(2):  # user 1's second and third shares...
+        assert _share(server, "again", source="127.0.0.2", forwarded="198.51.100.1")[0] == 200
+    # ...and the fourth is refused: a value that is not an address is skipped in the chain
+    assert _share(server, "fourth", source="127.0.0.2", forwarded="garbage, 198.51.100.1")[0] == 429
+    for i in range(3):
+        status, _, r = _share(server, f"forged {i}", source="127.0.0.3", forwarded=f"203.0.113.{i + 1}")
+        assert status == 200, r
+    status, _, r = _share(server, "forged again", source="127.0.0.3", forwarded="203.0.113.99")
+    assert status == 429 and "too many shares from your address" in r["error"]
+
+
+def test_a_read_link_cannot_delete_and_the_delete_key_can(server):
+    status, _, r = _share(server, "delete me over HTTP", source="127.0.0.5")
+    assert status == 200
+    doc, key = r["id"], r["delete_key"]
+    url = f"{server.url}wwt/doc/{doc}"
+    status, _, body = http_call(url)
+    assert status == 200 and json.loads(body) == {"ok": True, "id": doc, "text": "delete me over HTTP"}
+    for headers in (None, {"Authorization": "Bearer not-the-key"}, {"Authorization": key},
+                    {"Authorization": "Basic " + key}):
+        status, _, body = http_call(url, "DELETE", headers=headers, source="127.0.0.6")
+        assert status == 403 and json.loads(body)["kind"] == "forbidden", (headers, body)
+    assert f"{doc}.json" in _files(server.docs)  # nothing deleted
+    assert key not in (server.docs / f"{doc}.json").read_text()  # the key is kept hashed
+    status, _, body = http_call(url, "DELETE", headers={"Authorization": f"Bearer {key}"}, source="127.0.0.6")
+    assert status == 200 and json.loads(body) == {"ok": True}
+    assert http_call(url)[0] == 404
+    assert http_call(url, "DELETE", headers={"Authorization": f"Bearer {key}"})[0] == 404
+    assert http_call(f"{server.url}wwt/doc/not-an-id", "DELETE")[0] == 400
+    assert f"{doc}.json" not in _files(server.docs)
+
+
+def test_share_refusals_say_which_limit(server):
+    status, _, body = http_call(server.url + "wwt/doc", "POST", {"text": "x" * 1_000_001}, source="127.0.0.7")
+    assert status == 400 and "the document has 1,000,001 characters" in json.loads(body)["error"]
+    utf8 = json.dumps({"text": "é" * 600_000}, ensure_ascii=False).encode()  # 1.2 MB: under this server's body bound
+    status, _, body = http_call(server.url + "wwt/doc", "POST", utf8, source="127.0.0.7")
+    r = json.loads(body)
+    assert status == 413 and r["limit"] == "size" and "larger than 1000 kB" in r["error"]
+    status, _, body = http_call(server.url + "wwt/doc", "POST", b"not json", source="127.0.0.7")
+    assert status == 400 and "JSON" in json.loads(body)["error"]
+    status, _, body = http_call(server.url + "wwt/doc", "POST", {"text": "   "}, source="127.0.0.7")
+    assert status == 400 and json.loads(body)["error"] == "the document is empty"
+
+
+def test_uploads_and_the_routes_outside_the_queue_are_closed(server):
+    """The app takes no files: an upload is refused before it is read and nothing is stored for
+    anyone to fetch; the named endpoints answer only through Gradio's queue."""
+    boundary = "wwt"
+    payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\n"
+               f"Content-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n").encode()
+    for path in ("gradio_api/upload", "gradio_api/upload?upload_id=x"):
+        status, _, body = http_call(server.url + path, "POST", payload,
+                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert status == 404 and "takes no files" in json.loads(body)["error"], (path, status, body)
+    for path in ("gradio_api/api/score", "gradio_api/run/score"):
+        status, _, body = http_call(server.url + path, "POST", {"data": ["Hello"]})
+        assert status == 404 and "through the queue" in json.loads(body)["error"], (path, status, body)
+    assert call_over_http(server, "score", {"data": ["Hello"]})[0] == "complete"  # the queued way still works
 
 
 def _headers_only(server, path: str, length: int):
@@ -243,7 +303,7 @@ def _headers_only(server, path: str, length: int):
 
 def test_an_oversized_body_is_refused_413(server):
     # a Content-Length over WWT_MAX_BODY_MB=2 is answered before a byte of the body is sent
-    for path in ("gradio_api/call/complete", "wwt/stream", "gradio_api/component_server", "gradio_api/upload"):
+    for path in ("gradio_api/call/complete", "wwt/stream", "gradio_api/component_server", "wwt/doc"):
         status, out = _headers_only(server, "/" + path, 3_000_000)
         assert status == 413, (path, status, out[:200])
         assert "larger than this app accepts (2 MB)" in json.loads(out)["error"]
@@ -272,11 +332,12 @@ def _upload(server, size: int):
     return _post(server.url + "gradio_api/upload", body, f"multipart/form-data; boundary={boundary}")
 
 
-def test_uploads_are_capped(server):
-    status, out = _upload(server, 50_000)  # under the body limit, over the upload cap
-    assert status == 413, (status, out[:300])
+def test_uploads_are_refused_whatever_their_size(server):
+    for size in (10, 50_000):
+        status, out = _upload(server, size)
+        assert status == 404 and "takes no files" in json.loads(out)["error"], (status, out[:300])
     status, out = _headers_only(server, "/gradio_api/upload", 50_000_000)  # refused before it is read
-    assert status == 413 and "larger than this app accepts" in json.loads(out)["error"]
+    assert status == 404 and "takes no files" in json.loads(out)["error"]
 
 
 def test_session_state_is_bounded(monkeypatch):

@@ -34,6 +34,16 @@ def test_complete(client, tiny_gpt2, tiny_gpt2_heads):
     assert all(len(x["token_ids"]) <= 4 for x in seeded[0]["suggestions"])
 
 
+def test_compare_is_a_named_endpoint_that_asks_each_offered_model_once(client):
+    out = client.predict("The weather today is", "tiny, heads, tiny, heads", 3, 1, api_name="/compare")
+    assert [row["model"] for row in out["rows"]] == ["tiny", "heads"]
+    assert all(len(row["suggestions"]) == 1 and row["parameters"] > 0 for row in out["rows"])
+    every = client.predict("The weather today is", "", 2, 1, api_name="/compare")
+    assert [row["model"] for row in every["rows"]] == ["tiny", "heads"]  # empty: every offered model
+    with pytest.raises(Exception, match="unknown model"):
+        client.predict("Hi", "tiny,gpt9", 2, 1, api_name="/compare")
+
+
 def test_classify_answer_score(client):
     head = client.predict("What a lovely day", "", "heads", api_name="/classify")
     assert head["method"] == "head" and {x["label"] for x in head["labels"]} == {"NEGATIVE", "POSITIVE"}

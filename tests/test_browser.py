@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -228,10 +229,25 @@ def test_token_view_and_share_link_reopens_the_document(app, browser, server):
     app.page.wait_for_function("document.querySelector('#wwt-editor .wwt-link-url').value.includes('?doc=')")
     url = link.input_value()
     assert url.startswith(server.url) and "?doc=" in url
-    other = Page(browser, url)
+    doc_id = url.split("?doc=")[1]
+    assert app.page.locator("#wwt-editor .wwt-unshare").is_visible()  # the author's browser holds the key
+    keys = app.page.evaluate("() => JSON.parse(localStorage.getItem('wwt-delete-keys'))")
+    assert set(keys) >= {doc_id} and len(keys[doc_id]) >= 32
+    other = Page(browser, url)  # another browser: the link reads, and nothing offers to delete
     other.page.wait_for_function("document.querySelector('#wwt-editor textarea').value.length > 0")
     assert other.editor.input_value() == text
+    assert other.page.locator("#wwt-editor .wwt-link").is_visible()
+    assert other.page.locator("#wwt-editor .wwt-unshare").is_hidden()
+    assert other.page.evaluate("() => localStorage.getItem('wwt-delete-keys')") is None
     other.page.close()
+    app.page.locator("#wwt-editor .wwt-unshare").click()  # the author deletes it
+    app.page.locator("#wwt-editor .wwt-status", has_text="shared copy deleted").wait_for(timeout=WAIT_MS)
+    gone = urllib.request.Request(f"{server.url}wwt/doc/{doc_id}")
+    try:
+        urllib.request.urlopen(gone, timeout=10)
+        raise AssertionError("the document is still there")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404
 
 
 def test_suggest_as_i_type(app):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from app.backends.celery import CeleryBackend
-from model.errors import Cancelled, BackendUnavailable, BadRequest, NoWorker, UnknownModel
+from model.errors import Cancelled, BackendUnavailable, BadRequest, Forbidden, NoWorker, NotFound, UnknownModel
 from model.network.tiny import make_tiny_model
 from model.types import AnswerRequest, ClassifyRequest, Completion, CompletionRequest, Suggestion
 from workers.queues import QueueConfig, QueueMisconfigured, queue_name, redact
@@ -235,12 +235,17 @@ def test_unknown_and_unserved_models_fail_at_once(backend, client):
 
 
 def test_shared_documents_live_in_redis(backend, redis_server):
-    doc_id = backend.save_document("A text to share.\n")
+    doc_id, key = backend.save_document("A text to share.\n")
     other = CeleryBackend(["tiny"], redis_url=redis_server.url)  # another app replica
     try:
         assert other.load_document(doc_id) == "A text to share.\n"
+        with pytest.raises(Forbidden):
+            other.delete_document(doc_id, "not its key")
+        other.delete_document(doc_id, key)  # the author's key works on any replica
     finally:
         other.close()
+    with pytest.raises(NotFound):
+        backend.load_document(doc_id)
     with pytest.raises(BadRequest):
         backend.load_document("x" * 22)
 
@@ -543,14 +548,20 @@ def test_a_misconfigured_queue_is_one_readable_line_in_a_fresh_process(command):
 
 def test_the_celery_app_module_imports_with_any_settings_and_builds_on_first_use():
     """`import workers.celery_app` builds nothing (the app's backend and the worker import it);
-    `workers.celery_app.app`, what `celery -A workers.celery_app` reads, is built on first access."""
-    code = ("import workers.celery_app as m, model.errors as e\n"
-            "try:\n    m.app\nexcept e.WWTError as x:\n    print('refused:', x.message)\n")
+    `workers.celery_app.app`, what `celery -A workers.celery_app` reads, is built on first access,
+    and with contradictory settings Celery's own command line ends with the same one line as
+    `wwt worker`, status 2, no traceback."""
+    code = "import workers.celery_app as m\nprint('imported')\nm.app\n"
     env = {**os.environ, **MISCONFIGURED}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("refused: the queue is misconfigured: WWT_VISIBILITY_TIMEOUT")
+    assert out.returncode == 2 and out.stdout == "imported\n", (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith("error: the queue is misconfigured: WWT_VISIBILITY_TIMEOUT"), out.stderr
+    celery = subprocess.run([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert celery.returncode == 2, (celery.returncode, celery.stderr)
+    assert celery.stderr.strip().splitlines() == [
+        "error: the queue is misconfigured: WWT_VISIBILITY_TIMEOUT (5 s) must be longer than WWT_TASK_TIME_LIMIT (10 s)"]
     env = {k: v for k, v in os.environ.items() if k not in MISCONFIGURED}
     out = subprocess.run([sys.executable, "-c", "import workers.celery_app as m; print(m.app.conf.task_acks_late)"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -151,9 +152,12 @@ def test_a_bug_is_logged_for_the_operator_and_read_plainly_by_the_caller(caplog)
     except KeyError as e:
         with caplog.at_level(logging.ERROR, logger="wwt.test"):
             error = caller_error(e, log, "request")
-    assert error.message == "internal error (KeyError); the app is still running, try again"
+    found = re.fullmatch(r"internal error \(KeyError\); the app is still running, try again \(ref ([0-9a-f]{8})\)",
+                         error.message)
+    assert found, error.message
     assert "10.0.0.7" not in error.text_for(VISITOR) and "Traceback" not in error.text_for(VISITOR)
-    assert any("secret internals" in (r.exc_text or "") for r in caplog.records), "the operator's log has the bug"
+    logged = [r for r in caplog.records if found.group(1) in r.getMessage()]
+    assert logged and "secret internals" in (logged[0].exc_text or ""), "the operator's log has the bug, by its ref"
 
 
 def test_redis_down_names_its_address_to_the_operator_only():
@@ -165,6 +169,7 @@ def test_redis_down_names_its_address_to_the_operator_only():
             backend.complete(CompletionRequest("Hi", model="tiny"))
         error = caught.value
         assert "127.0.0.1" not in error.text_for(VISITOR) and "cannot reach Redis" in error.text_for(VISITOR)
+        assert re.search(r"\(ref [0-9a-f]{8}\)$", error.message), error.message  # the log line's reference
         assert "redis://:***@127.0.0.1:1/0" in error.text_for(OPERATOR) and "pw" not in error.text_for(OPERATOR)
         health = backend.health()
         assert health["ready"] is False and "127.0.0.1" not in json.dumps(health)
@@ -301,3 +306,91 @@ def test_no_two_production_modules_share_a_file_name():
 def test_throwaway_services_ship_with_the_benchmarks_not_the_workers():
     assert not (ROOT / "workers" / "processes.py").exists()
     assert (ROOT / "app" / "bench" / "processes.py").exists()
+
+
+# -- who the client is ----------------------------------------------------------------------------
+
+def test_client_of_believes_only_trusted_proxies():
+    from app.web.client_identity import TrustedProxies, client_of, default_proxies
+
+    trusted = TrustedProxies("127.0.0.2, 10.0.0.0/8")
+    xff = lambda value: [(b"x-forwarded-for", value.encode())]  # noqa: E731
+    assert client_of("127.0.0.2", xff("198.51.100.7"), trusted) == "198.51.100.7"
+    assert client_of("127.0.0.3", xff("198.51.100.7"), trusted) == "127.0.0.3"  # a stranger's header
+    assert client_of("127.0.0.2", xff("6.6.6.6, 198.51.100.7, 10.1.2.3"), trusted) == "198.51.100.7"
+    assert client_of("127.0.0.2", xff("not-an-address, '; DROP"), trusted) == "127.0.0.2"
+    assert client_of("127.0.0.2", xff("198.51.100.7:4711"), trusted) == "198.51.100.7"
+    assert client_of("127.0.0.2", [(b"forwarded", b'for="[2001:db8::7]:80";proto=https')], trusted) == "2001:db8::7"
+    assert client_of("127.0.0.2", xff("10.9.9.9"), trusted) == "10.9.9.9"  # only proxies: the left-most
+    assert client_of("::ffff:127.0.0.3", [], trusted) == "127.0.0.3"
+    assert client_of("127.0.0.1", xff("198.51.100.7"), TrustedProxies(default_proxies(False))) == "198.51.100.7"
+    assert client_of("10.16.3.80", xff("198.51.100.7"), TrustedProxies(default_proxies(False))) == "10.16.3.80"
+    assert client_of("10.16.3.80", xff("198.51.100.7"), TrustedProxies(default_proxies(True))) == "198.51.100.7"
+    with pytest.raises(ValueError, match="WWT_TRUSTED_PROXIES"):
+        TrustedProxies("127.0.0.1, proxy.example")
+
+
+def test_a_bad_trusted_proxies_setting_is_one_line(monkeypatch):
+    from app.app_config import AppConfig
+
+    monkeypatch.setenv("WWT_TRUSTED_PROXIES", "my-proxy")
+    with pytest.raises(settings.SettingError, match="WWT_TRUSTED_PROXIES: 'my-proxy' is not an IP address"):
+        AppConfig.from_settings()
+    monkeypatch.setenv("WWT_TRUSTED_PROXIES", "")
+    monkeypatch.setenv("SPACE_ID", "someone/write-with-transformer")
+    assert "10.0.0.0/8" in AppConfig.from_settings().trusted_proxies  # the Spaces proxy, out of the box
+
+
+def test_every_path_counts_by_the_one_client_identity():
+    """Through a trusted proxy (127.0.0.2) the forwarded user is the client of every path; from a
+    stranger (127.0.0.3) the same header is ignored."""
+    from app.app_config import AppConfig
+    from ui_support import ScriptedBackend, http_call, launch_in_process
+
+    backend = ScriptedBackend(models=("m1",))
+    demo, url = launch_in_process(backend, AppConfig(trusted_proxies="127.0.0.2"))
+
+    def every_path(source: str, user: str) -> list:
+        backend.clients.clear()
+        headers = {"X-Forwarded-For": f"203.0.113.250, {user}"}
+        assert http_call(url + "wwt/stream", "POST", {"before": "Hi", "model": "m1"}, headers, source)[0] == 200
+        assert http_call(url + "wwt/doc", "POST", {"text": "a draft"}, headers, source)[0] == 200
+        for name, data in (("complete", ["Hi", "m1"]), ("score", ["Hi", "m1"]), ("classify", ["Hi", "", "m1"])):
+            status, _, body = http_call(f"{url}gradio_api/call/{name}", "POST", {"data": data}, headers, source)
+            assert status == 200, body
+            event = json.loads(body)["event_id"]
+            assert http_call(f"{url}gradio_api/call/{name}/{event}", headers=headers, source=source)[0] == 200
+        return sorted(backend.clients)
+
+    try:
+        assert every_path("127.0.0.2", "198.51.100.7") == [
+            ("classify", "198.51.100.7"), ("complete", "198.51.100.7"), ("complete", "198.51.100.7"),
+            ("score", "198.51.100.7"), ("share", "198.51.100.7")]
+        assert {client for _, client in every_path("127.0.0.3", "198.51.100.7")} == {"127.0.0.3"}
+    finally:
+        demo.close()
+
+
+def test_a_million_non_latin_characters_fit_the_body_limit(tiny_gpt2):
+    """The contract's longest text, escaped as JSON does (6 bytes a character), is under the body
+    limit: it is answered, not refused 413; one character more is the contract's clear message."""
+    from app.backends.local import LocalBackend
+    from ui_support import http_call, launch_in_process
+
+    backend = LocalBackend([f"tiny={tiny_gpt2}"], device="cpu", slots=4)
+    demo, url = launch_in_process(backend)
+    try:
+        text = "中" * 1_000_000
+        body = json.dumps({"before": text, "model": "tiny", "n": 1, "max_new_tokens": 2}).encode()  # ASCII-escaped
+        assert len(body) > 6_000_000
+        status, _, out = http_call(url + "wwt/stream", "POST", body, timeout=300)
+        events = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1]["type"] == "done", (status, out[:300])
+        status, _, out = http_call(url + "wwt/stream", "POST", {"before": text + "文", "model": "tiny"}, timeout=300)
+        assert status == 200 and "the text has 1,000,001 characters; the limit is 1,000,000" in out.decode()
+        emoji = "😀" * 500_001  # two UTF-16 units each, as a browser counts them
+        status, _, out = http_call(url + "wwt/stream", "POST", {"before": emoji, "model": "tiny"}, timeout=300)
+        assert "the text has 1,000,002 characters" in out.decode()
+    finally:
+        demo.close()
+        backend.close()

@@ -120,7 +120,8 @@ def test_a_bug_in_the_backend_is_reported_plainly(caplog):
     warns = Warnings()
     labels, info = callbacks.classify(fake, "some text", "", "m1", warns)
     assert labels is None
-    assert warns == ["internal error (NotImplementedError); the app is still running, try again"]
+    assert len(warns) == 1 and re.fullmatch(
+        r"internal error \(NotImplementedError\); the app is still running, try again \(ref [0-9a-f]{8}\)", warns[0])
     assert "Traceback" not in info and "internal error" in info
     assert "Traceback" in caplog.text  # the operator still gets the traceback in the log
 
@@ -132,10 +133,9 @@ def test_malformed_suggest_payload_is_a_message():
 
 
 def test_share_and_reopen(backend):
-    r = callbacks.share(backend, {"text": "A shared draft\nwith two lines."})
-    assert r["ok"] and re.fullmatch(r"[A-Za-z0-9_-]{16,64}", r["id"])
-    assert callbacks.open_shared(backend, r["id"]) == "A shared draft\nwith two lines."
-    assert callbacks.share(backend, {"text": "   "}) == {"ok": False, "error": "the document is empty"}
+    doc_id, key = backend.save_document("A shared draft\nwith two lines.")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16,64}", doc_id) and key != doc_id
+    assert callbacks.open_shared(backend, doc_id) == "A shared draft\nwith two lines."
     warns = Warnings()
     assert callbacks.open_shared(backend, "../../etc/passwd", warns) is None
     assert warns == ["that is not a valid document link"]
@@ -143,13 +143,17 @@ def test_share_and_reopen(backend):
     assert callbacks.open_shared(backend, None, warns) is None
 
 
-def test_unshare_deletes_by_link(backend):
-    r = callbacks.share(backend, {"text": "short-lived"}, client="127.0.0.1")
-    assert callbacks.unshare(backend, {"id": r["id"]}) == {"ok": True}
-    assert callbacks.open_shared(backend, r["id"]) is None
-    again = callbacks.unshare(backend, {"id": r["id"]})
-    assert again["ok"] is False and "no shared document" in again["error"]
-    assert callbacks.unshare(backend, None) == {"ok": False, "error": "that is not a valid document link"}
+def test_only_the_delete_key_deletes(backend):
+    from model.errors import Forbidden, NotFound
+
+    doc_id, key = backend.save_document("short-lived", client="127.0.0.1")
+    with pytest.raises(Forbidden):
+        backend.delete_document(doc_id, None)  # the link alone reads
+    assert callbacks.open_shared(backend, doc_id) == "short-lived"
+    backend.delete_document(doc_id, key)
+    assert callbacks.open_shared(backend, doc_id) is None
+    with pytest.raises(NotFound):
+        backend.delete_document(doc_id, key)
 
 
 def test_token_view_colours_every_token_and_escapes_html(backend):
@@ -225,6 +229,32 @@ def test_compare_sends_one_prompt_to_each_model(backend):
     assert html.count('<div class="wwt-bar" data-model="tiny"') == 5
     assert html.count('<div class="wwt-bar" data-model="heads"') == 5
     assert html.count("log p -") == 2  # each card: mean log-probability per token of the prompt
+
+
+def test_one_compare_call_is_one_request_per_offered_model_and_one_place_of_its_client(backend):
+    """A model named a thousand times is asked once; the whole Compare holds one place of its
+    client's bound, so a client already at its bound is refused and nobody else is held up."""
+    import contextlib
+
+    engine = backend.engine("tiny")
+    before = engine.scheduler.counters["requests"]
+    html = callbacks.compare(backend, "The weather today is", ["tiny"] * 1000, 3, 1, client="203.0.113.5")
+    assert html.count('class="wwt-card"') == 1
+    assert engine.scheduler.counters["requests"] == before + 1
+    warns = Warnings()
+    assert "unknown model" in callbacks.compare(backend, "Hi", ["tiny", "gpt9"], 3, 1, warns)
+    assert "choose the models" in callbacks.compare(backend, "Hi", ["tiny"] * 100_000, 3, 1, warns)
+    bound = backend.clients.bound
+    with contextlib.ExitStack() as held:
+        for _ in range(bound):
+            held.enter_context(backend.one_place("203.0.113.5", "something else"))
+        busy = callbacks.compare(backend, "Hi", ["tiny"], 3, 1, warns, client="203.0.113.5")
+        assert "busy:" in busy and f"{bound} of your requests" in busy
+        assert engine.scheduler.counters["requests"] == before + 1  # nothing was sent
+        assert 'class="wwt-card"' in callbacks.compare(backend, "Hi", ["tiny"], 3, 1, client="203.0.113.6")
+        result, info = callbacks.classify(backend, "Nice", "good, bad", "tiny", warns, client="203.0.113.5")
+        assert result is None and "busy:" in info  # classify, answer and score count by client too
+    assert 'class="wwt-card"' in callbacks.compare(backend, "Hi", ["tiny"], 3, 1, client="203.0.113.5")
 
 
 def test_likelihood_of_a_text():
@@ -308,7 +338,7 @@ def test_the_page_has_the_named_endpoints_and_the_editor(backend):
     names = {fn.api_name for fn in demo.fns.values() if fn.api_name}
     assert {"complete", "classify", "answer", "score"} <= names
     editor = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "wwt-editor")
-    assert {fn.__name__ for fn in editor.server_fns} == {"suggest", "share", "unshare"}
+    assert {fn.__name__ for fn in editor.server_fns} == {"suggest"}  # sharing is the HTTP API (shared_docs.py)
     assert editor.props["settings"]["model"] == "tiny"
 
 

@@ -9,12 +9,12 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Optional
 
 from app.backends.base import Backend, EventStream
-from model.streaming import done_event
 from model.types import Completion, Scores, Suggestion, Timings, TokenScore
 from app.bench.processes import free_port
 
@@ -84,6 +84,7 @@ class ScriptedBackend(Backend):
         self.error = error
         self.requests: list = []
         self.supersede_keys: list = []
+        self.clients: list = []  # (what was asked, the client it was asked for)
         self.documents: dict[str, str] = {}
 
     def _maybe_fail(self, request):
@@ -102,25 +103,30 @@ class ScriptedBackend(Backend):
     def stream(self, request, *, client=None, supersede=None, timeout=None, partials=True):
         """The one completion primitive, as every backend has it: here, one done event (or the error)."""
         self.supersede_keys.append(supersede)
+        self.clients.append(("complete", client))
 
         def events():
             self._maybe_fail(request)
-            yield done_event(Completion(model=request.model, suggestions=[Suggestion(text=t) for t in self.suggestions],
-                                        timings=Timings(total_ms=12.0, decode_ms=10.0, tokens_decoded=8)))
+            yield stream.done(Completion(model=request.model, suggestions=[Suggestion(text=t) for t in self.suggestions],
+                                         timings=Timings(total_ms=12.0, decode_ms=10.0, tokens_decoded=8)))
 
-        return EventStream(events())
+        stream = EventStream(events())
+        return stream
 
     def classify(self, request, timeout=None, client=None):
+        self.clients.append(("classify", client))
         self._maybe_fail(request)
         raise NotImplementedError
 
     def answer(self, request, timeout=None, client=None):
+        self.clients.append(("answer", client))
         self._maybe_fail(request)
         raise NotImplementedError
 
     def score(self, request, timeout=None, client=None):
+        self.clients.append(("score", client))
         self._maybe_fail(request)
-        raise NotImplementedError
+        return Scores(model=request.model, tokens=[TokenScore("a", 1, 0.5, 0)])
 
     def health(self):
         ok = self.error is None
@@ -133,17 +139,22 @@ class ScriptedBackend(Backend):
         return {name: {"loaded": 1, "queue_depth": 0} for name in self.names}
 
     def save_document(self, text, client=None):
+        self.clients.append(("share", client))
         self._maybe_fail(text)
         doc_id = f"doc{len(self.documents):013d}xyz"
         self.documents[doc_id] = text
-        return doc_id
+        return doc_id, f"key-of-{doc_id}"
 
     def load_document(self, doc_id):
         self._maybe_fail(doc_id)
         return self.documents[doc_id]
 
-    def delete_document(self, doc_id):
+    def delete_document(self, doc_id, delete_key):
         self._maybe_fail(doc_id)
+        if delete_key != f"key-of-{doc_id}":
+            from model.errors import Forbidden
+
+            raise Forbidden("not its key")
         del self.documents[doc_id]
 
 
@@ -218,3 +229,21 @@ def fill_gradio_queue(url: str, backend: GatedBackend, start_s: float = 5.0) -> 
         if not wait_until(lambda: backend.running >= i, timeout=start_s):
             return backend.running
     raise AssertionError("every call started: the queue never filled")
+
+
+def http_call(url: str, method: str = "GET", body=None, headers: Optional[dict] = None, source: str = "127.0.0.1",
+              timeout: float = 60) -> tuple[int, dict, bytes]:
+    """One HTTP request from the loopback address `source` (127.0.0.2 stands in for a proxy, 127.0.0.3
+    for a stranger): (status, headers in lower case, body). `body` is JSON-encoded unless it is bytes."""
+    import http.client
+
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout, source_address=(source, 0))
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=data, headers=sent)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()

@@ -93,8 +93,15 @@ def __getattr__(name: str):
     global _default_app
     if name == "app":
         if _default_app is None:
-            from model import settings
+            import sys
 
-            _default_app = make_app(settings.get("WWT_REDIS_URL"), QueueConfig.from_settings())
+            from model import settings
+            from model.errors import OPERATOR, WWTError
+
+            try:
+                _default_app = make_app(settings.get("WWT_REDIS_URL"), QueueConfig.from_settings())
+            except (WWTError, settings.SettingError) as e:  # one line, as `wwt worker` says it
+                print(f"error: {e.text_for(OPERATOR) if isinstance(e, WWTError) else e}", file=sys.stderr)
+                raise SystemExit(2) from None
         return _default_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,13 +8,14 @@ so the suggestion cache, the waiting bounds and supersede are written once per b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
 from typing import Callable, Iterator, Optional
 
-from model.errors import UnknownModel, WWTError, caller_error
-from model.streaming import error_event
+from model.errors import Busy, UnknownModel, WWTError, caller_error
+from model.streaming import done_event, error_event
 from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, Completion, CompletionRequest,
                          ScoreRequest, Scores)
 
@@ -36,6 +37,13 @@ class EventStream:
         self.cancelled = False
         self.ended = False
         self.error: Optional[WWTError] = None  # the error the last event reports, with its operator detail
+        self.completion: Optional[Completion] = None  # the answer the done event carries, as an object
+
+    def done(self, completion: Completion) -> dict:
+        """(the producing generator) The done event for `completion`, which is also kept as it is,
+        so a caller in this process (Backend.complete) takes it without a round trip through JSON."""
+        self.completion = completion
+        return done_event(completion)
 
     def on_cancel(self, fn: Callable[[], None]) -> None:
         """Call `fn` when the stream is cancelled (at once if it already was)."""
@@ -89,6 +97,44 @@ class EventStream:
             close()
 
 
+class ClientBound:
+    """Requests of each client in flight through this app process: `bound` at most
+    (WWT_MAX_WAITING_PER_CLIENT). The distributed backend holds every request to it; the embedded
+    one its single passes (classify, answer, score), its completions being held by the engine's
+    own per-client bound. A Compare holds one place for all its models (`Backend.one_place`).
+    A request under a supersede key takes the place of the older one under that key (which is
+    being cancelled), so a fast typist is never refused because of their own older keystrokes."""
+
+    def __init__(self, bound: Optional[int]):
+        self.bound = bound or 0  # 0: no bound
+        self._lock = threading.Lock()
+        self._held: dict[str, dict] = {}  # client -> {place: the request holding it}
+
+    @contextlib.contextmanager
+    def hold(self, client: Optional[str], model: str, supersede: Optional[str] = None):
+        bound = self.bound
+        if client is None or not bound:
+            yield
+            return
+        me = object()
+        place = supersede if supersede is not None else me
+        with self._lock:
+            mine = self._held.setdefault(client, {})
+            if place not in mine and len(mine) >= bound:
+                raise Busy(f"busy: {len(mine)} of your requests are already waiting for {model}; "
+                           f"try again in a moment")
+            mine[place] = me
+        try:
+            yield
+        finally:
+            with self._lock:
+                mine = self._held.get(client, {})
+                if mine.get(place) is me:
+                    del mine[place]
+                if not mine:
+                    self._held.pop(client, None)
+
+
 class Backend(ABC):
     """complete / classify / answer / score, plus shared documents, health and queue depth.
 
@@ -137,7 +183,7 @@ class Backend(ABC):
         try:
             for event in events:
                 if event["type"] == "done":
-                    return Completion.from_dict(event["result"])
+                    return events.completion or Completion.from_dict(event["result"])
                 if event["type"] == "error":
                     raise events.error or WWTError(event.get("error") or "no answer")
         finally:
@@ -157,16 +203,19 @@ class Backend(ABC):
 
     # -- shared documents ------------------------------------------------------------------
     @abstractmethod
-    def save_document(self, text: str, client: Optional[str] = None) -> str:
-        """Store a document; returns an unguessable id for a share link. `client` (the caller's
-        address) is held to the per-client share rate; a refusal (LimitReached) stores nothing."""
+    def save_document(self, text: str, client: Optional[str] = None) -> tuple[str, str]:
+        """Store a document: (an unguessable id for a share link, which reads it; a delete key for
+        its author alone, stored only as a hash). `client` is held to the per-client share rate; a
+        refusal (LimitReached, saying which limit) stores nothing."""
 
     @abstractmethod
-    def load_document(self, doc_id: str) -> str: ...
+    def load_document(self, doc_id: str) -> str:
+        """The document's text; NotFound when there is none (expired or deleted)."""
 
     @abstractmethod
-    def delete_document(self, doc_id: str) -> None:
-        """Delete a shared document. BadRequest when there is none."""
+    def delete_document(self, doc_id: str, delete_key: Optional[str]) -> None:
+        """Delete a shared document with its delete key: Forbidden without it (the link alone only
+        reads), NotFound when there is none."""
 
     # -- what operations read --------------------------------------------------------------
     @abstractmethod
@@ -178,6 +227,13 @@ class Backend(ABC):
     def model_gauges(self) -> dict[str, dict]:
         """Per offered model, what /metrics shows: {"queue_depth": n, and "loaded" (0/1) or
         "live_workers": n}. Raises BackendUnavailable when the state cannot be read."""
+
+    clients: ClientBound = ClientBound(None)  # each backend sets its own, from its configuration
+
+    def one_place(self, client: Optional[str], what: str):
+        """A context in which `client` holds one place of its bound (Busy at once past it): several
+        requests made for one call (a Compare over several models) count as one of the client's."""
+        return self.clients.hold(client, what)
 
     def cache_stats(self) -> dict:
         """Suggestion-cache counters ({"hits", "incremental_hits", "misses"}), {} without a cache."""

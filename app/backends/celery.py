@@ -24,7 +24,7 @@ from model.errors import (BackendUnavailable, Busy, Cancelled, NoWorker, Request
                           caller_error, error_from_dict)
 from model.network.config import GPTConfig
 from model.network.known import KNOWN_MODELS, KNOWN_SHAPES, parse_model_spec
-from model.streaming import GrowOnly, done_event, partial_event, partials_of
+from model.streaming import GrowOnly, partial_event, partials_of
 from model.types import RESULT_TYPES, CompletionRequest
 from workers import affinity, cancel
 from workers.celery_app import make_app
@@ -34,7 +34,7 @@ from workers.queues import redis_url as default_redis_url
 from workers.registry import live_workers, served_models, task_holder
 from workers.suggestion_cache import SuggestionCache
 
-from .base import Backend, EventStream
+from .base import Backend, ClientBound, EventStream
 from .documents import RedisDocumentStore
 
 log = logging.getLogger(__name__)
@@ -46,44 +46,6 @@ SERVED_CACHE_S = 1.0  # a model seen served is trusted this long without asking 
 CHECK_EVERY_S = 1.0   # while waiting, how often to check that the model (and the task's worker) is alive
 REDELIVERY_MARGIN_S = 2.0  # wait for a dead worker's task to be redelivered only if it comes this early
 QUEUE_TTL_MARGIN_S = 60.0  # a queue list outlives the last message sent to it by at most this long
-
-
-class _Waiting:
-    """Requests of each client in flight through this app: WWT_MAX_WAITING_PER_CLIENT at most.
-
-    Counted in this process, like the embedded engine's bound; the per-model bound is counted in
-    Redis (queue lengths), so it holds across several app processes. A request under a supersede
-    key takes the place of the older one under that key (which is being cancelled), so a fast
-    typist is never refused because of their own older keystrokes."""
-
-    def __init__(self, bound: Optional[int]):
-        self.bound = bound or 0  # 0: no bound
-        self._lock = threading.Lock()
-        self._held: dict[str, dict] = {}  # client -> {place: the request holding it}
-
-    @contextlib.contextmanager
-    def hold(self, client: Optional[str], model: str, supersede: Optional[str] = None):
-        bound = self.bound
-        if client is None or not bound:
-            yield
-            return
-        me = object()
-        place = supersede if supersede is not None else me
-        with self._lock:
-            mine = self._held.setdefault(client, {})
-            if place not in mine and len(mine) >= bound:
-                raise Busy(f"busy: {len(mine)} of your requests are already waiting for {model}; "
-                           f"try again in a moment")
-            mine[place] = me
-        try:
-            yield
-        finally:
-            with self._lock:
-                mine = self._held.get(client, {})
-                if mine.get(place) is me:
-                    del mine[place]
-                if not mine:
-                    self._held.pop(client, None)
 
 
 class _Watch:
@@ -128,7 +90,7 @@ class CeleryBackend(Backend):
         self._live: dict[str, tuple[float, list]] = {}  # model -> (when asked, its live workers)
         self._served_list: tuple[float, list] = (-1e9, [])
         self._lock = threading.Lock()
-        self.waiting = _Waiting(max_waiting_per_client)
+        self.clients = ClientBound(max_waiting_per_client)
 
     # -- models -------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -194,13 +156,16 @@ class CeleryBackend(Backend):
 
     # -- requests -----------------------------------------------------------------------
     def classify(self, request, timeout=None, client=None):
-        return self._call("classify", request, timeout, time.perf_counter())
+        with self.clients.hold(client, request.model or self._default()):
+            return self._call("classify", request, timeout, time.perf_counter())
 
     def answer(self, request, timeout=None, client=None):
-        return self._call("answer", request, timeout, time.perf_counter())
+        with self.clients.hold(client, request.model or self._default()):
+            return self._call("answer", request, timeout, time.perf_counter())
 
     def score(self, request, timeout=None, client=None):
-        return self._call("score", request, timeout, time.perf_counter())
+        with self.clients.hold(client, request.model or self._default()):
+            return self._call("score", request, timeout, time.perf_counter())
 
     def _call(self, kind: str, request, timeout: Optional[float], started: float, supersede: Optional[str] = None):
         """Send one task to the model's queue and wait for its answer, within `timeout`."""
@@ -391,14 +356,14 @@ class CeleryBackend(Backend):
                 hit = self._redis(self.cache.lookup, req)
                 if hit is not None:
                     hit.timings.total_ms = (time.perf_counter() - started) * 1000
-                    yield done_event(hit)
+                    yield stream.done(hit)
                     return
             task_id = str(uuid.uuid4())
             # subscribe before the task can publish
             subscription = self._redis(Subscription, self.redis, task_id) if partials else None
             stream.on_cancel(lambda: self._redis(cancel.cancel_task, self.redis, task_id))
             try:
-                with self.waiting.hold(client if client is not None else supersede, req.model, supersede):
+                with self.clients.hold(client if client is not None else supersede, req.model, supersede):
                     pending, watch = self._send("complete", req, limit, supersede, task_id=task_id,
                                                 stream=partials)
                     try:
@@ -416,7 +381,7 @@ class CeleryBackend(Backend):
                     self.cache.store(req, completion)
                 except _REDIS_ERRORS:
                     pass  # the answer is good; only its caching failed
-            yield done_event(completion)
+            yield stream.done(completion)
 
         stream = EventStream(events())
         return stream
@@ -442,11 +407,11 @@ class CeleryBackend(Backend):
         raise Cancelled("the request was cancelled")
 
     # -- documents ----------------------------------------------------------------------
-    def save_document(self, text: str, client: Optional[str] = None) -> str:
+    def save_document(self, text: str, client: Optional[str] = None) -> tuple[str, str]:
         return self.documents.save(text, client)
 
-    def delete_document(self, doc_id: str) -> None:
-        return self.documents.delete(doc_id)
+    def delete_document(self, doc_id: str, delete_key: Optional[str]) -> None:
+        return self.documents.delete(doc_id, delete_key)
 
     def load_document(self, doc_id: str) -> str:
         return self.documents.load(doc_id)

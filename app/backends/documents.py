@@ -19,6 +19,8 @@ suggestion cache also use.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import threading
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from model.errors import BadRequest, BackendUnavailable, LimitReached
+from model.errors import BadRequest, BackendUnavailable, Forbidden, LimitReached, NotFound
 
 MAX_DOCUMENT_BYTES = 1_000_000
 DOCUMENT_TTL_S = 30 * 24 * 3600
@@ -53,6 +55,30 @@ def full_message() -> str:
             "documents you no longer need")
 
 
+def storage_full() -> LimitReached:
+    return LimitReached(full_message(), limit="storage")
+
+
+GONE = "no shared document at that link (it may have expired or been deleted)"
+NOT_YOURS = ("only the delete key given to whoever shared this document can delete it (the link only "
+             "opens it); nothing was deleted")
+
+
+def new_delete_key() -> str:
+    return secrets.token_urlsafe(24)  # 192 bits, handed to the author once; only its hash is kept
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def key_matches(stored_hash, key) -> bool:
+    """Whether `key` is the delete key whose hash is stored (documents shared before keys existed have none)."""
+    if not stored_hash or not isinstance(key, str) or not key or len(key) > 200:
+        return False
+    return hmac.compare_digest(str(stored_hash), key_hash(key))
+
+
 class ShareRateLimiter:
     """At most `limit` shares per client per `window_s` seconds (a sliding window), in this process."""
 
@@ -72,7 +98,8 @@ class ShareRateLimiter:
             times = [t for t in self._seen.pop(client, []) if now - t < self.window_s]
             if len(times) >= self.limit:
                 self._seen[client] = times
-                raise LimitReached(rate_message(self.limit, self.window_s, times[0] + self.window_s - now))
+                wait = times[0] + self.window_s - now
+                raise LimitReached(rate_message(self.limit, self.window_s, wait), limit="rate", retry_after=wait)
             times.append(now)
             self._seen[client] = times
             while len(self._seen) > MAX_CLIENTS:
@@ -101,7 +128,8 @@ def check_document(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise BadRequest("the document is empty; there is nothing to share")
     if len(text.encode("utf-8", errors="surrogatepass")) > MAX_DOCUMENT_BYTES:
-        raise BadRequest(f"the document is larger than {MAX_DOCUMENT_BYTES // 1000} kB and cannot be shared")
+        raise LimitReached(f"the document is larger than {MAX_DOCUMENT_BYTES // 1000} kB and cannot be shared",
+                           limit="size")
     return text
 
 
@@ -172,10 +200,12 @@ class FileDocumentStore:
                 self.sweep(budget_s=3600)
             return self._total
 
-    def save(self, text: str, client: Optional[str] = None) -> str:
+    def save(self, text: str, client: Optional[str] = None) -> tuple[str, str]:
+        """(id, delete key): the id reads the document; the key, kept by its author, deletes it."""
         check_document(text)
-        data = json.dumps({"text": text, "expires": time.time() + self.ttl_s}, ensure_ascii=False) \
-            .encode("utf-8", errors="surrogatepass")
+        key = new_delete_key()
+        data = json.dumps({"text": text, "expires": time.time() + self.ttl_s, "delete_key_sha256": key_hash(key)},
+                          ensure_ascii=False).encode("utf-8", errors="surrogatepass")
         size = self._on_disk(len(data))
         with self._lock:
             if self._total is None or time.monotonic() - self._swept_at > SWEEP_EVERY_S:
@@ -183,7 +213,7 @@ class FileDocumentStore:
             if self._total + size > self.max_bytes:
                 self.sweep()  # expired ones may make room
                 if self._total + size > self.max_bytes:
-                    raise LimitReached(full_message())
+                    raise storage_full()
             self.limiter.take(client)
             self.folder.mkdir(parents=True, exist_ok=True)
             doc_id = new_document_id()
@@ -191,18 +221,21 @@ class FileDocumentStore:
             tmp.write_bytes(data)
             tmp.replace(self.folder / f"{doc_id}.json")
             self._total += size
-        return doc_id
+        return doc_id, key
 
-    def load(self, doc_id: str) -> str:
+    def _payload(self, doc_id: str) -> tuple[Path, dict]:
         path = self.folder / f"{check_id(doc_id)}.json"
         try:
             payload = json.loads(path.read_bytes().decode("utf-8", errors="surrogatepass"))
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("no shared document at that link (it may have expired or been deleted)") from None
+            raise NotFound(GONE) from None
         if payload.get("expires", 0) < time.time():
             self._remove(path)
-            raise BadRequest("no shared document at that link (it may have expired or been deleted)")
-        return payload["text"]
+            raise NotFound(GONE)
+        return path, payload
+
+    def load(self, doc_id: str) -> str:
+        return self._payload(doc_id)[1]["text"]
 
     def _remove(self, path: Path) -> bool:
         with self._lock:
@@ -215,13 +248,18 @@ class FileDocumentStore:
                 self._total = max(0, self._total - self._on_disk(size))
             return True
 
-    def delete(self, doc_id: str) -> None:
-        if not self._remove(self.folder / f"{check_id(doc_id)}.json"):
-            raise BadRequest("no shared document at that link (it may have expired or been deleted already)")
+    def delete(self, doc_id: str, delete_key: Optional[str]) -> None:
+        """Only with the document's delete key: Forbidden otherwise, and NotFound when there is none."""
+        path, payload = self._payload(doc_id)
+        if not key_matches(payload.get("delete_key_sha256"), delete_key):
+            raise Forbidden(NOT_YOURS)
+        if not self._remove(path):
+            raise NotFound(GONE)
 
 
-# Redis: KEYS = doc key, expiry zset, size hash, byte counter, rate key. ARGV = id, text, ttl, now,
-# bound, rate limit, rate window, cleanup batch. Returns {status, detail}: 1 saved; 0 full; -1 rate.
+# Redis: KEYS = doc key, expiry zset, size hash, byte counter, rate key, delete-key hash key. ARGV = id,
+# text, ttl, now, bound, rate limit, rate window, cleanup batch, doc prefix, key hash, key prefix.
+# Returns {status, detail}: 1 saved; 0 full; -1 rate.
 _SAVE = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[8]))
 for _, id in ipairs(expired) do
@@ -229,6 +267,7 @@ for _, id in ipairs(expired) do
   redis.call('HDEL', KEYS[3], id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('DEL', ARGV[9] .. id)
+  redis.call('DEL', ARGV[11] .. id)
   if size > 0 then redis.call('DECRBY', KEYS[4], size) end
 end
 local size = string.len(ARGV[2])
@@ -242,15 +281,21 @@ if limit > 0 then
   if used == 0 then redis.call('PEXPIRE', KEYS[5], math.floor(tonumber(ARGV[7]) * 1000)) end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+redis.call('SET', KEYS[6], ARGV[10], 'EX', tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[2], tonumber(ARGV[4]) + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], size)
 redis.call('INCRBY', KEYS[4], size)
 return {1, total + size}
 """
 
-# KEYS = doc key, expiry zset, size hash, byte counter. ARGV = id. Returns 1 deleted, 0 none.
+# KEYS = doc key, expiry zset, size hash, byte counter, delete-key hash key. ARGV = id, hash of the key
+# given. Returns 1 deleted, 0 none, -1 not its key (nothing deleted).
 _DELETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local stored = redis.call('GET', KEYS[5])
+if (not stored) or stored ~= ARGV[2] then return -1 end
 local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[5])
 local size = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -268,6 +313,7 @@ class RedisDocumentStore:
     sizes_key = "wwt:docs:sizes"
     bytes_key = "wwt:docs:bytes"
     rate_prefix = "wwt:share:rate:"
+    key_prefix = "wwt:dockey:"  # the hash of a document's delete key, with the document's expiry
 
     def __init__(self, client, ttl_s: int = DOCUMENT_TTL_S, max_bytes: Optional[int] = None,
                  limit: Optional[int] = None, window_s: Optional[float] = None):
@@ -279,22 +325,25 @@ class RedisDocumentStore:
         self._save = client.register_script(_SAVE)
         self._delete = client.register_script(_DELETE)
 
-    def save(self, text: str, client: Optional[str] = None) -> str:
+    def save(self, text: str, client: Optional[str] = None) -> tuple[str, str]:
+        """(id, delete key): the id reads the document; the key, kept by its author, deletes it."""
         check_document(text)
-        doc_id = new_document_id()
+        doc_id, key = new_document_id(), new_delete_key()
         data = text.encode("utf-8", errors="surrogatepass")
         keys = [self.prefix + doc_id, self.expiry_key, self.sizes_key, self.bytes_key,
-                self.rate_prefix + (client or "unknown")[:200]]
+                self.rate_prefix + (client or "unknown")[:200], self.key_prefix + doc_id]
         try:
             status, detail = self._save(keys=keys, args=[doc_id, data, int(self.ttl_s), time.time(), self.max_bytes,
-                                                         self.limit, self.window_s, 100, self.prefix])
+                                                         self.limit, self.window_s, 100, self.prefix, key_hash(key),
+                                                         self.key_prefix])
         except Exception as e:
             raise BackendUnavailable("cannot reach Redis to save the document; try again in a moment", f"cannot reach Redis to save the document: {e}") from None
         if status == 0:
-            raise LimitReached(full_message())
+            raise storage_full()
         if status == -1:
-            raise LimitReached(rate_message(self.limit, self.window_s, max(0, int(detail)) / 1000))
-        return doc_id
+            wait = max(0, int(detail)) / 1000
+            raise LimitReached(rate_message(self.limit, self.window_s, wait), limit="rate", retry_after=wait)
+        return doc_id, key
 
     def load(self, doc_id: str) -> str:
         try:
@@ -304,17 +353,22 @@ class RedisDocumentStore:
         except Exception as e:
             raise BackendUnavailable("cannot reach Redis to load the document; try again in a moment", f"cannot reach Redis to load the document: {e}") from None
         if data is None:
-            raise BadRequest("no shared document at that link (it may have expired or been deleted)")
+            raise NotFound(GONE)
         return data.decode("utf-8", errors="surrogatepass") if isinstance(data, bytes) else data
 
-    def delete(self, doc_id: str) -> None:
+    def delete(self, doc_id: str, delete_key: Optional[str]) -> None:
+        """Only with the document's delete key: Forbidden otherwise, and NotFound when there is none."""
         key = self.prefix + check_id(doc_id)
+        given = key_hash(delete_key) if isinstance(delete_key, str) and 0 < len(delete_key) <= 200 else "-"
         try:
-            existed = self._delete(keys=[key, self.expiry_key, self.sizes_key, self.bytes_key], args=[doc_id])
+            existed = self._delete(keys=[key, self.expiry_key, self.sizes_key, self.bytes_key,
+                                         self.key_prefix + doc_id], args=[doc_id, given])
         except Exception as e:
             raise BackendUnavailable("cannot reach Redis to delete the document; try again in a moment", f"cannot reach Redis to delete the document: {e}") from None
+        if existed == -1:
+            raise Forbidden(NOT_YOURS)
         if not existed:
-            raise BadRequest("no shared document at that link (it may have expired or been deleted already)")
+            raise NotFound(GONE)
 
     def total_bytes(self) -> int:
         return int(self.client.get(self.bytes_key) or 0)

@@ -11,11 +11,11 @@ from model.errors import UnknownModel, caller_error
 from model.network.config import GPTConfig
 from model.network.known import KNOWN_SHAPES, ModelSpec, parse_model_spec
 from model.serving.engine_config import EngineConfig
-from model.streaming import done_event, partial_event
+from model.streaming import partial_event
 from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest, CompletionRequest, ScoreRequest,
                          Scores)
 
-from .base import Backend, EventStream
+from .base import Backend, ClientBound, EventStream
 from .documents import FileDocumentStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class LocalBackend(Backend):
         engine_config = engine_config or EngineConfig()
         self.engine_config = engine_config.with_(slots=slots) if slots else engine_config
         self.budget = memory_budget_gb * (1 << 30)
+        self.clients = ClientBound(self.engine_config.max_waiting_per_client)  # single passes; the engine holds completions
         self.request_timeout = request_timeout
         self.documents = documents if documents is not None else FileDocumentStore()
         self._engines: "OrderedDict[str, object]" = OrderedDict()
@@ -129,10 +130,10 @@ class LocalBackend(Backend):
             stream.on_cancel(handle.cancel)
             try:
                 if not partials:
-                    yield done_event(engine.result(handle, timeout))
+                    yield stream.done(engine.result(handle, timeout))
                     return
                 for update in engine.stream(handle, timeout):
-                    yield partial_event(update.suggestions) if update.completion is None else done_event(update.completion)
+                    yield partial_event(update.suggestions) if update.completion is None else stream.done(update.completion)
             finally:
                 self._ended(supersede, handle)
 
@@ -166,19 +167,22 @@ class LocalBackend(Backend):
 
     def classify(self, request: ClassifyRequest, timeout: Optional[float] = None,
                  client: Optional[str] = None) -> Classification:
-        return self.engine(request.model).classify(request.text, request.labels)
+        with self.clients.hold(client, request.model or self.default_model()):
+            return self.engine(request.model).classify(request.text, request.labels)
 
     def answer(self, request: AnswerRequest, timeout: Optional[float] = None, client: Optional[str] = None) -> Answer:
-        return self.engine(request.model).answer(request.question, request.context)
+        with self.clients.hold(client, request.model or self.default_model()):
+            return self.engine(request.model).answer(request.question, request.context)
 
     def score(self, request: ScoreRequest, timeout: Optional[float] = None, client: Optional[str] = None) -> Scores:
-        return self.engine(request.model).score(request.text)
+        with self.clients.hold(client, request.model or self.default_model()):
+            return self.engine(request.model).score(request.text)
 
-    def save_document(self, text: str, client: Optional[str] = None) -> str:
+    def save_document(self, text: str, client: Optional[str] = None) -> tuple[str, str]:
         return self.documents.save(text, client)
 
-    def delete_document(self, doc_id: str) -> None:
-        return self.documents.delete(doc_id)
+    def delete_document(self, doc_id: str, delete_key: Optional[str]) -> None:
+        return self.documents.delete(doc_id, delete_key)
 
     def load_document(self, doc_id: str) -> str:
         return self.documents.load(doc_id)

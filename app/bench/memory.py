@@ -1,6 +1,7 @@
 """RSS of a `wwt serve` process before and after many mixed plain-HTTP requests.
 
     python -m app.bench.memory [--requests 10000] [--every 2000] [--model tiny=./tiny]
+    python -m app.bench.memory --megabyte-calls 300 [--model tiny=./tiny]
 
 Starts `wwt serve` on a free port (a tiny random model unless --model is given), warms it up,
 reads its resident memory (VmRSS), sends the requests from 8 threads (/score, /complete and
@@ -9,6 +10,10 @@ refused 413), and reads it again. Every --every requests it reads RSS at once an
 the server has been idle for SETTLE_S (long enough for its heap trims, app/web/call_memory.py), so
 growth that goes on can be told from a plateau, and what stays from what a request in flight
 holds; the peak is sampled throughout. Prints the figures; asserts nothing.
+
+With --megabyte-calls N it sends N plain-HTTP /complete calls one after another, each with a
+1 MB text, and prints RSS (settled) after every 100: what a call leaves behind, by the size of
+its input.
 """
 
 from __future__ import annotations
@@ -53,9 +58,16 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=2000, help="print RSS after each this many requests")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--megabyte-calls", type=int, default=0,
+                        help="instead: this many sequential /complete calls with a 1 MB text, RSS after each 100")
     args = parser.parse_args(argv)
 
     proc, url, name = start_server(args.model)
+    if args.megabyte_calls:
+        try:
+            return megabyte_calls(proc, url, name, args.megabyte_calls)
+        finally:
+            stop_process(proc, 30)
     try:
         big = "The quick brown fox jumps over the lazy dog. " * 22_000  # ~1 MB
         huge = "x" * 5_000_000
@@ -110,6 +122,26 @@ def main(argv=None) -> int:
               f"{busy:.0f} MB at once, peak {peak[0]:.0f} MB")
     finally:
         stop_process(proc, 30)
+    return 0
+
+
+def megabyte_calls(proc, url: str, name: str, calls: int) -> int:
+    """Sequential /complete calls with a 1 MB text: RSS (after SETTLE_S idle) every 100 calls."""
+    big = "The quick brown fox jumps over the lazy dog. " * 22_000  # ~1 MB
+    for i in range(5):  # warm-up
+        call(url, "complete", [big, name, 1, 2, 1.0, 0, 0.9, False, i])
+    time.sleep(SETTLE_S)
+    figures = [(0, rss_mb(proc.pid))]
+    print(f"  warm: RSS {figures[0][1]:.0f} MB", flush=True)
+    for i in range(1, calls + 1):
+        status = call(url, "complete", [big, name, 1, 2, 1.0, 0, 0.9, False, i])
+        if status != 200:
+            print(f"  call {i}: HTTP {status}", flush=True)
+        if i % 100 == 0 or i == calls:
+            time.sleep(SETTLE_S)
+            figures.append((i, rss_mb(proc.pid)))
+            print(f"  after {i} calls: RSS {figures[-1][1]:.0f} MB (+{figures[-1][1] - figures[-2][1]:.0f} MB "
+                  f"over the last {i - figures[-2][0]})", flush=True)
     return 0
 
 

@@ -68,7 +68,10 @@ class RedisServer:
     Its data and log live in `folder`; stop() then start() keeps the port and the password
     (the data is gone), which is how a test takes Redis away and brings it back."""
 
-    def __init__(self, folder, password: Optional[str] = None):
+    def __init__(self, folder, password: Optional[str] = None, appendonly: bool = False):
+        """`appendonly`: keep an append-only file as the compose file's Redis does, so a restart
+        (stop, then start) keeps the data."""
+        self.appendonly = appendonly
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
@@ -97,7 +100,7 @@ class RedisServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", self.password,
-                 "--save", "", "--appendonly", "no", "--dir", str(self.folder)],
+                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.folder)],
                 stdout=log, stderr=subprocess.STDOUT)
         client = self.client()
 
@@ -210,9 +213,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model):
+def start_server(model, args: tuple = (), env: Optional[dict] = None, folder: Optional[Path] = None):
+    """A throwaway `wwt serve` (the tiny model unless `model` names one) with more `args` and `env`:
+    (process, url, the offered model's name)."""
     root = Path(__file__).resolve().parents[2]
-    folder = Path(tempfile.mkdtemp(prefix="wwt-load-"))
+    folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="wwt-load-"))
     if model is None:
         subprocess.run([sys.executable, "-m", "app.cli", "make-tiny-model", str(folder / "tiny")], check=True,
                        cwd=root, stdout=subprocess.DEVNULL)
@@ -220,9 +225,9 @@ def start_server(model):
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WWT_DATA_DIR": str(folder / "data"),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
+           "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     log = open(folder / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--model", model],
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--model", model, *args],
                             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while True:

@@ -47,6 +47,7 @@ def clean(text, what: str = "text", required: bool = False) -> str:
 
 
 MAX_SHOWN = 60  # characters of a caller's value repeated in a message
+MAX_COMPARE_NAMES = 10_000  # names a Compare call may list (duplicates included) before it is refused
 
 
 def quoted(value, limit: int = MAX_SHOWN) -> str:
@@ -139,21 +140,6 @@ def page_answer(completion: Completion, asked: int) -> dict:
             "asked": asked}  # fewer came back when duplicates were dropped: the page says so
 
 
-def share(backend: Backend, data: dict, client: Optional[str] = None) -> dict:
-    """Save the document; the page turns the id into a ?doc= link. `client`: the caller's address,
-    held to the per-client share rate."""
-    text = data.get("text", "") if isinstance(data, dict) else ""
-    doc_id, error = friendly(lambda: backend.save_document(clean(text, "document", required=True), client))
-    return {"ok": False, "error": error} if error else {"ok": True, "id": doc_id}
-
-
-def unshare(backend: Backend, data: dict) -> dict:
-    """Delete a shared document: whoever holds its link (the id) may."""
-    doc_id = data.get("id") if isinstance(data, dict) else None
-    _, error = friendly(lambda: backend.delete_document(doc_id if isinstance(doc_id, str) else ""))
-    return {"ok": False, "error": error} if error else {"ok": True}
-
-
 def open_shared(backend: Backend, doc_id: Optional[str], warn: Warn = None) -> Optional[str]:
     """The text behind a ?doc= link, or None (with a warning) when there is none."""
     if not doc_id:
@@ -162,11 +148,12 @@ def open_shared(backend: Backend, doc_id: Optional[str], warn: Warn = None) -> O
     return text
 
 
-def token_view(backend: Backend, text: str, model: Optional[str], warn: Warn = None) -> str:
+def token_view(backend: Backend, text: str, model: Optional[str], warn: Warn = None,
+               client: Optional[str] = None) -> str:
     """The document coloured by how likely the model found each token."""
     def run():
         req = ScoreRequest(text=clean(text, "document", required=True), model=check_model(backend, model))
-        return backend.score(req)
+        return backend.score(req, client=client)
 
     scores, error = friendly(run, warn)
     if error:
@@ -211,12 +198,13 @@ def load_model(backend: Backend, model: Optional[str], warn: Warn = None) -> str
 
 # -- the other tabs --------------------------------------------------------------------------
 
-def classify(backend: Backend, text: str, labels, model: Optional[str], warn: Warn = None):
+def classify(backend: Backend, text: str, labels, model: Optional[str], warn: Warn = None,
+             client: Optional[str] = None):
     """-> ({label: probability} or None, info html)."""
     def run():
         req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
                               labels=parse_labels(labels))
-        return backend.classify(req)
+        return backend.classify(req, client=client)
 
     result, error = friendly(run, warn)
     if error:
@@ -225,12 +213,13 @@ def classify(backend: Backend, text: str, labels, model: Optional[str], warn: Wa
     return {s.label: float(s.score) for s in result.labels}, render.info_html(result.model, result.timings, method)
 
 
-def answer(backend: Backend, context: str, question: str, model: Optional[str], warn: Warn = None):
+def answer(backend: Backend, context: str, question: str, model: Optional[str], warn: Warn = None,
+           client: Optional[str] = None):
     """-> (the passage as flowing HTML with the answer marked, answer text, info html)."""
     def run():
         req = AnswerRequest(question=clean(question, "question", required=True),
                             context=clean(context, "context", required=True), model=check_model(backend, model))
-        return req.context, backend.answer(req)
+        return req.context, backend.answer(req, client=client)
 
     result, error = friendly(run, warn)
     if error:
@@ -251,19 +240,25 @@ def prompt_tail(prompt: str, words: int = 6) -> str:
     return prompt if len(parts) <= words else "…" + " ".join(parts[-words:])
 
 
-def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn: Warn = None) -> str:
-    """One prompt to several models at once; their suggestions side by side with speed and size."""
-    try:
-        prompt = clean(prompt, "prompt", required=True)
-        models = [check_model(backend, m) for m in (models or [])]
-        if not models:
-            raise BadRequest("choose at least one model to compare")
-        length = contract.check_setting("max_new_tokens", max_new_tokens)
-        n = contract.check_setting("n", n)
-    except WWTError as e:
-        if warn is not None:
-            warn(e.message)
-        return render.error_html(e.message)
+def compare_rows(backend: Backend, prompt: str, models, max_new_tokens=16, n=2,
+                 client: Optional[str] = None) -> list[dict]:
+    """One prompt to several models at once: a row per model (suggestions, speed, size, how likely
+    it found the prompt), or WWTError for bad input or a client past its bound.
+
+    The list is deduplicated and holds offered models only (so at most one request per offered
+    model), and the whole Compare holds one place of its client's bound (Backend.one_place), in
+    both modes: one call cannot fill the waiting list."""
+    prompt = clean(prompt, "prompt", required=True)
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    if not isinstance(models, (list, tuple)) or len(models) > MAX_COMPARE_NAMES \
+            or not all(isinstance(m, str) for m in models):
+        raise BadRequest(f"choose the models to compare from the {len(backend.models())} offered")
+    models = [check_model(backend, m) for m in dict.fromkeys(models)]
+    if not models:
+        raise BadRequest("choose at least one model to compare")
+    length = contract.check_setting("max_new_tokens", max_new_tokens)
+    n = contract.check_setting("n", n)
 
     def one(name: str) -> dict:
         req = CompletionRequest(text=prompt, model=name, n=n, max_new_tokens=length, seed=0, stop="auto")
@@ -282,8 +277,16 @@ def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn:
                 "suggestions": [s.text for s in result.suggestions],
                 **(likelihood(scores) if scores is not None else {"score_error": score_error})}
 
-    with ThreadPoolExecutor(max_workers=len(models)) as pool:
-        rows = list(pool.map(one, models))
+    with backend.one_place(client, "Compare"), ThreadPoolExecutor(max_workers=len(models)) as pool:
+        return list(pool.map(one, models))
+
+
+def compare(backend: Backend, prompt: str, models, max_new_tokens=16, n=2, warn: Warn = None,
+            client: Optional[str] = None) -> str:
+    """The Compare tab: compare_rows as a chart and cards."""
+    rows, error = friendly(lambda: compare_rows(backend, prompt, models, max_new_tokens, n, client), warn)
+    if error:
+        return render.error_html(error)
     return render.compare_chart_html(rows) + render.compare_html(rows)
 
 
@@ -310,21 +313,30 @@ def api_complete(backend: Backend, text: str, model: str = "", n: int = 3, max_n
         return backend.complete(req, client=client).to_dict()
 
 
-def api_classify(backend: Backend, text: str, labels="", model: str = "") -> dict:
+def api_classify(backend: Backend, text: str, labels="", model: str = "", client: Optional[str] = None) -> dict:
     with ops.observe("classify", backend, model):
         req = ClassifyRequest(text=clean(text, required=True), model=check_model(backend, model),
                               labels=parse_labels(labels))
-        return backend.classify(req).to_dict()
+        return backend.classify(req, client=client).to_dict()
 
 
-def api_answer(backend: Backend, question: str, context: str, model: str = "") -> dict:
+def api_answer(backend: Backend, question: str, context: str, model: str = "", client: Optional[str] = None) -> dict:
     with ops.observe("answer", backend, model):
         req = AnswerRequest(question=clean(question, "question", required=True),
                             context=clean(context, "context", required=True), model=check_model(backend, model))
-        return backend.answer(req).to_dict()
+        return backend.answer(req, client=client).to_dict()
 
 
-def api_score(backend: Backend, text: str, model: str = "") -> dict:
+def api_compare(backend: Backend, text: str, models="", max_new_tokens: int = 16, n: int = 2,
+                client: Optional[str] = None) -> dict:
+    """The Compare tab as a named endpoint: {"prompt", "rows": [one per model]}; `models` is a list
+    or comma-separated (empty: every offered model)."""
+    with ops.observe("compare", backend, None):
+        chosen = models if models else backend.models()
+        return {"prompt": text, "rows": compare_rows(backend, text, chosen, max_new_tokens, n, client)}
+
+
+def api_score(backend: Backend, text: str, model: str = "", client: Optional[str] = None) -> dict:
     with ops.observe("score", backend, model):
         req = ScoreRequest(text=clean(text, required=True), model=check_model(backend, model))
-        return backend.score(req).to_dict()
+        return backend.score(req, client=client).to_dict()

@@ -1,5 +1,6 @@
 """What guards the app's memory and storage from the outside: a request-body size limit in
-front of every route, and the shared-document routes a plain HTTP client can call.
+front of every route, the routes Gradio would serve that this app never needs closed, and a full
+queue said in our words.
 
 - `BodyLimit` (ASGI middleware): a request whose body is larger than WWT_MAX_BODY_MB is answered
   413 with a readable JSON message. A Content-Length over the bound is refused before a byte is
@@ -8,8 +9,11 @@ front of every route, and the shared-document routes a plain HTTP client can cal
 - `QueueFullWording` (ASGI middleware): Gradio's own answer when its queue is full (WWT_QUEUE_MAX_SIZE;
   HTTP 503 "Queue is full. Max size is N ...") says it in our words, as our other busy refusals do:
   "busy: the server's queue is full (N requests waiting); try again in a moment". Still 503.
-- `DELETE /wwt/doc/{id}`: delete a shared document. Holding the link (the 128-bit id) is what
-  allows it, as in the page's "Delete" button.
+- `ClosedRoutes` (ASGI middleware): what Gradio serves that this app never needs is answered
+  404 before Gradio sees it: file uploads (the app takes no files, so nothing a stranger sends
+  is stored for others to fetch) and the named endpoints' direct routes outside Gradio's queue
+  (`/gradio_api/api/<name>`, `/gradio_api/run/<name>`), which the queue's bound would not cover.
+  The page and `gradio_client` go through the queue.
 """
 
 from __future__ import annotations
@@ -19,18 +23,13 @@ import re
 from typing import Optional
 
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from model.errors import BadRequest, WWTError
-
-MAX_BODY_BYTES = 4_000_000  # the registry's default (WWT_MAX_BODY_MB); `wwt serve` passes the configured one
+MAX_BODY_BYTES = 7_000_000  # the registry's default (WWT_MAX_BODY_MB); `wwt serve` passes the configured one
 
 
 def too_large_message(limit: int) -> str:
     return (f"the request is larger than this app accepts ({limit / 1_000_000:g} MB); "
-            f"texts are limited to 1,000,000 characters")
+            f"texts are limited to 1,000,000 characters, which fit whatever they are written in")
 
 
 class BodyTooLarge(Exception):
@@ -92,7 +91,7 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send):
-        body = json.dumps({"error": too_large_message(self.limit), "kind": "limit"}).encode()
+        body = json.dumps({"error": too_large_message(self.limit), "kind": "limit", "limit": "body"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -168,25 +167,29 @@ class QueueFullWording:
         await self.app(scope, receive, rewording_send)
 
 
+# Paths under Gradio's API root that stay closed, as regular expressions over the path.
+CLOSED = re.compile(r"(^|/)gradio_api/(upload(_progress)?|api/[^/]+|run/[^/]+)/?$")
+CLOSED_MESSAGE = {"upload": "this app takes no files; nothing was stored",
+                  "call": "call the named endpoints through the queue (gradio_client, or POST /gradio_api/call/<name>)"}
+
+
+class ClosedRoutes:
+    """ASGI middleware: 404 with a readable JSON line for the paths in CLOSED; the body is not read."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not CLOSED.search(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        which = "upload" if "/upload" in scope.get("path", "") else "call"
+        body = json.dumps({"detail": CLOSED_MESSAGE[which], "error": CLOSED_MESSAGE[which],
+                           "kind": "not_found"}).encode()
+        await send({"type": "http.response.start", "status": 404,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def middleware(max_body_bytes: int = MAX_BODY_BYTES) -> list:
     """For `FastAPI(middleware=...)` (app/server.py's app_kwargs)."""
-    return [Middleware(BodyLimit, limit=max_body_bytes), Middleware(QueueFullWording)]
-
-
-def routes(backend) -> list:
-    """DELETE /wwt/doc/{id}: 200 {"ok": true}; 404 when there is no such document; 400 for a bad id."""
-
-    async def delete_document(request: Request):
-        from starlette.concurrency import run_in_threadpool
-
-        doc_id = request.path_params["doc_id"]
-        try:
-            await run_in_threadpool(backend.delete_document, doc_id)
-        except BadRequest as e:
-            status = 404 if "no shared document" in e.message else 400
-            return JSONResponse({"ok": False, "error": e.message, "kind": e.kind}, status_code=status)
-        except WWTError as e:
-            return JSONResponse({"ok": False, "error": e.message, "kind": e.kind}, status_code=503)
-        return JSONResponse({"ok": True})
-
-    return [Route("/wwt/doc/{doc_id}", delete_document, methods=["DELETE"])]
+    return [Middleware(ClosedRoutes), Middleware(BodyLimit, limit=max_body_bytes), Middleware(QueueFullWording)]

@@ -9,7 +9,7 @@ worker, model not loaded yet). It runs no model.
 
     wwt_requests_total{endpoint,model}              requests that reached the app
     wwt_errors_total{endpoint,model,kind}           requests that failed on our side (timeout, no worker...)
-    wwt_refusals_total{endpoint,model,kind}         requests refused: bad input, unknown model, busy
+    wwt_refusals_total{endpoint,model,kind}         requests refused: bad input, unknown model, busy, a limit
     wwt_request_duration_seconds{endpoint,model}    latency histogram, every outcome
     wwt_suggestion_cache_hits_total{kind}           suggestion-cache hits (celery mode; shared by the app's
                                                     processes, read from Redis), kind = exact | incremental
@@ -47,7 +47,7 @@ METRICS_PATH = "/metrics"
 
 # Errors that say the caller asked for something we will not do; the rest are our failures.
 # A request cancelled (the reader hung up, a newer keystroke replaced it) is neither.
-REFUSAL_KINDS = {"bad_request", "unknown_model", "busy"}
+REFUSAL_KINDS = {"bad_request", "unknown_model", "busy", "not_found", "forbidden", "limit"}
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 REGISTRY = CollectorRegistry(auto_describe=True)

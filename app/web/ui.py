@@ -96,6 +96,29 @@ class WWTBlocks(gr.Blocks):
             inputs.extend(p.default for p in missing)
         super().validate_inputs(block_fn, inputs)
 
+    async def process_api(self, block_fn, inputs, state=None, *args, **kwargs):
+        """Gradio writes every input and output of a call into its session's config (for deep
+        links), and keeps the session (`WWT_SESSION_CAPACITY` of them; every plain-HTTP call opens
+        one): so each kept session held its call's text, and a 1 MB text made memory grow by 200
+        MB. The named endpoints need none of it after the answer: their values are dropped."""
+        try:
+            return await super().process_api(block_fn, inputs, state, *args, **kwargs)
+        finally:
+            fn = self.fns.get(block_fn) if isinstance(block_fn, int) else block_fn
+            if state is not None and getattr(fn, "api_name", None) in self.api_functions:
+                forget_values(state, [*fn.inputs, *fn.outputs])
+
+
+def forget_values(state, blocks) -> None:
+    """Drop the values a session's config holds for `blocks` (Gradio's SessionState.config_values)."""
+    values = getattr(state, "config_values", None)
+    if not isinstance(values, dict):
+        return  # another Gradio: nothing we know how to drop
+    for block in blocks:
+        props = (values.get(getattr(block, "_id", None)) or {}).get("props")
+        if isinstance(props, dict) and "value" in props:
+            props["value"] = None
+
 
 def _slider(name: str, label: str, info: str, step) -> gr.Slider:
     limit = LIMITS[name]
@@ -111,7 +134,8 @@ def _api(fn, *args):
 
 
 def client_address(request: Optional[gr.Request]) -> Optional[str]:
-    """The caller's IP address as Gradio gives it (the per-client share limit and waiting bound count by it)."""
+    """The caller's address, as client_identity.ClientIdentity decided it for this request (every
+    per-client bound counts by it)."""
     client = getattr(request, "client", None)
     return getattr(client, "host", None) or None
 
@@ -124,12 +148,6 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
     # -- server functions the editor calls directly (no queue: keystroke latency matters) --
     def suggest(data, request: gr.Request):
         return callbacks.suggest(backend, data, client_address(request))
-
-    def share(data, request: gr.Request):
-        return callbacks.share(backend, data, client_address(request))
-
-    def unshare(data):
-        return callbacks.unshare(backend, data)
 
     with WWTBlocks(title=title, analytics_enabled=False) as demo:
         gr.HTML(f'<div class="wwt-header"><h1>✍️ {title}</h1><p>Write, press <kbd>Tab</kbd>, and pick what '
@@ -151,7 +169,7 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                     with gr.Column(scale=3):
                         editor = gr.HTML(
                             "", html_template=static_text("editor.html"), js_on_load=static_text("editor.js"),
-                            server_functions=[suggest, share, unshare], apply_default_css=False, elem_id="wwt-editor",
+                            server_functions=[suggest], apply_default_css=False, elem_id="wwt-editor",
                             settings={"model": default_model, **callbacks.DEFAULTS, "auto": False},
                         )
                         with gr.Row():
@@ -222,25 +240,25 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                           show_progress="hidden", queue=False, api_visibility="private")
         tabs.select(None, None, None, js=CLOSE_TOASTS_JS, queue=False)
 
-        def on_tokens(text, name, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.token_view(backend, text, name)
+        def on_tokens(text, name, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.token_view(backend, text, name, client=client_address(request))
 
         token_button.click(on_tokens, [editor, model], token_out, api_visibility="private")
 
-        def on_classify(text, labels, name, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.classify(backend, text, labels, name)
+        def on_classify(text, labels, name, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.classify(backend, text, labels, name, client=client_address(request))
 
         gr.on([cls_button.click, cls_text.submit], on_classify, [cls_text, cls_labels, model],
               [cls_out, cls_info], api_visibility="private")
 
-        def on_answer(context, question, name, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.answer(backend, context, question, name)
+        def on_answer(context, question, name, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.answer(backend, context, question, name, client=client_address(request))
 
         gr.on([qa_button.click, qa_question.submit], on_answer, [qa_context, qa_question, model],
               [qa_view, qa_answer, qa_info], api_visibility="private")
 
-        def on_compare(prompt, chosen, length_, n_, progress=gr.Progress(track_tqdm=True)):
-            return callbacks.compare(backend, prompt, chosen, length_, n_)
+        def on_compare(prompt, chosen, length_, n_, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            return callbacks.compare(backend, prompt, chosen, length_, n_, client=client_address(request))
 
         cmp_button.click(on_compare, [cmp_prompt, cmp_models, cmp_length, cmp_n], cmp_out,
                          api_visibility="private")
@@ -262,16 +280,21 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
             return _api(callbacks.api_complete, backend, text, model, n, max_new_tokens, temperature, top_k,
                         top_p, fresh, seed, client_address(request))
 
-        def classify(text: str, labels: str = "", model: str = "") -> dict:
-            return _api(callbacks.api_classify, backend, text, labels, model)
+        def classify(text: str, labels: str = "", model: str = "", request: gr.Request = None) -> dict:
+            return _api(callbacks.api_classify, backend, text, labels, model, client_address(request))
 
-        def answer(question: str, context: str, model: str = "") -> dict:
-            return _api(callbacks.api_answer, backend, question, context, model)
+        def answer(question: str, context: str, model: str = "", request: gr.Request = None) -> dict:
+            return _api(callbacks.api_answer, backend, question, context, model, client_address(request))
 
-        def score(text: str, model: str = "") -> dict:
-            return _api(callbacks.api_score, backend, text, model)
+        def score(text: str, model: str = "", request: gr.Request = None) -> dict:
+            return _api(callbacks.api_score, backend, text, model, client_address(request))
 
-        demo.api_functions = {"complete": complete, "classify": classify, "answer": answer, "score": score}
+        def compare(text: str, models: str = "", max_new_tokens: int = 16, n: int = 2,
+                    request: gr.Request = None) -> dict:
+            return _api(callbacks.api_compare, backend, text, models, max_new_tokens, n, client_address(request))
+
+        demo.api_functions = {"complete": complete, "classify": classify, "answer": answer, "score": score,
+                              "compare": compare}
         gr.api(complete, api_name="complete",
                api_description="Continuations of `text`: suggestions (text, tokens, log-probabilities) and timings.")
         gr.api(classify, api_name="classify",
@@ -280,4 +303,7 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
                api_description="The answer to `question` in `context`, with character offsets and a score.")
         gr.api(score, api_name="score",
                api_description="Each token of `text` with the probability and rank the model gave it.")
+        gr.api(compare, api_name="compare",
+               api_description="`text` to several models (comma-separated; empty: all offered): a row per model "
+                               "with its suggestions, speed, size and how likely it found the text.")
     return demo

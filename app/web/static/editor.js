@@ -1,5 +1,5 @@
 // The Write tab's editor. Gradio runs this with `element` (the component), `props`
-// (its value: the document), `server` (Python functions: suggest, share) and `watch`.
+// (its value: the document), `server` (the Python function suggest) and `watch`.
 //
 // Tab asks for continuations of the text before the cursor; they show as a short list
 // near the cursor; a click, 1-9, or the arrows and Enter insert one; Ctrl+→ inserts only
@@ -417,32 +417,75 @@ const suggestButton = element.querySelector(".wwt-suggest");
 suggestButton.addEventListener("mousedown", (e) => e.preventDefault()); // keep the cursor where it is
 suggestButton.addEventListener("click", () => { ta.focus(); ask(!!shown); });
 
+// Sharing uses the documented HTTP API (app/web/shared_docs.py). The link reads the document; the
+// delete key comes back once, to its author, and is kept in this browser only: a link opened
+// anywhere else can read the document but not delete it.
+const DOC_URL = new URL("wwt/doc", window.location.origin + window.location.pathname).toString();
+const KEYS_STORE = "wwt-delete-keys";
+const MAX_KEYS = 100;  // the newest delete keys kept in this browser
+
+function deleteKeys() {
+  try { return JSON.parse(localStorage.getItem(KEYS_STORE) || "{}") || {}; } catch (e) { return {}; }
+}
+function keepDeleteKey(id, key) {
+  const keys = deleteKeys();
+  delete keys[id];
+  keys[id] = key;
+  const ids = Object.keys(keys);
+  for (const old of ids.slice(0, Math.max(0, ids.length - MAX_KEYS))) delete keys[old];
+  try { localStorage.setItem(KEYS_STORE, JSON.stringify(keys)); return true; } catch (e) { return false; }
+}
+function forgetDeleteKey(id) {
+  const keys = deleteKeys();
+  delete keys[id];
+  try { localStorage.setItem(KEYS_STORE, JSON.stringify(keys)); } catch (e) { /* nothing kept */ }
+}
+async function docCall(method, url, body, key) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (key) headers["Authorization"] = "Bearer " + key;
+  try {
+    const response = await fetch(url, {method: method, headers: headers,
+                                       body: body === undefined ? undefined : JSON.stringify(body)});
+    return await response.json();
+  } catch (e) {
+    return {ok: false, error: "the server did not answer"};
+  }
+}
+
+let linkDoc = SHARED;   // the document the link row shows: the one just shared, or the ?doc= one open
+function showLink(id, url) {
+  linkUrl.value = url;
+  linkDoc = id;
+  linkRow.hidden = false;
+  // Only the author's browser holds the key: elsewhere the link reads, and nothing offers to delete.
+  element.querySelector(".wwt-unshare").hidden = !deleteKeys()[id];
+}
+
 element.querySelector(".wwt-share").addEventListener("click", async () => {
   sync();
   clearError();
   setStatus("saving…", true);
-  let r;
-  try { r = await server.share({text: ta.value}); } catch (e) { r = {ok: false, error: "the server did not answer"}; }
+  const r = await docCall("POST", DOC_URL, {text: ta.value});
   setStatus("");
   if (!r || !r.ok) { showError(r && r.error ? r.error : "could not save"); return; }
+  const kept = keepDeleteKey(r.id, r.delete_key);
   const url = new URL(window.location.href);
   url.search = "?doc=" + encodeURIComponent(r.id);
   url.hash = "";
-  linkUrl.value = url.toString();
-  linkDoc = r.id;
-  linkRow.hidden = false;
-  setStatus("saved · anyone with the link can open (or delete) this document");
+  showLink(r.id, url.toString());
+  setStatus(kept ? "saved · anyone with the link can open it; only this browser can delete it"
+                 : "saved · anyone with the link can open it (this browser could not keep the key to delete it)");
 });
 
-// Whoever holds a link may delete the document behind it: the one just shared, or the ?doc= one open.
-let linkDoc = SHARED;
-if (SHARED) { linkUrl.value = window.location.href; linkRow.hidden = false; }
+if (SHARED) showLink(SHARED, window.location.href);
 element.querySelector(".wwt-unshare").addEventListener("click", async () => {
-  if (!linkDoc) return;
+  const key = linkDoc && deleteKeys()[linkDoc];
+  if (!key) return;
   clearError();
-  let r;
-  try { r = await server.unshare({id: linkDoc}); } catch (e) { r = {ok: false, error: "the server did not answer"}; }
+  const r = await docCall("DELETE", DOC_URL + "/" + encodeURIComponent(linkDoc), undefined, key);
   if (!r || !r.ok) { showError(r && r.error ? r.error : "could not delete"); return; }
+  forgetDeleteKey(linkDoc);
   linkDoc = null;
   linkRow.hidden = true;
   setStatus("shared copy deleted · the link no longer opens it");
