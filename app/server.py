@@ -59,7 +59,9 @@ def build_app(backend, config: Optional[AppConfig] = None):
 
     demo = build_ui(backend)
     config = config or AppConfig()
-    demo.queue(default_concurrency_limit=16, max_size=config.queue_max_size)
+    # api_open=False: the named endpoints answer through the queue only (no direct POST to
+    # /gradio_api/api/<name> or /run/<name>), so the queue's bound covers every call
+    demo.queue(default_concurrency_limit=16, max_size=config.queue_max_size, api_open=False)
     return demo
 
 

@@ -284,7 +284,7 @@ def test_uploads_and_the_routes_outside_the_queue_are_closed(server):
         assert status == 404 and "takes no files" in json.loads(body)["error"], (path, status, body)
     for path in ("gradio_api/api/score", "gradio_api/run/score"):
         status, _, body = http_call(server.url + path, "POST", {"data": ["Hello"]})
-        assert status == 404 and "through the queue" in json.loads(body)["error"], (path, status, body)
+        assert status == 404 and "join the queue" in json.loads(body)["detail"], (path, status, body)
     assert call_over_http(server, "score", {"data": ["Hello"]})[0] == "complete"  # the queued way still works
 
 

@@ -351,7 +351,7 @@ def test_every_path_counts_by_the_one_client_identity():
     demo, url = launch_in_process(backend, AppConfig(trusted_proxies="127.0.0.2"))
 
     def every_path(source: str, user: str) -> list:
-        backend.clients.clear()
+        backend.asked_for.clear()
         headers = {"X-Forwarded-For": f"203.0.113.250, {user}"}
         assert http_call(url + "wwt/stream", "POST", {"before": "Hi", "model": "m1"}, headers, source)[0] == 200
         assert http_call(url + "wwt/doc", "POST", {"text": "a draft"}, headers, source)[0] == 200
@@ -360,7 +360,7 @@ def test_every_path_counts_by_the_one_client_identity():
             assert status == 200, body
             event = json.loads(body)["event_id"]
             assert http_call(f"{url}gradio_api/call/{name}/{event}", headers=headers, source=source)[0] == 200
-        return sorted(backend.clients)
+        return sorted(backend.asked_for)
 
     try:
         assert every_path("127.0.0.2", "198.51.100.7") == [

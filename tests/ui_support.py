@@ -84,7 +84,7 @@ class ScriptedBackend(Backend):
         self.error = error
         self.requests: list = []
         self.supersede_keys: list = []
-        self.clients: list = []  # (what was asked, the client it was asked for)
+        self.asked_for: list = []  # (what was asked, the client it was asked for)
         self.documents: dict[str, str] = {}
 
     def _maybe_fail(self, request):
@@ -103,7 +103,7 @@ class ScriptedBackend(Backend):
     def stream(self, request, *, client=None, supersede=None, timeout=None, partials=True):
         """The one completion primitive, as every backend has it: here, one done event (or the error)."""
         self.supersede_keys.append(supersede)
-        self.clients.append(("complete", client))
+        self.asked_for.append(("complete", client))
 
         def events():
             self._maybe_fail(request)
@@ -114,17 +114,17 @@ class ScriptedBackend(Backend):
         return stream
 
     def classify(self, request, timeout=None, client=None):
-        self.clients.append(("classify", client))
+        self.asked_for.append(("classify", client))
         self._maybe_fail(request)
         raise NotImplementedError
 
     def answer(self, request, timeout=None, client=None):
-        self.clients.append(("answer", client))
+        self.asked_for.append(("answer", client))
         self._maybe_fail(request)
         raise NotImplementedError
 
     def score(self, request, timeout=None, client=None):
-        self.clients.append(("score", client))
+        self.asked_for.append(("score", client))
         self._maybe_fail(request)
         return Scores(model=request.model, tokens=[TokenScore("a", 1, 0.5, 0)])
 
@@ -139,7 +139,7 @@ class ScriptedBackend(Backend):
         return {name: {"loaded": 1, "queue_depth": 0} for name in self.names}
 
     def save_document(self, text, client=None):
-        self.clients.append(("share", client))
+        self.asked_for.append(("share", client))
         self._maybe_fail(text)
         doc_id = f"doc{len(self.documents):013d}xyz"
         self.documents[doc_id] = text

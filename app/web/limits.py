@@ -9,11 +9,11 @@ queue said in our words.
 - `QueueFullWording` (ASGI middleware): Gradio's own answer when its queue is full (WWT_QUEUE_MAX_SIZE;
   HTTP 503 "Queue is full. Max size is N ...") says it in our words, as our other busy refusals do:
   "busy: the server's queue is full (N requests waiting); try again in a moment". Still 503.
-- `ClosedRoutes` (ASGI middleware): what Gradio serves that this app never needs is answered
-  404 before Gradio sees it: file uploads (the app takes no files, so nothing a stranger sends
-  is stored for others to fetch) and the named endpoints' direct routes outside Gradio's queue
-  (`/gradio_api/api/<name>`, `/gradio_api/run/<name>`), which the queue's bound would not cover.
-  The page and `gradio_client` go through the queue.
+- `ClosedRoutes` (ASGI middleware): file uploads are answered 404 before Gradio sees them (the
+  app takes no files, so nothing a stranger sends is stored for others to fetch). The named
+  endpoints' direct routes outside Gradio's queue (`/gradio_api/api/<name>`,
+  `/gradio_api/run/<name>`) are closed by Gradio itself (`queue(api_open=False)`, server.py),
+  which still lets the page's own unqueued events through.
 """
 
 from __future__ import annotations
@@ -167,10 +167,9 @@ class QueueFullWording:
         await self.app(scope, receive, rewording_send)
 
 
-# Paths under Gradio's API root that stay closed, as regular expressions over the path.
-CLOSED = re.compile(r"(^|/)gradio_api/(upload(_progress)?|api/[^/]+|run/[^/]+)/?$")
-CLOSED_MESSAGE = {"upload": "this app takes no files; nothing was stored",
-                  "call": "call the named endpoints through the queue (gradio_client, or POST /gradio_api/call/<name>)"}
+# Paths under Gradio's API root that stay closed, as a regular expression over the path.
+CLOSED = re.compile(r"(^|/)gradio_api/upload(_progress)?/?$")
+CLOSED_MESSAGE = "this app takes no files; nothing was stored"
 
 
 class ClosedRoutes:
@@ -182,9 +181,7 @@ class ClosedRoutes:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not CLOSED.search(scope.get("path", "")):
             return await self.app(scope, receive, send)
-        which = "upload" if "/upload" in scope.get("path", "") else "call"
-        body = json.dumps({"detail": CLOSED_MESSAGE[which], "error": CLOSED_MESSAGE[which],
-                           "kind": "not_found"}).encode()
+        body = json.dumps({"detail": CLOSED_MESSAGE, "error": CLOSED_MESSAGE, "kind": "not_found"}).encode()
         await send({"type": "http.response.start", "status": 404,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
