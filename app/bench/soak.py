@@ -136,6 +136,11 @@ class Traffic:
         self.record("share", "refused" if status in (429, 507) else "failed", body.get("kind", f"HTTP {status}"), 1)
 
 
+def _reads_back(url: str, doc: str, text: str) -> bool:
+    status, raw = _call(f"{url}wwt/doc/{doc}")
+    return status == 200 and json.loads(raw).get("text") == text
+
+
 def soak(minutes: float, rate: float, documents: int, users: int, kill_at: float, restart_at: float,
          model_dir: str | None, seed: int) -> dict:
     from model.network.tiny import make_tiny_model
@@ -185,9 +190,7 @@ def soak(minutes: float, rate: float, documents: int, users: int, kill_at: float
                 pool.submit(traffic.one, pick.choices(kinds, weights)[0], i)
         elapsed = time.monotonic() - started
         rss.update(app_end_mb=rss_mb(proc.pid), worker_end_mb=rss_mb(workers[1].pid))
-        lost = [doc for doc, text in traffic.shared.items()
-                if _call(f"{url}wwt/doc/{doc}")[1] != json.dumps({"ok": True, "id": doc, "text": text},
-                                                                 ensure_ascii=False).encode()]
+        lost = [doc for doc, text in traffic.shared.items() if not _reads_back(url, doc, text)]
     finally:
         stop_process(proc, 15)
         for w in workers:
