@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 # A benchmark measures how fast an engine is with every request let in: the pace bound would refuse
 # some of its concurrent callers as busy. A worker process is configured as any user would: by variable.
-# (An engine built in the benchmark's own process takes EngineConfig().unbounded() instead.)
+# (An engine built in the benchmark's own process takes EngineConfig.from_settings().unbounded() instead.)
 LET_EVERYTHING_IN = {"WWT_MAX_WAIT_S": "0"}
 
 __all__ = ["LET_EVERYTHING_IN", "RedisServer", "WorkerProcess", "free_port", "rss_mb", "start_server", "stop_process", "wait_for"]

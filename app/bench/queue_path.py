@@ -70,7 +70,7 @@ def bench_queue(redis_url: Optional[str], model_dir: str, repeats: int = 20, thr
 
         with redis.Redis.from_url(url) as client:
             worker.wait_announced(client, timeout=300)
-        engine = Engine.from_pretrained(spec, device="cpu", config=EngineConfig().unbounded())
+        engine = Engine.from_pretrained(spec, device="cpu", config=EngineConfig.from_settings().with_(slots=None).unbounded())
         backend = CeleryBackend([name], redis_url=url, timeout=120)
         try:
             def request(i: int, **kw) -> CompletionRequest:

@@ -74,7 +74,7 @@ class Bench:
         self.repeats = 3 if quick else 5
         self.device = torch.device(device)
         self.engine = Engine.from_pretrained(str(folder), device=self.device, dtype=torch.float32,
-                                             config=EngineConfig(slots=24).unbounded())
+                                             config=bench_config(slots=24))
         self.ref = self.engine.run_on_model_thread(
             lambda: GPT2LMHeadModel.from_pretrained(str(folder)).to(self.device).eval())
         self.tok = self.engine.tokenizer
@@ -231,7 +231,7 @@ class Bench:
                  "weight_share": 1.0}]
         for name in names:
             engine = Engine.from_pretrained(f"{folder}@{name}", device=self.device,
-                                            config=EngineConfig(slots=24).unbounded())
+                                            config=bench_config(slots=24))
             try:
                 tok_s, _ = self.decode_tok_s(engine, reference=False)
                 pass_ms = engine.run_on_model_thread(lambda: self.weights_pass_ms(engine))
@@ -255,6 +255,12 @@ class Bench:
                 "slots": self.engine.cache.slots, "engine_total_mb": self.engine.memory_bytes() / 2**20,
                 "reference_weights_mb": ref / 2**20,
                 "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_config(slots=None) -> EngineConfig:
+    """The engine configuration the user's settings describe (kernels, packing: `wwt bench` is an
+    entry point), with `slots` and every request let in: it measures speed, not refusals."""
+    return EngineConfig.from_settings().with_(slots=slots).unbounded()
 
 
 def _print(results: dict) -> None:
@@ -341,7 +347,7 @@ def run_bench(args) -> int:
             from .writers import many_writers
 
             writers = Engine.from_pretrained(str(folder), device=bench.device, dtype=torch.float32,
-                                             config=EngineConfig().unbounded())  # default slots
+                                             config=bench_config())  # default slots
             results["writers"] = many_writers(writers, bench.document, rounds=2 if args.quick else 4)
             writers.close()
         bench.engine.close()  # its thread and OpenMP pool go; the queue section makes its own engine
