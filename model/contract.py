@@ -91,7 +91,7 @@ def clean_text(text, what: str = "text", required: bool = False) -> str:
 
 def utf16_length(text: str) -> int:
     """The text's length as a browser counts it: characters outside the BMP (emoji) count twice."""
-    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF) if not text.isascii() else len(text)
+    return len(text) if text.isascii() else len(text.encode("utf-16-le", errors="surrogatepass")) // 2
 
 
 def clean_output(text: str) -> str:
