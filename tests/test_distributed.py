@@ -658,3 +658,61 @@ def test_the_no_worker_hint_names_the_spec_the_app_was_given(redis_server, tmp_p
         assert f"wwt worker --model mine={folder}@int8" in e.value.message
     finally:
         b.close()
+
+
+@pytest.mark.timeout(120)
+def test_redis_lost_while_requests_wait_is_a_clear_error_and_leaves_nothing_to_finalise(
+        tiny_gpt2_heads, tmp_path, capfd):
+    """Redis goes away while plain calls and streams wait on a dead worker's tasks: each ends
+    BackendUnavailable (not Celery's "the application must be restarted" as a generic failure),
+    no result the app gave up on warns from its finaliser, and the same backend serves again once
+    Redis is back."""
+    import gc
+
+    from dist_support import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    worker = Worker(f"tiny={tiny_gpt2_heads}", server.url, tmp_path, concurrency=1, env=FAST_ENV, name="lone").start()
+    backend = CeleryBackend(["tiny"], redis_url=server.url, timeout=60)
+    outcomes = []
+
+    def one(i):
+        request = _req(f"Waiting in line {i}", fresh=True, max_new_tokens=100)
+        try:
+            if i % 2:
+                last = list(backend.stream(request, timeout=30))[-1]
+                outcomes.append(last["kind"] if last["type"] == "error" else "answered")
+            else:
+                backend.complete(request, timeout=30)
+                outcomes.append("answered")
+        except Exception as e:  # noqa: BLE001 - the type is what the test checks
+            outcomes.append(type(e).__name__)
+
+    try:
+        worker.wait_announced(server.client())
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: total_tasks(server.client()) >= 1, 30, "the worker to take a task")
+        worker.kill()  # nothing will answer the tasks now
+        server.stop()
+        for t in threads:
+            t.join(60)
+        assert len(outcomes) == 6
+        assert set(outcomes) <= {"answered", "BackendUnavailable", "backend_unavailable"}, outcomes
+        assert {"BackendUnavailable", "backend_unavailable"} & set(outcomes), outcomes
+        gc.collect()
+        assert "Exception ignored" not in capfd.readouterr().err
+
+        server.start()
+        again = Worker(f"tiny={tiny_gpt2_heads}", server.url, tmp_path, concurrency=1, env=FAST_ENV, name="again")
+        with again.start():
+            again.wait_announced(server.client())
+            assert backend.complete(_req("After the outage", fresh=True), timeout=30).suggestions
+    finally:
+        backend.close()
+        worker.stop()
+        server.stop()
+    del backend
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err

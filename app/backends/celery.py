@@ -197,18 +197,21 @@ class CeleryBackend(Backend):
         options = {"kwargs": {"stream": True} if stream else None, "task_id": task_id}
 
         def publish(to: str, seconds: float):
+            result = None
             try:
                 result = self.celery.send_task(TASK_NAME, args=args, queue=to, expires=seconds, **options)
                 # A queue nobody consumes (its worker died) must not keep messages for ever.
                 self.redis.expire(to, int(seconds + QUEUE_TTL_MARGIN_S))
             except _REDIS_ERRORS as e:
+                if result is not None:
+                    self._forget(result)
                 raise self._unavailable(e) from None
             return result  # expires: nobody waits for it after that, so a worker skips it
 
         pending = publish(queue, timeout)
 
         def resend():  # the worker it was routed to died: any worker of the model may take it now
-            publish(shared, max(1.0, deadline - time.monotonic()))
+            self._forget(publish(shared, max(1.0, deadline - time.monotonic())))  # `pending` waits on the id
 
         if supersede is not None:  # the task this one replaces stops on its worker
             self._redis(cancel.supersede, self.redis, supersede, pending.id)
@@ -239,10 +242,13 @@ class CeleryBackend(Backend):
         return owner["queue"]
 
     def _forget(self, pending) -> None:
-        """Drop the result's subscription in this process, so nothing is left for a finaliser to
-        tidy after Redis has gone."""
+        """Drop a result this process no longer waits for: its subscription now, and its finaliser's
+        second try (AsyncResult.__del__ unsubscribes again, and warns at exit when Redis has gone)."""
+        backend, pending.backend = pending.backend, None
+        if backend is None:
+            return  # forgotten already
         try:
-            pending.backend.remove_pending_result(pending)
+            backend.remove_pending_result(pending)
         except Exception:
             pass  # best effort: only bookkeeping of this process
 
@@ -324,6 +330,10 @@ class CeleryBackend(Backend):
                 pass
             except _REDIS_ERRORS as e:
                 raise self._unavailable(e) from None
+            except RuntimeError as e:  # Celery's result reader gave up reconnecting to Redis
+                if isinstance(e.__cause__, _REDIS_ERRORS):
+                    raise self._unavailable(e.__cause__) from None
+                raise
             self._check_alive(watch)
         if pending.failed() or not isinstance(value, dict):
             raise WorkerFailed(f"the worker serving {name} failed the request: {value!r}")
