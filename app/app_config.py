@@ -35,6 +35,10 @@ class AppConfig:
     queue_max_size: Optional[int] = 64           # the Gradio queue; None: no bound
     trusted_proxies: str = "127.0.0.1,::1"       # whose forwarded client address is believed
     affinity: bool = True                        # celery: route a document to the worker holding it
+    api_key: str = ""                            # /v1/* requires this bearer key; empty: open
+    cors_origins: tuple[str, ...] = ()           # origins whose pages may call /v1/* from a browser
+    max_prompts: int = 16                        # prompts of one /v1/completions call
+    mcp: bool = True                             # the named endpoints as MCP tools
     cache_ttl_s: float = 3600.0                  # celery: the suggestion cache
     cache_max_entries: int = 20000
     queue: Optional[object] = None               # celery: workers.queues.QueueConfig (None: its defaults)
@@ -62,6 +66,10 @@ class AppConfig:
             queue_max_size=settings.get_int("WWT_QUEUE_MAX_SIZE", default=None) or None,
             trusted_proxies=_trusted_proxies(),
             affinity=settings.get_bool("WWT_AFFINITY"),
+            api_key=settings.get("WWT_API_KEY").strip(),
+            cors_origins=tuple(o.strip().rstrip("/") for o in settings.get("WWT_CORS_ORIGINS").split(",") if o.strip()),
+            max_prompts=max(1, settings.get_int("WWT_MAX_PROMPTS")),
+            mcp=settings.get_bool("WWT_MCP"),
             cache_ttl_s=settings.get_float("WWT_CACHE_TTL_S"),
             cache_max_entries=settings.get_int("WWT_CACHE_MAX_ENTRIES"),
         )

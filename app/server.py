@@ -71,9 +71,11 @@ def app_kwargs(backend, config: Optional[AppConfig] = None) -> dict:
     of its routes can shadow them."""
     from starlette.middleware import Middleware
 
-    from .web import call_memory, limits, ops, shared_docs
+    from starlette.middleware.cors import CORSMiddleware
+
+    from .web import call_memory, limits, openai_api, ops, shared_docs
     from .web.client_identity import ClientIdentity, TrustedProxies, keep_the_real_peer
-    from .web.stream import routes
+    from .web.stream import StreamCount, routes
 
     config = config or AppConfig()
     keep_the_real_peer()  # ClientIdentity decides who the client is; uvicorn must not rewrite it first
@@ -82,8 +84,14 @@ def app_kwargs(backend, config: Optional[AppConfig] = None) -> dict:
     # front of every route and a full queue's 503 in our words; call_memory.py: what Gradio keeps per
     # call bounded, the heap trimmed; shared_docs.py: the shared-document routes
     identity = Middleware(ClientIdentity, trusted=TrustedProxies(config.trusted_proxies))
-    return {"routes": routes(backend) + ops.routes(backend) + shared_docs.routes(backend),
-            "middleware": [identity] + limits.middleware(config.max_body_bytes) + call_memory.middleware()}
+    # Cross-origin calls only from the pages listed in WWT_CORS_ORIGINS (none by default). Starlette's
+    # own middleware here also stands Gradio's aside, which on a public host reflects any origin.
+    cors = Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                      allow_headers=["authorization", "content-type"], max_age=600)
+    streams = StreamCount()  # /wwt/stream and streamed /v1/completions share one bound
+    return {"routes": routes(backend, streams) + openai_api.routes(backend, config, streams) + ops.routes(backend)
+            + shared_docs.routes(backend),
+            "middleware": [cors, identity] + limits.middleware(config.max_body_bytes) + call_memory.middleware()}
 
 
 def _stop_like_ctrl_c(signum, frame) -> None:

@@ -23,6 +23,7 @@ MAX_LABELS = 32  # zero-shot candidate labels
 # The editor sends at most this much of the text before the cursor, cut by `stable_tail`:
 # far more than any model's window (1024 tokens), far less than a whole book.
 SEND_CHARS = 65536
+MAX_STOPS = 16  # stop strings of one request
 CHARS_PER_TOKEN = 12  # a prompt of N tokens never needs more than 12 N characters of text
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tabs and line ends stay
@@ -48,6 +49,9 @@ LIMITS = {
     "repetition_penalty": Limit(0.1, 10.0, float, 1.0, "above 1: tokens already in the text are less likely"),
     "seed": Limit(0, 2 ** 62, int, None, "suggestion i samples with seed + i; empty: random"),
     "max_time": Limit(0.01, 3600.0, float, None, "seconds the engine may spend; empty: no limit"),
+    "presence_penalty": Limit(-2.0, 2.0, float, 0.0, "OpenAI's: subtracted from a token's logit once it was generated"),
+    "frequency_penalty": Limit(-2.0, 2.0, float, 0.0, "OpenAI's: subtracted per time a token was generated"),
+    "logprobs": Limit(0, 5, int, None, "per token: its log-probability and this many alternatives; empty: none"),
 }
 DEFAULTS = {name: limit.default for name, limit in LIMITS.items()}
 
@@ -151,13 +155,16 @@ def check_completion(request: CompletionRequest, max_n: Optional[int] = None,
     if greedy:
         values["temperature"] = 1.0
     stop = request.stop
-    if not (stop is None or stop == "auto" or (isinstance(stop, (list, tuple)) and len(stop) <= 16
+    raw = request.raw is True
+    if raw and stop == "auto":
+        raise BadRequest("stop must be null or a list of strings in raw mode (no automatic stops)")
+    if not (stop is None or stop == "auto" or (isinstance(stop, (list, tuple)) and len(stop) <= MAX_STOPS
                                                 and all(isinstance(s, str) and len(s) <= 256 for s in stop))):
-        raise BadRequest('stop must be "auto", null, or a list of at most 16 strings')
+        raise BadRequest(f'stop must be "auto", null, or a list of at most {MAX_STOPS} strings of at most 256 characters')
     model = request.model if isinstance(request.model, str) else ""
     fields = {**dataclasses.asdict(request), **values}
     fields.update(text=clean_text(request.text), model=model, greedy=greedy,
-                  stop=list(stop) if isinstance(stop, tuple) else stop, fresh=bool(request.fresh))
+                  stop=list(stop) if isinstance(stop, tuple) else stop, fresh=bool(request.fresh) or raw, raw=raw)
     return CheckedCompletion(**fields)
 
 

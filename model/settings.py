@@ -73,6 +73,13 @@ _ALL = (
             "X-Forwarded-For / Forwarded headers are believed (the client is the right-most address of the "
             "chain that is not one of them); empty: 127.0.0.1 and ::1, and on Hugging Face Spaces (SPACE_ID set) "
             "also the private ranges its proxy connects from", "app"),
+    Setting("WWT_API_KEY", "", "a bearer key the OpenAI-compatible routes (/v1/*) require "
+            "(`Authorization: Bearer <key>`); empty: they are open like the page", "app"),
+    Setting("WWT_CORS_ORIGINS", "", "comma-separated origins (https://example.org) whose pages may call /v1/* "
+            "from a browser; empty: none", "app"),
+    Setting("WWT_MAX_PROMPTS", "16", "prompts one /v1/completions call may carry in its list", "app"),
+    Setting("WWT_MCP", "on", "offer the named endpoints (complete, classify, answer, score) as MCP tools at "
+            "/gradio_api/mcp/", "app"),
     Setting("WWT_MAX_WAITING_PER_CLIENT", "4", "completion requests one client (its IP address, else its "
             "editor id) may have waiting for a model's slots; past it a request is refused as busy at once "
             "(a newer keystroke of one editor still replaces its older request first); 0: no bound", "app"),

@@ -24,6 +24,7 @@ Standard library only, so the app and the workers use it without torch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 from .errors import WWTError
@@ -41,7 +42,7 @@ class GrowOnly:
         for s in suggestions:
             before = self._shown.get(s.index)
             if before is not None and not s.text.startswith(before):
-                s = PartialSuggestion(s.index, before, s.finished, s.finish_reason)
+                s = dataclasses.replace(s, text=before)
             self._shown[s.index] = s.text
             out.append(s)
         return out

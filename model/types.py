@@ -66,6 +66,12 @@ class CompletionRequest(_JSON):
     max_time: Optional[float] = None
     stop: StopSetting = "auto"
     fresh: bool = False  # ask for new samples: bypass the suggestion cache
+    # Raw mode (the OpenAI-compatible API): exactly n rows in order, the prompt as sent (no token
+    # healing, no cut from the left), no automatic stop, no dropped empty or duplicate texts.
+    raw: bool = False
+    presence_penalty: float = 0.0   # OpenAI's: minus this from a token's logit once it has been generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often it has been generated
+    logprobs: Optional[int] = None  # per token: its text and log-probability, and this many alternatives
 
     def settings_key(self) -> dict:
         """Every field that changes the answer, except the text itself."""
@@ -82,6 +88,10 @@ class Suggestion(_JSON):
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"  # length | stop | eos | time | cancelled
+    # With a request's `logprobs` (raw mode): each token's share of the text (they join into it)
+    # and its likeliest alternatives, [[token text, log-probability], ...]
+    tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[list] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +125,7 @@ class Completion(_JSON):
     suggestions: list[Suggestion]
     timings: Timings = field(default_factory=Timings)
     healed: str = ""  # characters of the text that suggestions were constrained to start with
+    prompt_tokens: int = 0  # tokens of the prompt the suggestions follow
 
 
 @dataclass
@@ -125,6 +136,12 @@ class PartialSuggestion(_JSON):
     text: str
     finished: bool = False
     finish_reason: Optional[str] = None
+    # With a request's `logprobs`: the tokens so far, as Suggestion has them (the text may hold back
+    # the end of the last ones while a stop string could still begin there)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[list] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +195,7 @@ class Answer(_JSON):
 class ScoreRequest(_JSON):
     text: str
     model: str = ""
+    top_logprobs: int = 0  # also each token's likeliest alternatives, this many (at most 5)
 
 
 @dataclass
@@ -189,6 +207,8 @@ class TokenScore(_JSON):
     token_id: int
     prob: float
     rank: int
+    logprob: Optional[float] = None  # None for a first token that could not be scored
+    top_logprobs: list[list] = field(default_factory=list)  # [[token text, log-probability], ...] when asked
 
 
 @dataclass

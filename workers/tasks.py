@@ -177,7 +177,7 @@ def run(kind: str, data: dict, soft_limit: Optional[float] = None, hard_limit: O
         return engine.classify(request.text, labels=request.labels)
     if kind == "answer":
         return engine.answer(request.question, request.context)
-    return engine.score(request.text)
+    return engine.score(request.text, request.top_logprobs)
 
 
 def answer_task(task, kind: str, request: dict, stream: bool = False) -> dict:

@@ -111,26 +111,31 @@ class ClientBound:
         self._held: dict[str, dict] = {}  # client -> {place: the request holding it}
 
     @contextlib.contextmanager
-    def hold(self, client: Optional[str], model: str, supersede: Optional[str] = None):
+    def hold(self, client: Optional[str], model: str, supersede: Optional[str] = None, weight: int = 1):
+        """Hold `weight` places (a call that makes several completions) for the block."""
         bound = self.bound
         if client is None or not bound:
             yield
             return
         me = object()
-        place = supersede if supersede is not None else me
+        places = [supersede if supersede is not None else me] + [object() for _ in range(weight - 1)]
         with self._lock:
             mine = self._held.setdefault(client, {})
-            if place not in mine and len(mine) >= bound:
+            if len(mine) + sum(p not in mine for p in places) > bound:
+                if not mine:
+                    self._held.pop(client, None)
                 raise Busy(f"busy: {len(mine)} of your requests are already waiting for {model}; "
                            f"try again in a moment")
-            mine[place] = me
+            for place in places:
+                mine[place] = me
         try:
             yield
         finally:
             with self._lock:
                 mine = self._held.get(client, {})
-                if mine.get(place) is me:
-                    del mine[place]
+                for place in places:
+                    if mine.get(place) is me:
+                        del mine[place]
                 if not mine:
                     self._held.pop(client, None)
 

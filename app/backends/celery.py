@@ -362,7 +362,7 @@ class CeleryBackend(Backend):
             started = time.perf_counter()
             limit = self.timeout if timeout is None else timeout
             req = dataclasses.replace(request, model=request.model or self._default())
-            if self.cache is not None and not req.fresh:
+            if self.cache is not None and not req.fresh and not req.raw:
                 hit = self._redis(self.cache.lookup, req)
                 if hit is not None:
                     hit.timings.total_ms = (time.perf_counter() - started) * 1000
@@ -386,7 +386,7 @@ class CeleryBackend(Backend):
             finally:
                 if subscription is not None:
                     subscription.close()
-            if self.cache is not None:
+            if self.cache is not None and not req.raw:  # raw answers follow other rules
                 try:
                     self.cache.store(req, completion)
                 except _REDIS_ERRORS:

@@ -176,7 +176,7 @@ class LocalBackend(Backend):
 
     def score(self, request: ScoreRequest, timeout: Optional[float] = None, client: Optional[str] = None) -> Scores:
         with self.clients.hold(client, request.model or self.default_model()):
-            return self.engine(request.model).score(request.text)
+            return self.engine(request.model).score(request.text, request.top_logprobs)
 
     def save_document(self, text: str, client: Optional[str] = None) -> tuple[str, str]:
         return self.documents.save(text, client)

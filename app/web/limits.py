@@ -54,7 +54,7 @@ class BodyLimit:
                 except ValueError:
                     length = None
         if length is not None and length > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(send, scope.get("path", ""))
 
         seen = 0
         over = False       # the body passed the bound: whatever the app answers becomes our 413
@@ -77,7 +77,7 @@ class BodyLimit:
             if over:
                 if not answered:
                     answered = True
-                    await self._refuse(send)
+                    await self._refuse(send, scope.get("path", ""))
                 return
             if message["type"] == "http.response.start":
                 answered = True
@@ -88,10 +88,15 @@ class BodyLimit:
         except BodyTooLarge:
             pass
         if over and not answered:
-            await self._refuse(send)
+            await self._refuse(send, scope.get("path", ""))
 
-    async def _refuse(self, send):
-        body = json.dumps({"error": too_large_message(self.limit), "kind": "limit", "limit": "body"}).encode()
+    async def _refuse(self, send, path: str = ""):
+        message = too_large_message(self.limit)
+        if path.startswith("/v1/"):  # the OpenAI-compatible routes answer in OpenAI's shape (openai_api.py)
+            body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                         "code": "request_too_large"}}).encode()
+        else:
+            body = json.dumps({"error": message, "kind": "limit", "limit": "body"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

@@ -54,6 +54,7 @@ import json
 import logging
 import threading
 import time
+from typing import Optional
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
@@ -105,25 +106,25 @@ def sse(event: dict) -> bytes:
     return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
-class _StreamCount:
-    """A count of the streams being written, bounded by MAX_STREAMS."""
+class StreamCount:
+    """A count of the streams being written (this route's and /v1's), bounded by MAX_STREAMS."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int = MAX_STREAMS):
         self.limit, self.used, self.lock = limit, 0, threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, count: int = 1) -> bool:
         with self.lock:
-            if self.used >= self.limit:
+            if self.used + count > self.limit:
                 return False
-            self.used += 1
+            self.used += count
             return True
 
-    def give(self) -> None:
+    def give(self, count: int = 1) -> None:
         with self.lock:
-            self.used -= 1
+            self.used -= count
 
 
-async def _events(backend: Backend, data, request: Request, streams: _StreamCount):
+async def _events(backend: Backend, data, request: Request, streams: StreamCount):
     """Run the (blocking) event iterator on its own thread and send each event as it comes;
     partials that pile up behind a slow reader are merged into the newest (each is complete)."""
     started = time.perf_counter()
@@ -188,9 +189,9 @@ async def _events(backend: Backend, data, request: Request, streams: _StreamCoun
             events.cancel()  # the client went away: free the slots now
 
 
-def routes(backend: Backend) -> list:
+def routes(backend: Backend, streams: Optional[StreamCount] = None) -> list:
     """The routes to mount on the app's server (server.app_kwargs passes them to Gradio's FastAPI)."""
-    streams = _StreamCount(MAX_STREAMS)
+    streams = streams or StreamCount(MAX_STREAMS)
 
     async def endpoint(request: Request):
         try:

@@ -13,14 +13,15 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..contract import MAX_LABELS, clean_text, narrowed
+from ..contract import MAX_LABELS, check_setting, clean_text, narrowed
 from ..errors import BadRequest, CheckpointError
 from ..network.known import parse_model_spec
-from ..network.tokenizer import complete_utf8_prefix, load_tokenizer_folder
+from ..network.tokenizer import load_tokenizer_folder
 from ..network.weights import resolve_checkpoint
 from ..types import (Answer, Classification, Completion, CompletionRequest, CompletionUpdate, LabelScore,
                      PartialSuggestion, Scores, Suggestion, Timings, TokenScore)
 from .autocomplete import build_prompt
+from .raw_text import raw_prompt, token_pieces
 from .cpu_kernels import packed_bytes, prepare_for_cpu
 from .decode_graph import FixedShapeDecoder
 from .engine_config import EngineConfig
@@ -111,9 +112,14 @@ class Engine:
     # -- completion ----------------------------------------------------------------------
     def _job(self, request: CompletionRequest) -> Job:
         r = narrowed(request, max_n=self.cache.slots, max_new_tokens=self.config.n_positions // 2)
-        prompt = build_prompt(self.tokenizer, r.text, self.config.n_positions - r.max_new_tokens, self.eos)
-        sampling = SamplingSettings(r.greedy, r.temperature, r.top_k, r.top_p, r.repetition_penalty)
-        return Job(prompt, r.n, r.max_new_tokens, sampling, r.seed, r.max_time, r.stop, self.eos)
+        if r.raw:
+            prompt = raw_prompt(self.tokenizer, r.text, self.config.n_positions, r.max_new_tokens, self.eos)
+        else:
+            prompt = build_prompt(self.tokenizer, r.text, self.config.n_positions - r.max_new_tokens, self.eos)
+        sampling = SamplingSettings(r.greedy, r.temperature, r.top_k, r.top_p, r.repetition_penalty,
+                                    r.presence_penalty, r.frequency_penalty)
+        return Job(prompt, r.n, r.max_new_tokens, sampling, r.seed, r.max_time, r.stop, self.eos,
+                   raw=r.raw, top_logprobs=r.logprobs)
 
     def submit(self, request: CompletionRequest, client: Optional[str] = None) -> Handle:
         """Queue a completion; the handle waits for it or cancels it.
@@ -133,8 +139,10 @@ class Engine:
     def result(self, handle: Handle, timeout: Optional[float] = None) -> Completion:
         """Wait for a submitted request (cancelling it if `timeout` passes) and package its answer."""
         suggestions, timings = handle.result(timeout)
+        prompt = handle.job.prompt
         return Completion(model=self.name, suggestions=suggestions, timings=timings,
-                          healed=handle.job.prompt.heal.decode("utf-8", errors="replace"))
+                          healed=prompt.heal.decode("utf-8", errors="replace"),
+                          prompt_tokens=len(prompt.tokens) + bool(prompt.heal))
 
     def stream(self, handle: Handle, timeout: Optional[float] = None) -> Iterator[CompletionUpdate]:
         """Updates of a submitted request: its suggestions after each step that changed them, then
@@ -153,6 +161,10 @@ class Engine:
                 handle.cancel()
         final = [PartialSuggestion(index=i, text=s.text, finished=True, finish_reason=s.finish_reason)
                  for i, s in enumerate(completion.suggestions)]
+        if handle.job.top_logprobs is not None:
+            for partial, s in zip(final, completion.suggestions):
+                partial.token_ids, partial.logprobs = list(s.token_ids), list(s.logprobs)
+                partial.tokens, partial.top_logprobs = list(s.tokens), list(s.top_logprobs)
         yield CompletionUpdate(suggestions=final, completion=completion)
 
     def run_on_model_thread(self, fn):
@@ -274,11 +286,13 @@ class Engine:
         return Answer(model=self.name, text=text, score=score, start=at if at >= 0 else None,
                       end=at + len(text) if at >= 0 else None, generated=True, timings=done.timings)
 
-    def score(self, text: str) -> Scores:
-        """Each token of `text` with the probability and rank the model gave it."""
-        return self.run_on_model_thread(lambda: self._score(text))
+    def score(self, text: str, top_logprobs: int = 0) -> Scores:
+        """Each token of `text` with the probability and rank the model gave it (and, with
+        `top_logprobs`, that many of the likeliest tokens in its place)."""
+        top_logprobs = check_setting("logprobs", top_logprobs) or 0
+        return self.run_on_model_thread(lambda: self._score(text, top_logprobs))
 
-    def _score(self, text: str) -> Scores:
+    def _score(self, text: str, top_logprobs: int = 0) -> Scores:
         t0 = time.perf_counter()
         budget = self.config.n_positions - (1 if self.eos is not None else 0)
         ids = self._text_ids(text, budget)
@@ -292,25 +306,26 @@ class Engine:
                 out.append(TokenScore(piece, tok, 1.0, 0))
                 continue
             row = logits[j]
-            probs = row.softmax(-1)
-            out.append(TokenScore(piece, tok, float(probs[tok]), int((row > row[tok]).sum()) + 1))
+            logp = row.log_softmax(-1)
+            score = TokenScore(piece, tok, float(logp[tok].exp()), int((row > row[tok]).sum()) + 1, float(logp[tok]))
+            if top_logprobs:
+                top = torch.topk(logp, top_logprobs)
+                score.top_logprobs = [[self._one_token(int(t)), float(v)] for t, v in zip(top.indices, top.values)]
+            out.append(score)
         ms = (time.perf_counter() - t0) * 1000
         return Scores(model=self.name, tokens=out, timings=Timings(total_ms=ms, tokens_prefilled=len(inputs)))
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         """Each token's share of the text: a character split over several tokens goes to the last one,
-        so the pieces join back into the text."""
+        so the pieces join back into the text (raw_text.token_pieces)."""
         if not self.tokenizer.byte_level:
             return [self.tokenizer.decode([t]) for t in ids]
-        pieces, pending = [], b""
-        for t in ids:
-            pending += self.tokenizer.token_bytes(t)
-            done = complete_utf8_prefix(pending)
-            pieces.append(done.decode("utf-8", errors="replace"))
-            pending = pending[len(done):]
-        if pending and pieces:
-            pieces[-1] += pending.decode("utf-8", errors="replace")
-        return pieces
+        return token_pieces(self.tokenizer, ids)
+
+    def _one_token(self, token: int) -> str:
+        if self.tokenizer.byte_level:
+            return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+        return self.tokenizer.decode([token])
 
     # -- bookkeeping ---------------------------------------------------------------------
     def stats(self) -> dict:

@@ -79,7 +79,11 @@ def snapshot(job) -> tuple:
             continue
         finished = row.finish is not None
         text = row.text if finished else settled_text(row.text, job.stop)
-        out.append(PartialSuggestion(index=row.index, text=text, finished=finished, finish_reason=row.finish))
+        partial = PartialSuggestion(index=row.index, text=text, finished=finished, finish_reason=row.finish)
+        if job.top_logprobs is not None:
+            partial.token_ids, partial.logprobs = list(row.tokens), list(row.logprobs)
+            partial.tokens, partial.top_logprobs = list(row.pieces), list(row.top)
+        out.append(partial)
     return tuple(out)
 
 
@@ -95,6 +99,9 @@ class Row:
     logprobs: list = field(default_factory=list)
     text: str = ""
     finish: Optional[str] = None
+    pieces: list = field(default_factory=list)  # raw mode: each token's share of the text (raw_text.py)
+    top: list = field(default_factory=list)  # with top_logprobs: each step's likeliest tokens [[id, logprob]]
+    kept_tokens: Optional[int] = None  # raw mode, a stop string cut the text: the tokens that start in it
     kept: Optional[bool] = None  # None until the finished row is collected; then whether it became a suggestion
 
 
@@ -102,8 +109,12 @@ class Job:
     """A completion request on its way through the scheduler."""
 
     def __init__(self, prompt: Prompt, n: int, max_new_tokens: int, settings: SamplingSettings,
-                 seed: Optional[int], max_time: Optional[float], stop, eos: Optional[int]):
+                 seed: Optional[int], max_time: Optional[float], stop, eos: Optional[int],
+                 raw: bool = False, top_logprobs: Optional[int] = None):
         self.prompt = prompt
+        self.raw = raw  # the OpenAI-compatible mode: exactly n rows, in order, kept as they are
+        self.top_logprobs = top_logprobs  # None: no per-token details; else this many alternatives
+        self.writers: dict = {}  # raw mode: each row's raw_text.PieceWriter, by row index
         self.n = n
         self.max_new_tokens = max_new_tokens
         self.settings = settings

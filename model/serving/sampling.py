@@ -1,7 +1,7 @@
 """Turning next-token logits into a choice: the reference's processors, row by row in a batch.
 
-Order as in the reference: repetition penalty on the raw logits, then temperature,
-top-k and top-p. Each row has its own settings and its own random generator, so a row's
+Order as in the reference: repetition penalty on the raw logits (then OpenAI's presence and
+frequency penalties, for the requests that set them), then temperature, top-k and top-p. Each row has its own settings and its own random generator, so a row's
 choices do not depend on which other rows share its batch.
 """
 
@@ -23,6 +23,8 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -32,6 +34,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     picked = logits.gather(-1, seen)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     return logits.scatter(-1, seen, picked)
+
+
+def apply_presence_frequency(logits: torch.Tensor, generated: list, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties, over the tokens generated so far (not the prompt): a token's logit less
+    `frequency` times its count, less `presence` once if it occurs at all."""
+    if (presence == 0.0 and frequency == 0.0) or not generated:
+        return logits
+    ids, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+    penalty = counts.to(logits.dtype) * frequency + presence
+    return logits.scatter(-1, ids, logits.gather(-1, ids) - penalty)
 
 
 def greedy_choice(logits: torch.Tensor, rank: int = 0) -> int:
