@@ -25,4 +25,4 @@ except (WWTError, settings.SettingError) as e:
 demo = build_app(backend, config)
 
 if __name__ == "__main__":
-    demo.launch(footer_links=["api"], app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity))
+    demo.launch(footer_links=["api"], app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity, config.mcp))

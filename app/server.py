@@ -84,14 +84,24 @@ def app_kwargs(backend, config: Optional[AppConfig] = None) -> dict:
     # front of every route and a full queue's 503 in our words; call_memory.py: what Gradio keeps per
     # call bounded, the heap trimmed; shared_docs.py: the shared-document routes
     identity = Middleware(ClientIdentity, trusted=TrustedProxies(config.trusted_proxies))
-    # Cross-origin calls only from the pages listed in WWT_CORS_ORIGINS (none by default). Starlette's
-    # own middleware here also stands Gradio's aside, which on a public host reflects any origin.
+    # Cross-origin calls only from the pages listed in WWT_CORS_ORIGINS (none by default), by Starlette's
+    # own middleware; Gradio's, which on a public host reflects any origin, stands aside (defer_gradio_cors).
+    defer_gradio_cors()
     cors = Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
                       allow_headers=["authorization", "content-type"], max_age=600)
     streams = StreamCount()  # /wwt/stream and streamed /v1/completions share one bound
     return {"routes": routes(backend, streams) + openai_api.routes(backend, config, streams) + ops.routes(backend)
             + shared_docs.routes(backend),
             "middleware": [cors, identity] + limits.middleware(config.max_body_bytes) + call_memory.middleware()}
+
+
+def defer_gradio_cors() -> None:
+    """Gradio's CORS middleware allows any origin once the Host is not localhost (so on every public
+    deployment, credentials included). It stands aside when the app configures CORS itself, but it
+    only looks for that on a parent app (gr.mount_gradio_app); this tells it that our app does."""
+    from gradio.route_utils import CustomCORSMiddleware
+
+    CustomCORSMiddleware.parent_configures_cors = lambda self: True
 
 
 def _stop_like_ctrl_c(signum, frame) -> None:
@@ -120,7 +130,7 @@ def serve(args) -> int:
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a service manager's stop ends the server as Ctrl+C does
     try:
         demo.launch(server_name=args.host, server_port=args.port, show_error=False, quiet=False,
-                    footer_links=["api"], app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity))
+                    footer_links=["api"], app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity, config.mcp))
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2

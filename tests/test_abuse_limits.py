@@ -353,7 +353,7 @@ def test_session_state_is_bounded(monkeypatch):
     demo = build_app(ScriptedBackend(), config)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs(config.session_capacity))
+                **launch_kwargs(config.session_capacity, config.mcp))
     try:
         for i in range(40):
             status, _ = _post(f"http://127.0.0.1:{port}/gradio_api/call/score",

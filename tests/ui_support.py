@@ -190,7 +190,7 @@ def launch_in_process(backend: Backend, config=None):
     demo = build_app(backend, config)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity))
+                app_kwargs=app_kwargs(backend, config), **launch_kwargs(config.session_capacity, config.mcp))
     return demo, f"http://127.0.0.1:{port}/"
 
 

@@ -18,6 +18,13 @@ uvicorn would rewrite the peer from `X-Forwarded-For` before any of our code run
 FORWARDED_ALLOW_IPS trusts 127.0.0.1 by default); `keep_the_real_peer` turns that off so this
 module sees the real peer.
 
+MCP tools: Gradio's MCP server runs a queued tool by calling the app again over loopback with
+the MCP request's headers. So that the loopback call counts for the MCP caller and nobody else,
+requests to the MCP routes carry the decided client in `x-wwt-client`, vouched for by a secret
+made when the process starts (`x-wwt-client-proof`); a loopback request that shows the proof is
+that client. Both headers are removed from every request that comes in, so nobody outside the
+process can set them.
+
 Hugging Face Spaces: a Space's app is reached only through the Spaces proxy, which connects
 from the cluster's private network and appends the visitor's address to `X-Forwarded-For`. So
 when SPACE_ID is set (Spaces sets it in every Space), the private ranges are trusted too
@@ -26,9 +33,11 @@ when SPACE_ID is set (Spaces sets it in every Space), the private ranges are tru
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import os
 import re
+import secrets
 from typing import Iterable, Optional, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -109,6 +118,25 @@ def client_of(peer: Optional[str], headers: Iterable[tuple[bytes, bytes]], trust
     return (chain[0] if chain else address).compressed
 
 
+CLIENT_HEADER = b"x-wwt-client"
+PROOF_HEADER = b"x-wwt-client-proof"
+MCP_PATH = "/gradio_api/mcp"
+_PROOF = secrets.token_hex(16).encode()  # made at start, never sent outside this process's loopback
+
+
+def _vouched(peer: Optional[str], headers: list) -> Optional[str]:
+    """The client a loopback call from this process vouches for (the MCP server's), else None."""
+    address = parse_address(peer or "")
+    if address is None or not address.is_loopback:
+        return None
+    values = dict((k.lower(), v) for k, v in headers if k.lower() in (CLIENT_HEADER, PROOF_HEADER))
+    proof, client = values.get(PROOF_HEADER), values.get(CLIENT_HEADER)
+    if proof is None or client is None or not hmac.compare_digest(proof, _PROOF):
+        return None
+    vouched = parse_address(client.decode("latin-1"))
+    return vouched.compressed if vouched is not None else None
+
+
 class ClientIdentity:
     """ASGI middleware: decide the client once (client_of) and write it into the scope, so every
     route, Gradio's included, reads the same answer from `request.client`."""
@@ -121,9 +149,14 @@ class ClientIdentity:
         if scope["type"] in ("http", "websocket"):
             peer = scope.get("client")
             host, port = (peer[0], peer[1]) if peer else (None, 0)
-            client = client_of(host, scope.get("headers") or (), self.trusted)
+            headers = list(scope.get("headers") or ())
+            client = _vouched(host, headers) or client_of(host, headers, self.trusted)
+            headers = [(k, v) for k, v in headers if k.lower() not in (CLIENT_HEADER, PROOF_HEADER)]
             if client is not None:
                 scope["client"] = (client, port)
+                if scope.get("path", "").startswith(MCP_PATH):  # its tool calls come back over loopback
+                    headers += [(CLIENT_HEADER, client.encode()), (PROOF_HEADER, _PROOF)]
+            scope["headers"] = headers
         return await self.app(scope, receive, send)
 
 

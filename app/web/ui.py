@@ -54,7 +54,7 @@ def theme() -> gr.themes.Base:
 MAX_UPLOAD = "1kb"
 
 
-def launch_kwargs(session_capacity: int = 200) -> dict:
+def launch_kwargs(session_capacity: int = 200, mcp: bool = False) -> dict:
     """What Gradio 6 takes at launch() rather than in gr.Blocks: css and theme, the upload cap, and
     how many sessions' state is kept (each plain-HTTP call opens one; AppConfig.session_capacity); in the
     page's head, queue_full.js (a full queue's toast in our words, as the API says it). Gradio's own
@@ -63,7 +63,9 @@ def launch_kwargs(session_capacity: int = 200) -> dict:
     return {"css": static_text("app.css"), "theme": theme(), "max_file_size": MAX_UPLOAD,
             "enable_monitoring": False,
             "head": f"<script>{static_text('queue_full.js')}</script>",
-            "state_session_capacity": max(1, session_capacity)}
+            "state_session_capacity": max(1, session_capacity),
+            # the named endpoints as MCP tools at /gradio_api/mcp/ (AppConfig.mcp, WWT_MCP; docs/api.md)
+            "mcp_server": bool(mcp)}
 
 
 # How often the model-status panel asks again (workers come and go; a model loads or fails).
@@ -274,36 +276,71 @@ def build_ui(backend: Backend, title: str = "Write With Transformer") -> gr.Bloc
         demo.load(on_load, None, [editor, model, cmp_models, model_status], api_visibility="private")
 
         # -- named API endpoints ------------------------------------------------------------
+        # The docstrings' Args are what an agent reads as each MCP tool's parameter docs.
         def complete(text: str, model: str = "", n: int = 3, max_new_tokens: int = 8, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 0.9, fresh: bool = False,
                      seed: Optional[int] = None, request: gr.Request = None) -> dict:
+            """Suggest how a text goes on, as an autocomplete would: short continuations that end at a
+            natural place (a line end, a sentence end, or 16 words).
+
+            Args:
+                text: the text so far; the suggestions continue it from its last character (a half-typed word is completed).
+                model: which model writes; empty for the default. The `models` of the page or GET /v1/models list them.
+                n: how many distinct suggestions, 1 to 10.
+                max_new_tokens: tokens per suggestion at most, 1 to 256.
+                temperature: 0 for the likeliest words; higher is more varied (up to 5).
+                top_k: sample among the k likeliest tokens only; 0 for no limit.
+                top_p: sample within this much probability mass, 0.05 to 1.
+                fresh: true to ask for new samples instead of a cached answer.
+                seed: a whole number to make the answer repeatable; empty for random.
+            """
             return _api(callbacks.api_complete, backend, text, model, n, max_new_tokens, temperature, top_k,
                         top_p, fresh, seed, client_address(request))
 
         def classify(text: str, labels: str = "", model: str = "", request: gr.Request = None) -> dict:
+            """Classify a text: the probability of each label.
+
+            Args:
+                text: the text to classify.
+                labels: candidate labels, comma-separated (say "sports, politics, science") for zero-shot classification by the language model; empty to use the checkpoint's own classifier, if it has one.
+                model: which model; empty for the default.
+            """
             return _api(callbacks.api_classify, backend, text, labels, model, client_address(request))
 
         def answer(question: str, context: str, model: str = "", request: gr.Request = None) -> dict:
+            """Answer a question about a passage: the answer's text, its character offsets in the passage (when it is a span of it) and a score.
+
+            Args:
+                question: the question, in plain words.
+                context: the passage that holds the answer.
+                model: which model; empty for the default.
+            """
             return _api(callbacks.api_answer, backend, question, context, model, client_address(request))
 
         def score(text: str, model: str = "", request: gr.Request = None) -> dict:
+            """How likely a model finds each token of a text: per token its text, probability and rank (1: the model's first choice). Useful to find surprising words.
+
+            Args:
+                text: the text to score.
+                model: which model; empty for the default.
+            """
             return _api(callbacks.api_score, backend, text, model, client_address(request))
 
         def compare(text: str, models: str = "", max_new_tokens: int = 16, n: int = 2,
                     request: gr.Request = None) -> dict:
+            """Send one text to several models and compare what model size buys: a row per model with its suggestions, speed, size and how likely it found the text.
+
+            Args:
+                text: the text to continue.
+                models: model names, comma-separated; empty for all offered.
+                max_new_tokens: tokens per suggestion, 1 to 256.
+                n: suggestions per model, 1 to 10.
+            """
             return _api(callbacks.api_compare, backend, text, models, max_new_tokens, n, client_address(request))
 
         demo.api_functions = {"complete": complete, "classify": classify, "answer": answer, "score": score,
                               "compare": compare}
-        gr.api(complete, api_name="complete",
-               api_description="Continuations of `text`: suggestions (text, tokens, log-probabilities) and timings.")
-        gr.api(classify, api_name="classify",
-               api_description="Label probabilities; `labels` (comma-separated) asks for zero-shot labels.")
-        gr.api(answer, api_name="answer",
-               api_description="The answer to `question` in `context`, with character offsets and a score.")
-        gr.api(score, api_name="score",
-               api_description="Each token of `text` with the probability and rank the model gave it.")
-        gr.api(compare, api_name="compare",
-               api_description="`text` to several models (comma-separated; empty: all offered): a row per model "
-                               "with its suggestions, speed, size and how likely it found the text.")
+        # each tool's description and parameter docs come from the function's docstring (MCP, the API page)
+        for name, fn in demo.api_functions.items():
+            gr.api(fn, api_name=name)
     return demo
