@@ -420,10 +420,10 @@ class Run:
 
     def _echo(self, prompt: str) -> Optional[Echo]:
         """The prompt's tokens and their log-probabilities (a scoring pass), when echo and logprobs ask."""
-        if not self.call.echo:
+        if not self.call.echo and self.call.max_tokens > 0:
             return None
-        if self.call.logprobs is None or not prompt:
-            return Echo(prompt)
+        if (self.call.logprobs is None and self.call.max_tokens > 0) or not prompt:
+            return Echo(prompt)  # with max_tokens 0 the scoring pass also counts the prompt's tokens
         scores = self.backend.score(ScoreRequest(text=prompt, model=self.call.model,
                                                  top_logprobs=self.call.logprobs))
         tokens = [t.text for t in scores.tokens]
@@ -463,7 +463,8 @@ class Run:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, (prompt, completion) in enumerate(zip(self.call.prompts, results)):
             echo = self._echo(prompt)
-            choices += non_streamed_choices(self.call, prompt, echo, completion, i * self.call.n)
+            choices += non_streamed_choices(self.call, prompt, echo if self.call.echo else None, completion,
+                                            i * self.call.n)
             if completion is not None:
                 prompt_tokens += completion.prompt_tokens
                 completion_tokens += sum(len(s.token_ids) for s in completion.suggestions)
