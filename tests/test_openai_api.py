@@ -28,7 +28,7 @@ def served(request, tiny_gpt2_heads, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"oa-{request.param}")
     extra = []
     if request.param == "local":
-        config = AppConfig(models=(f"tiny={tiny_gpt2_heads}",), data_dir=str(folder))
+        config = AppConfig(models=(f"tiny={tiny_gpt2_heads}", f"absent={folder / 'missing'}"), data_dir=str(folder))
     else:
         from dist_support import RedisServer, Worker
 
@@ -239,13 +239,18 @@ def test_a_body_over_the_limit_is_413_in_openai_s_shape(served):
     assert body["error"]["code"] == "request_too_large"
 
 
-def test_a_model_nobody_serves_is_503(served):
+def test_an_offered_model_that_cannot_answer_is_a_server_error(served):
+    """Distributed: no worker serves it (503). Embedded: its checkpoint is missing (404, and the
+    server's path stays in the operator's log)."""
     client, _, _, mode = served
-    if mode == "local":
-        pytest.skip("the embedded mode loads every offered model itself")
-    with pytest.raises(openai.InternalServerError) as e:
+    with pytest.raises(openai.APIStatusError) as e:
         create(client, model="absent")
-    assert e.value.status_code == 503 and "no worker is serving absent" in e.value.message
+    if mode == "celery":
+        assert e.value.status_code == 503 and "no worker is serving absent" in e.value.message
+    else:
+        assert e.value.status_code == 404 and "checkpoint folder is missing" in e.value.message
+        assert "/" not in e.value.message.split("missing")[1]  # no path of the server's
+    assert create(client, max_tokens=2).choices  # and the other model still answers
 
 
 def test_bad_calls_leave_the_server_answering(served):

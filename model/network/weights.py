@@ -52,7 +52,8 @@ def resolve_checkpoint(name_or_path: str, revision: Optional[str] = None, cache_
     if path.is_dir():
         return path
     if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path).strip("/").replace("/", "", 1):
-        raise UnknownModel(f"no folder at {name_or_path}")
+        # the path is the operator's to see (log, command line), not a visitor's
+        raise UnknownModel("this model's checkpoint folder is missing on the server", f"no folder at {name_or_path}")
     repo_id = KNOWN_MODELS.get(name_or_path, name_or_path)
     if not _REPO_ID.match(repo_id):
         raise UnknownModel(
