@@ -115,3 +115,36 @@ def test_each_kernel_takes_its_own_path_and_gives_x_at_w(two_threads, monkeypatc
     expected = {"split": ["one_row_matmul", "one_row_matmul_t"], "plain": [],
                 "packed": ["_packed_linear", "_packed_linear"]}[kernel]
     assert calls == expected
+
+
+def test_packed_products_run_at_a_few_row_counts_and_give_the_same_rows(monkeypatch):
+    """Every prompt length would be a new oneDNN primitive (kept, ~0.5 MB each for a gpt2 matrix):
+    the packed product runs at bucketed row counts, and the padded rows change nothing."""
+    from model.serving import cpu_kernels
+    from model.serving.cpu_kernels import row_bucket
+
+    if not cpu_kernels.cpu_packing_available():
+        pytest.skip("this torch has no oneDNN packing")
+    assert len({row_bucket(m) for m in range(1, 4097)}) <= 48
+    assert all(m <= row_bucket(m) < m + max(16, m / 4) for m in range(1, 4097))
+    assert [row_bucket(m) for m in (1, 16, 17, 33, 256, 257)] == [1, 16, 32, 48, 256, 320]
+
+    seen = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Ops:
+        @staticmethod
+        def _linear_pointwise(x, *args):
+            seen.append(x.numel() // x.shape[-1])
+            return real(x, *args)
+
+    weight = torch.randn(64, 96)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous())
+    bias = torch.randn(96)
+    monkeypatch.setattr(cpu_kernels.torch.ops, "mkldnn", Ops)
+    for rows in (3, 21, 100, 130):
+        x = torch.randn(1, rows, 64)
+        y = cpu_kernels._packed_linear(x, packed, bias)
+        assert y.shape == (1, rows, 96)
+        torch.testing.assert_close(y, x @ weight + bias, rtol=1e-5, atol=1e-4)
+    assert seen == [3, 32, 112, 160]

@@ -23,8 +23,29 @@ def cpu_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def row_bucket(rows: int) -> int:
+    """The row count a packed product is run at: `rows` rounded up to a multiple of a quarter of
+    its power of two, and of 16, so fewer than max(16, rows / 4) more rows are computed.
+
+    oneDNN builds (and caches, up to ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1,024) a primitive for each
+    input shape it sees, about 0.5 MB each for one of gpt2's matrices: prompt chunks of every
+    length made a gpt2 server's memory grow by about 2 MB per new length, up to several hundred MB.
+    With buckets there are about four shapes per doubling: a few dozen in all."""
+    if rows <= 16:
+        return rows  # decode steps: one row per suggestion being written, a few shapes
+    step = max(16, 1 << (rows.bit_length() - 3))
+    return -(-rows // step) * step
+
+
 def _packed_linear(x, packed, bias):
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    rows = x.numel() // x.shape[-1]
+    bucket = row_bucket(rows)
+    if bucket == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    flat = torch.zeros(bucket, x.shape[-1], dtype=x.dtype)
+    flat[:rows] = x.reshape(rows, -1)
+    y = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return y[:rows].view(*x.shape[:-1], -1)
 
 
 def _pieces(n: int) -> int:
