@@ -202,6 +202,7 @@ def test_stop_strings_are_literal(served):
     ({"logit_bias": {"50": 5}}, openai.BadRequestError, "logit_bias"),
     ({"extra_body": {"frobnicate": 1}}, openai.BadRequestError, "frobnicate"),
     ({"n": 5}, openai.BadRequestError, "at most 4 in flight"),
+    ({"prompt": ["a"] * 17}, openai.BadRequestError, "at most 16"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(served, kw, error, words):
     client, *_ = served
@@ -328,3 +329,44 @@ def test_cross_origin_calls_only_from_listed_origins(tiny_gpt2, tmp_path):
         finally:
             demo.close()
             backend.close()
+
+
+def test_streams_share_the_app_s_stream_bound_and_a_growing_prompt_reuses_its_prefix(tiny_gpt2, tmp_path,
+                                                                                     monkeypatch):
+    from app.web import stream as stream_route
+
+    monkeypatch.setattr(stream_route, "MAX_STREAMS", 1)
+    config = AppConfig(models=(f"tiny={tiny_gpt2}",), data_dir=str(tmp_path))
+    backend = make_backend(config)
+    engine = backend.engine("tiny")
+    demo, url = launch_in_process(backend, config)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        document = "The lighthouse keeper wrote in his log every night about the ships and the weather"
+        create(client, prompt=document, max_tokens=2)
+        reused = engine.scheduler.counters["tokens_reused"]
+        create(client, prompt=document + " and the gulls", max_tokens=2)
+        assert engine.scheduler.counters["tokens_reused"] - reused >= len(engine.tokenizer.encode(document)) - 2
+
+        slow_down(engine, 0.05)
+        held = create(client, max_tokens=100, temperature=0, stream=True)
+        next(iter(held))  # the one stream the app may write
+        try:
+            with pytest.raises(openai.RateLimitError) as e:
+                create(client, max_tokens=2, stream=True)
+            assert "being streamed" in e.value.message
+            status, _, body = http_call(url + "wwt/stream", "POST", {"before": "Hello"})
+            assert status == 200 and b'"kind": "busy"' in body  # the editor's route shares the bound
+        finally:
+            held.close()
+
+        def streams_again():
+            try:
+                return bool(streamed_texts(client, max_tokens=2))
+            except openai.RateLimitError:
+                return False  # the hung-up stream is still being wound down
+
+        assert wait_until(streams_again, 30)
+    finally:
+        demo.close()
+        backend.close()

@@ -109,8 +109,8 @@ def sse(event: dict) -> bytes:
 class StreamCount:
     """A count of the streams being written (this route's and /v1's), bounded by MAX_STREAMS."""
 
-    def __init__(self, limit: int = MAX_STREAMS):
-        self.limit, self.used, self.lock = limit, 0, threading.Lock()
+    def __init__(self, limit: Optional[int] = None):
+        self.limit, self.used, self.lock = MAX_STREAMS if limit is None else limit, 0, threading.Lock()
 
     def take(self, count: int = 1) -> bool:
         with self.lock:
@@ -191,7 +191,7 @@ async def _events(backend: Backend, data, request: Request, streams: StreamCount
 
 def routes(backend: Backend, streams: Optional[StreamCount] = None) -> list:
     """The routes to mount on the app's server (server.app_kwargs passes them to Gradio's FastAPI)."""
-    streams = streams or StreamCount(MAX_STREAMS)
+    streams = streams or StreamCount()
 
     async def endpoint(request: Request):
         try:
