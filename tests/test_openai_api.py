@@ -73,6 +73,9 @@ def streamed_texts(client, **kw) -> dict[int, str]:
 def test_models_list_names_the_offered_models(served):
     client, _, backend, _ = served
     assert [m.id for m in client.models.list()] == backend.models()
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_a_plain_call_has_openai_s_shape_and_defaults(served):

@@ -286,10 +286,16 @@ class CompletionsAPI:
             names = await asyncio.to_thread(self.backend.models)
         except Exception as e:  # noqa: BLE001 - one place decides what the caller reads
             return api_error(caller_error(e, log, "model list")).response()
+        one = request.path_params.get("model")
+        if one is not None:  # GET /v1/models/{model}
+            if one not in names:
+                return APIError(404, f"The model `{one[:200]}` does not exist; this server offers {', '.join(names)}",
+                                "model", "model_not_found").response()
+            names = [one]
         created = int(time.time())
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "write-with-transformer"}
-            for name in names]})
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "write-with-transformer"}
+                for name in names]
+        return JSONResponse(data[0] if one is not None else {"object": "list", "data": data})
 
     async def completions(self, request: Request):
         started = time.perf_counter()
@@ -592,5 +598,6 @@ def routes(backend, config, streams) -> list:
         return not_found(request)
 
     return [Route(f"{PREFIX}/models", api.models, methods=["GET"]),
+            Route(PREFIX + "/models/{model:path}", api.models, methods=["GET"]),
             Route(f"{PREFIX}/completions", api.completions, methods=["POST"]),
             Route(PREFIX + "/{rest:path}", missing, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])]
