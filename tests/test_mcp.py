@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 from mcp import ClientSession
-from mcp.client.streamable_http import streamablehttp_client
+from mcp.client.streamable_http import streamable_http_client
 
 from app.app_config import AppConfig
 from app.backends import make_backend
@@ -47,7 +47,7 @@ def mcp_url(request, tiny_gpt2_heads, tmp_path_factory):
 def session_run(url: str, work):
     """Run `work(session)` in an initialised MCP client session; its result."""
     async def main():
-        async with streamablehttp_client(url) as (read, write, _):
+        async with streamable_http_client(url) as (read, write, _):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 return await work(session)
@@ -152,13 +152,10 @@ def test_an_mcp_caller_is_counted_as_itself_end_to_end(tiny_gpt2, tmp_path):
     backend.score = recording
     demo, url = launch_in_process(backend, config)
 
-    def from_stranger(headers=None, timeout=None, auth=None):
-        return httpx.AsyncClient(headers=headers, timeout=timeout, auth=auth,
-                                 transport=httpx.AsyncHTTPTransport(local_address="127.0.0.3"))
-
     async def main():
-        async with streamablehttp_client(url + "gradio_api/mcp/", headers={"X-Forwarded-For": "6.6.6.6"},
-                                         httpx_client_factory=from_stranger) as (read, write, _):
+        stranger = httpx.AsyncClient(headers={"X-Forwarded-For": "6.6.6.6"}, timeout=30,
+                                     transport=httpx.AsyncHTTPTransport(local_address="127.0.0.3"))
+        async with stranger, streamable_http_client(url + "gradio_api/mcp/", http_client=stranger) as (read, write, _):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 return await session.call_tool("score", {"text": "Hello"})
