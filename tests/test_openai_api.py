@@ -373,3 +373,21 @@ def test_streams_share_the_app_s_stream_bound_and_a_growing_prompt_reuses_its_pr
     finally:
         demo.close()
         backend.close()
+
+
+def test_a_streamed_echo_and_usage_add_up_to_the_plain_answer(served):
+    client, *_ = served
+    plain = create(client, n=2, seed=9, max_tokens=6, echo=True, logprobs=1)
+    texts, usage, tokens = {}, None, {}
+    for chunk in create(client, n=2, seed=9, max_tokens=6, echo=True, logprobs=1, stream=True,
+                        stream_options={"include_usage": True}):
+        if getattr(chunk, "usage", None):
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.logprobs:
+                tokens[c.index] = tokens.get(c.index, []) + c.logprobs.tokens
+    assert texts == {c.index: c.text for c in plain.choices}
+    assert tokens == {c.index: c.logprobs.tokens for c in plain.choices}
+    assert usage is not None and usage.completion_tokens == plain.usage.completion_tokens
+    assert usage.prompt_tokens == plain.usage.prompt_tokens
