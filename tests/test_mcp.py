@@ -12,7 +12,7 @@ from mcp.client.streamable_http import streamable_http_client
 from app.app_config import AppConfig
 from app.backends import make_backend
 
-from ui_support import launch_in_process
+from ui_support import app_in_mode, launch_in_process
 
 TOOLS = {"complete", "classify", "answer", "score"}
 
@@ -20,28 +20,8 @@ TOOLS = {"complete", "classify", "answer", "score"}
 @pytest.fixture(scope="module", params=["local", "celery"])
 def mcp_url(request, tiny_gpt2_heads, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"mcp-{request.param}")
-    extra = []
-    if request.param == "local":
-        config = AppConfig(models=(f"tiny={tiny_gpt2_heads}",), data_dir=str(folder))
-    else:
-        from dist_support import RedisServer, Worker
-
-        redis_server = RedisServer(folder / "redis").start()
-        extra.append(redis_server)
-        worker = Worker(f"tiny={tiny_gpt2_heads}", redis_server.url, folder, concurrency=2,
-                        env={"WWT_HEARTBEAT_S": "1"}, name="mcp0").start()
-        extra.insert(0, worker)
-        worker.wait_announced(redis_server.client())
-        config = AppConfig(backend="celery", models=("tiny",), redis_url=redis_server.url, data_dir=str(folder))
-    backend = make_backend(config)
-    demo, url = launch_in_process(backend, config)
-    try:
+    with app_in_mode(request.param, f"tiny={tiny_gpt2_heads}", folder) as (url, _):
         yield url + "gradio_api/mcp/"
-    finally:
-        demo.close()
-        backend.close()
-        for thing in extra:
-            thing.stop()
 
 
 def session_run(url: str, work):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 
 import openai
 import pytest
@@ -17,39 +15,20 @@ from app.backends import make_backend
 from model.serving.engine_config import EngineConfig
 
 from model_support import slow_down, wait_until
-from ui_support import http_call, launch_in_process
+from ui_support import app_in_mode, http_call, launch_in_process
 
 PROMPT = "Once upon a time there was"
 
 
 @pytest.fixture(scope="module", params=["local", "celery"])
 def served(request, tiny_gpt2_heads, tmp_path_factory):
-    """(openai client, base url, backend, mode) for the app serving `tiny` in one mode."""
+    """(openai client, base url, backend, mode) for the app serving `tiny` in one mode; `absent` is
+    offered too (embedded: a missing folder; distributed: no worker serves it)."""
     folder = tmp_path_factory.mktemp(f"oa-{request.param}")
-    extra = []
-    if request.param == "local":
-        config = AppConfig(models=(f"tiny={tiny_gpt2_heads}", f"absent={folder / 'missing'}"), data_dir=str(folder))
-    else:
-        from dist_support import RedisServer, Worker
-
-        redis_server = RedisServer(folder / "redis").start()
-        extra.append(redis_server)
-        worker = Worker(f"tiny={tiny_gpt2_heads}", redis_server.url, folder, concurrency=2,
-                        env={"WWT_HEARTBEAT_S": "1"}, name="oa0").start()
-        extra.insert(0, worker)
-        worker.wait_announced(redis_server.client())
-        config = AppConfig(backend="celery", models=("tiny", "absent"), redis_url=redis_server.url,
-                           data_dir=str(folder))
-    backend = make_backend(config)
-    demo, url = launch_in_process(backend, config)
-    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=60)
-    try:
+    unserved = (f"absent={folder / 'missing'}",) if request.param == "local" else ("absent",)
+    with app_in_mode(request.param, f"tiny={tiny_gpt2_heads}", folder, unserved) as (url, backend):
+        client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=60)
         yield client, url, backend, request.param
-    finally:
-        demo.close()
-        backend.close()
-        for thing in extra:
-            thing.stop()
 
 
 def create(client, **kw):

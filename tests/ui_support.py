@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -247,3 +248,39 @@ def http_call(url: str, method: str = "GET", body=None, headers: Optional[dict] 
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def app_in_mode(mode: str, spec: str, folder: Path, unserved: tuple = ()):
+    """The app serving model `spec` ("name=folder") as `wwt serve` builds it, in `mode`: "local"
+    (embedded), or "celery" (a password-protected redis-server and one real `wwt worker`).
+    `unserved` names more offered models (embedded: specs; distributed: names no worker serves).
+    Yields (url, backend); stops everything after."""
+    from app.app_config import AppConfig
+    from app.backends import make_backend
+
+    started = []
+    try:
+        if mode == "local":
+            config = AppConfig(models=(spec, *unserved), data_dir=str(folder))
+        else:
+            from dist_support import RedisServer, Worker
+
+            redis_server = RedisServer(folder / "redis").start()
+            started.append(redis_server)
+            worker = Worker(spec, redis_server.url, folder, concurrency=2, env={"WWT_HEARTBEAT_S": "1"},
+                            name=f"{folder.name}-worker").start()
+            started.insert(0, worker)
+            worker.wait_announced(redis_server.client())
+            config = AppConfig(backend="celery", models=(spec.split("=")[0], *unserved), redis_url=redis_server.url,
+                               data_dir=str(folder))
+        backend = make_backend(config)
+        demo, url = launch_in_process(backend, config)
+        try:
+            yield url, backend
+        finally:
+            demo.close()
+            backend.close()
+    finally:
+        for thing in started:
+            thing.stop()

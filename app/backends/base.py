@@ -97,6 +97,19 @@ class EventStream:
             close()
 
 
+def answer_of(events: EventStream) -> Completion:
+    """The answer a stream ends with (its partials skipped), or its error raised; the stream is closed."""
+    try:
+        for event in events:
+            if event["type"] == "done":
+                return events.completion or Completion.from_dict(event["result"])
+            if event["type"] == "error":
+                raise events.error or WWTError(event.get("error") or "no answer")
+    finally:
+        events.close()
+    raise WWTError("the answer was cut off; try again")
+
+
 class ClientBound:
     """Requests of each client in flight through this app process: `bound` at most
     (WWT_MAX_WAITING_PER_CLIENT). The distributed backend holds every request to it; the embedded
@@ -184,16 +197,7 @@ class Backend(ABC):
     def complete(self, request: CompletionRequest, *, client: Optional[str] = None, supersede: Optional[str] = None,
                  timeout: Optional[float] = None) -> Completion:
         """The answer of `stream`, waited for; its error raised."""
-        events = self.stream(request, client=client, supersede=supersede, timeout=timeout, partials=False)
-        try:
-            for event in events:
-                if event["type"] == "done":
-                    return events.completion or Completion.from_dict(event["result"])
-                if event["type"] == "error":
-                    raise events.error or WWTError(event.get("error") or "no answer")
-        finally:
-            events.close()
-        raise WWTError("the answer was cut off; try again")
+        return answer_of(self.stream(request, client=client, supersede=supersede, timeout=timeout, partials=False))
 
     # -- single passes ---------------------------------------------------------------------
     @abstractmethod

@@ -8,7 +8,6 @@ once), WorkerFailed (a worker failed the task), RequestTimeout, UnknownModel.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from model.contract import LIMITS, MAX_STOPS, check_setting
+from model.contract import LIMITS, MAX_STOPS
 from model.errors import (BackendUnavailable, BadRequest, Busy, Forbidden, LimitReached, NoWorker, NotFound,
                           RequestTimeout, UnknownModel, WWTError, caller_error)
+from app.backends.base import answer_of
 from model.streaming import partials_of
 from model.types import Completion, CompletionRequest, ScoreRequest
 
@@ -454,7 +455,7 @@ class Run:
 
         def consume(i: int, events) -> None:
             try:
-                results[i] = _answer_of(events)
+                results[i] = answer_of(events)
             except Exception as e:  # noqa: BLE001 - the first failure is the call's answer
                 errors.append(e)
                 self.cancel()
@@ -564,18 +565,6 @@ class Run:
         sent[index] = (chars + len(piece), take)
         return choice(index, piece, logprobs_block(tokens[count:take], logprobs[count:take], tops[count:take],
                                                    start + chars), None)
-
-
-def _answer_of(events) -> Completion:
-    try:
-        for event in events:
-            if event["type"] == "done":
-                return events.completion or Completion.from_dict(event["result"])
-            if event["type"] == "error":
-                raise events.error or WWTError(event.get("error") or "no answer")
-    finally:
-        events.close()
-    raise WWTError("the answer was cut off; try again")
 
 
 def not_found(request: Request):

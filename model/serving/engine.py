@@ -21,7 +21,7 @@ from ..network.weights import resolve_checkpoint
 from ..types import (Answer, Classification, Completion, CompletionRequest, CompletionUpdate, LabelScore,
                      PartialSuggestion, Scores, Suggestion, Timings, TokenScore)
 from .autocomplete import build_prompt
-from .raw_text import raw_prompt, token_pieces
+from .raw_text import raw_prompt, token_pieces, token_text
 from .cpu_kernels import packed_bytes, prepare_for_cpu
 from .decode_graph import FixedShapeDecoder
 from .engine_config import EngineConfig
@@ -310,7 +310,7 @@ class Engine:
             score = TokenScore(piece, tok, float(logp[tok].exp()), int((row > row[tok]).sum()) + 1, float(logp[tok]))
             if top_logprobs:
                 top = torch.topk(logp, top_logprobs)
-                score.top_logprobs = [[self._one_token(int(t)), float(v)] for t, v in zip(top.indices, top.values)]
+                score.top_logprobs = [[token_text(self.tokenizer, int(t)), float(v)] for t, v in zip(top.indices, top.values)]
             out.append(score)
         ms = (time.perf_counter() - t0) * 1000
         return Scores(model=self.name, tokens=out, timings=Timings(total_ms=ms, tokens_prefilled=len(inputs)))
@@ -322,10 +322,6 @@ class Engine:
             return [self.tokenizer.decode([t]) for t in ids]
         return token_pieces(self.tokenizer, ids)
 
-    def _one_token(self, token: int) -> str:
-        if self.tokenizer.byte_level:
-            return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-        return self.tokenizer.decode([token])
 
     # -- bookkeeping ---------------------------------------------------------------------
     def stats(self) -> dict:

@@ -100,6 +100,7 @@ class Row:
     text: str = ""
     finish: Optional[str] = None
     pieces: list = field(default_factory=list)  # raw mode: each token's share of the text (raw_text.py)
+    writer: Optional[object] = None  # raw mode: the raw_text.PieceWriter that writes `pieces`
     top: list = field(default_factory=list)  # with top_logprobs: each step's likeliest tokens [[id, logprob]]
     kept_tokens: Optional[int] = None  # raw mode, a stop string cut the text: the tokens that start in it
     kept: Optional[bool] = None  # None until the finished row is collected; then whether it became a suggestion
@@ -114,7 +115,6 @@ class Job:
         self.prompt = prompt
         self.raw = raw  # the OpenAI-compatible mode: exactly n rows, in order, kept as they are
         self.top_logprobs = top_logprobs  # None: no per-token details; else this many alternatives
-        self.writers: dict = {}  # raw mode: each row's raw_text.PieceWriter, by row index
         self.n = n
         self.max_new_tokens = max_new_tokens
         self.settings = settings

@@ -63,6 +63,13 @@ class PieceWriter:
         self.held = b""
 
 
+def token_text(tokenizer: GPTTokenizer, token: int) -> str:
+    """One token alone, as text (an alternative in `top_logprobs`): a share of a character shows as U+FFFD."""
+    if tokenizer.byte_level:
+        return tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+    return tokenizer.decode([token])
+
+
 def token_pieces(tokenizer: GPTTokenizer, ids: list[int]) -> list[str]:
     """Each token's share of the text of `ids` (a prompt), by the same rule."""
     writer, pieces = PieceWriter(tokenizer, Prompt([], b"", "")), []

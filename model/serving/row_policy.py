@@ -15,7 +15,7 @@ from ..network.tokenizer import GPTTokenizer
 from ..types import Suggestion
 from .autocomplete import HealingMasks, apply_stop, continuation
 from .jobs import Job, Row
-from .raw_text import PieceWriter
+from .raw_text import PieceWriter, token_text
 from .sampling import apply_presence_frequency, apply_repetition_penalty, sample_rows
 
 
@@ -52,7 +52,7 @@ class RowPolicy:
         for b, ((job, row), token, logprob) in enumerate(zip(rows, tokens, logprobs)):
             if job.top_logprobs:  # the likeliest tokens of the model's own distribution, as OpenAI reports them
                 top = torch.topk(logits[b], job.top_logprobs)
-                row.top.append([[self._token_text(int(t)), float(v)] for t, v in zip(top.indices, top.values - norm[b])])
+                row.top.append([[token_text(self.tokenizer, int(t)), float(v)] for t, v in zip(top.indices, top.values - norm[b])])
             elif job.top_logprobs is not None:
                 row.top.append([])
             self.accept(job, row, token, logprob)
@@ -71,7 +71,9 @@ class RowPolicy:
                 row.top.pop()
             self.end(job, row, "eos")
         elif job.raw:
-            self._writer(job, row).add(row.pieces, row.tokens)
+            if row.writer is None:
+                row.writer = PieceWriter(self.tokenizer, job.prompt)
+            row.writer.add(row.pieces, row.tokens)
             row.text, stopped = apply_stop("".join(row.pieces), job.stop)
             if stopped:
                 self.end(job, row, "stop")
@@ -88,18 +90,13 @@ class RowPolicy:
     def end(self, job: Job, row: Row, reason: str) -> None:
         row.finish = reason
         if job.raw:
-            self._writer(job, row).finish(row.pieces)
+            if row.writer is not None:
+                row.writer.finish(row.pieces)
             if reason != "stop":
                 row.text = apply_stop("".join(row.pieces), job.stop)[0]
             self._cut_at_text(job, row)
         elif reason in ("eos", "time", "cancelled", "length") and not row.pending:
             row.text = apply_stop(self._text(job, row), job.stop)[0]
-
-    def _writer(self, job: Job, row: Row) -> PieceWriter:
-        writer = job.writers.get(row.index)
-        if writer is None:
-            writer = job.writers[row.index] = PieceWriter(self.tokenizer, job.prompt)
-        return writer
 
     @staticmethod
     def _cut_at_text(job: Job, row: Row) -> None:
@@ -115,12 +112,6 @@ class RowPolicy:
             start += len(piece)
         del row.pieces[keep:], row.top[keep:]
         row.kept_tokens = keep
-
-    def _token_text(self, token: int) -> str:
-        """One token alone, as text (a share of a character shows as U+FFFD)."""
-        if self.tokenizer.byte_level:
-            return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-        return self.tokenizer.decode([token])
 
     def _text(self, job: Job, row: Row) -> str:
         return clean_output(continuation(self.tokenizer, job.prompt, row.tokens))
