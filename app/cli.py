@@ -92,6 +92,10 @@ def cmd_soak(rest: list) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.sizes or args.shape:  # every size at several precisions instead of the usual sections
+        from .bench.sizes import run_sizes
+
+        return run_sizes(args)
     from .bench.speed import run_bench
 
     return run_bench(args)
@@ -150,10 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma-separated sections to run")
     p.add_argument("--redis-url", default=None, help="also measure the queue path against this Redis")
     p.add_argument("--dtype", default=None, help="quantized precisions to measure (comma-separated, default "
-                                                 "int8,int4; float32 and the reference are always measured)")
+                                                 "int8,int4; float32 and the reference are always measured; "
+                                                 "with --sizes: the precisions, default float32,int8,int4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--checkpoint", default=None, help="a GPT-2 checkpoint folder to measure (default: random "
                                                       "weights of gpt2's size, made for the run)")
+    from .bench.sizes import add_sizes_arguments  # the standard library only: no torch at parse time
+
+    add_sizes_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("loadtest", add_help=False,

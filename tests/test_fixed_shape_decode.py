@@ -76,3 +76,23 @@ def test_gathered_read_of_many_rows_equals_a_view_per_row(tiny_gpt2, monkeypatch
     for row, ids in enumerate(seqs):
         with torch.inference_mode():
             torch.testing.assert_close(gathered[row], model(torch.tensor([ids]))[0, -1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_captured_cuda_graph_suggests_what_the_ordinary_step_does(tiny_gpt2):
+    """On a GPU the fixed-shape step is captured once and replayed; in float32 its greedy suggestions
+    are the ordinary step's (a float16 run may break a near-tie the other way, so not compared)."""
+    plain = Engine.from_pretrained(f"{tiny_gpt2}@float32", device="cuda", slots=6, cuda_graph=False)
+    fixed = Engine.from_pretrained(f"{tiny_gpt2}@float32", device="cuda", slots=6, cuda_graph=True)
+    try:
+        assert fixed.scheduler.runner.fixed_shape.graph is not None
+        for text in ("Hello there", "The weather in the valley turned", ""):
+            a = suggest(plain, text, n=3, max_new_tokens=10, stop=None, greedy=True)
+            b = suggest(fixed, text, n=3, max_new_tokens=10, stop=None, greedy=True)
+            assert [s.token_ids for s in a] == [s.token_ids for s in b]
+            for x, y in zip(a, b):
+                assert x.logprobs == pytest.approx(y.logprobs, abs=1e-3)
+    finally:
+        plain.close()
+        fixed.close()

@@ -145,6 +145,7 @@ def test_precision_in_the_model_spec_and_bad_precisions():
         quantize.precision_name("float8")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ("float16", "bfloat16") + QUANTIZED)
 def test_cuda_precisions(trained, precision):

@@ -64,6 +64,22 @@ def make_checkpoint(folder: Path) -> None:
     synthetic_tokenizer(folder)
 
 
+def document_text(tokenizer, tokens: int, salt: int) -> str:
+    """A text of exactly `tokens` tokens of `tokenizer`; `salt` changes its start so documents do not
+    share prefixes. Shared with the sizes report (sizes_measure.py), so both type the same documents."""
+    words = [WORDS[(salt * 7 + i * 13) % len(WORDS)] for i in range(tokens)]
+    text = f"Document {salt}: " + " ".join(words)
+    return tokenizer.decode(tokenizer.encode(text)[:tokens])
+
+
+def completion_request(text: str, n: int, new_tokens: int, greedy: bool, seed: int):
+    """The request every timed call of the benchmarks makes: no stop rule, so each decodes its budget."""
+    from model.types import CompletionRequest
+
+    return CompletionRequest(text=text, n=n, max_new_tokens=new_tokens, greedy=greedy, seed=seed, stop=None,
+                             top_p=0.9)
+
+
 class Bench:
     def __init__(self, folder: Path, quick: bool, device: str = "cpu"):
         from transformers import GPT2LMHeadModel
@@ -83,10 +99,7 @@ class Bench:
     # -- inputs --------------------------------------------------------------------------
     def document(self, tokens: int, salt: int) -> str:
         """A text of exactly `tokens` tokens; `salt` changes its start so documents do not share prefixes."""
-        words = [WORDS[(salt * 7 + i * 13) % len(WORDS)] for i in range(tokens)]
-        text = f"Document {salt}: " + " ".join(words)
-        ids = self.tok.encode(text)[:tokens]
-        return self.tok.decode(ids)
+        return document_text(self.tok, tokens, salt)
 
     def ref_generate(self, text: str, n: int, new_tokens: int, greedy: bool) -> float:
         ids = torch.tensor([self.tok.encode(text)], device=self.device)
@@ -112,10 +125,7 @@ class Bench:
 
     @staticmethod
     def _request(text, n, new_tokens, greedy, seed):
-        from model.types import CompletionRequest
-
-        return CompletionRequest(text=text, n=n, max_new_tokens=new_tokens, greedy=greedy, seed=seed, stop=None,
-                                 top_p=0.9)
+        return completion_request(text, n, new_tokens, greedy, seed)
 
     # -- sections ------------------------------------------------------------------------
     def decode_tok_s(self, engine=None, reference: bool = True) -> tuple[float, Optional[float]]:
