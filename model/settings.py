@@ -115,6 +115,12 @@ _ALL = (
     Setting("WWT_CPU_ONE_ROW", "auto", "on CPU in float32, how a decode step with one row multiplies by "
             "each weight matrix: auto (time the candidates at load and keep the fastest), split, plain or "
             "packed", "engine"),
+    Setting("WWT_CPU_INT8", "auto", "on CPU, the product of int8 models: auto (time both at load and keep the "
+            "faster), dynamic (int8 x int8 with activations quantized per token, fbgemm) or weight-only "
+            "(bfloat16 activations, fast where the CPU has AVX-512 BF16 or AMX)", "engine"),
+    Setting("WWT_KV_DTYPE", "auto", "dtype of the KV cache: auto (bfloat16 for int8/int4/nf4 models on CPU: half "
+            "the bytes a long document's step reads; otherwise the compute dtype), float32, bfloat16 or float16",
+            "engine"),
     Setting("WWT_MAX_WAITING", "32", "completion requests that may wait for a model's KV-cache slots "
             "(distributed: tasks waiting in the model's queues); "
             "past it a request is refused at once with a busy error and nothing is queued (time spent "

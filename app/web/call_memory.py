@@ -24,7 +24,6 @@ measures it). Two causes, two remedies, both in one ASGI middleware, `Upkeep`:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import re
 import time
@@ -32,29 +31,13 @@ from typing import Optional
 
 from starlette.middleware import Middleware
 
+from model.serving.heap import trim_heap
+
 SWEEP_EVERY_S = 1.0    # Gradio's bookkeeping is swept after a request at most this often
 UNREAD_TTL_S = 60.0    # a finished call's result is kept this long for its GET (clients read at once)
 UNREAD_MAX = 200       # and at most this many unread results at a time
 TRIM_EVERY_S = 5.0     # heap trims while requests come, and this long after the last one
 CALL_RESULT = re.compile(r"/gradio_api/call/(?:v2/)?[^/]+/([^/]+)/?$")  # GET: a plain-HTTP call's result
-
-_libc = None
-
-
-def trim_heap() -> bool:
-    """glibc malloc_trim(0): free heap pages back to the OS. False where there is no such call."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None)
-        except OSError:
-            _libc = False
-    trim = getattr(_libc, "malloc_trim", None) if _libc else None
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
 
 def sweep(queue, unread: dict, now: Optional[float] = None) -> None:
     """Drop what Gradio's queue keeps for finished calls (see the module's docstring).

@@ -27,7 +27,7 @@ from .decode_graph import FixedShapeDecoder
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .loading import default_device, load_with_heads_at
-from .quantize import precision_name, weight_bytes
+from .quantize import QUANTIZED, int8_kernel_in_use, precision_name, weight_bytes
 from .sampling import SamplingSettings
 from .jobs import Handle, Job
 from .scheduler import Scheduler
@@ -46,6 +46,25 @@ def default_slots(config, device: torch.device, dtype: torch.dtype) -> int:
     return int(max(4, min(16, (2 << 30) // per_slot)))
 
 
+def kv_cache_dtype(choice: str, precision: str, compute: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: `choice` (float32, bfloat16, float16), or ("auto") bfloat16 for a
+    quantized model on a CPU, the compute dtype otherwise.
+
+    A long document's decode step reads its whole cache; bfloat16 halves those bytes and holds
+    twice the documents per GB, and torch's CPU attention kernel reads it directly. A quantized
+    model already differs from float32 by more than bfloat16 keys do (the fidelity table in
+    docs/performance.md has both); a float32 model keeps a float32 cache and its parity with the
+    reference."""
+    if choice and choice != "auto":
+        try:
+            return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+        except KeyError:
+            raise ValueError(f"unknown KV cache dtype {choice!r}; choose auto, float32, bfloat16 or float16") from None
+    if device.type == "cpu" and precision in QUANTIZED:
+        return torch.bfloat16
+    return compute
+
+
 class Engine:
     def __init__(self, lm, heads: dict, tokenizer, name: str, config: Optional[EngineConfig] = None,
                  precision: Optional[str] = None):
@@ -56,15 +75,16 @@ class Engine:
         self.config = lm.config
         self.tokenizer = tokenizer
         self.extra_heads = heads
-        self.dtype = lm.transformer.wpe.weight.dtype  # the float compute dtype (of the KV cache too)
+        self.dtype = lm.transformer.wpe.weight.dtype  # the float compute dtype
         self.precision = precision or precision_name(self.dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_dtype, self.precision, self.dtype, self.device)
         # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (cpu_pack=False: plain only),
         # and the one-row kernel timed fastest on this machine (cpu_one_row names one instead).
         # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
         cpu = in_fresh_thread(prepare_for_cpu, lm, config.cpu_pack, config.cpu_one_row)
         self.packed, self.one_row_kernels = cpu["packed"], cpu["one_row_kernels"]
-        slots = config.slots or default_slots(self.config, self.device, self.dtype)
-        self.cache = in_fresh_thread(KVCache, self.config, slots, dtype=self.dtype, device=self.device)
+        slots = config.slots or default_slots(self.config, self.device, self.kv_dtype)
+        self.cache = in_fresh_thread(KVCache, self.config, slots, dtype=self.kv_dtype, device=self.device)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
         cuda_graph = self.device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
         fixed = FixedShapeDecoder(lm, self.cache, capture=self.device.type == "cuda") if cuda_graph else None
@@ -103,7 +123,8 @@ class Engine:
             raise BadRequest(str(e)) from None
         folder = resolve_checkpoint(spec.source, revision, cache_dir, offline)
         try:
-            lm, heads, precision = in_fresh_thread(load_with_heads_at, Path(folder), precision, device)
+            lm, heads, precision = in_fresh_thread(load_with_heads_at, Path(folder), precision, device,
+                                                   config.cpu_int8)
         except ValueError as e:  # a matrix this precision cannot hold (say, 4 bits over an odd width)
             raise CheckpointError(f"cannot load {spec.name} in {precision}: {e}") from None
         tokenizer = load_tokenizer_folder(Path(folder), lm.config.model_type)
@@ -327,7 +348,8 @@ class Engine:
     def stats(self) -> dict:
         return {**self.scheduler.counters, "slots": self.cache.slots, "precision": self.precision,
                 "weight_bytes": self.weight_bytes(), "cache_bytes": self.cache.nbytes(),
-                "memory_bytes": self.memory_bytes(), "one_row_kernels": dict(self.one_row_kernels)}
+                "memory_bytes": self.memory_bytes(), "one_row_kernels": dict(self.one_row_kernels),
+                "int8_kernel": int8_kernel_in_use(self.model), "kv_dtype": str(self.kv_dtype).replace("torch.", "")}
 
     def weight_bytes(self) -> int:
         """The weights in memory: the model's (quantized or not, with any CPU packed copies) and the

@@ -23,6 +23,10 @@ class EngineConfig:
     cpu_pack: bool = True
     # CPU float32: the one-row product ("auto" times the candidates at load; split, plain, packed)
     cpu_one_row: str = "auto"
+    # CPU int8: the product ("auto" times both at load; dynamic, weight-only), see int8_kernels.py
+    cpu_int8: str = "auto"
+    # KV cache dtype ("auto": bfloat16 for quantized models on CPU, else the compute dtype)
+    kv_dtype: str = "auto"
     # GPU: capture the decode step as a CUDA graph (None: on CUDA only; True on CPU runs it eagerly)
     cuda_graph: Optional[bool] = None
     # Admission: requests waiting for slots, per client, and seconds of work behind (None: no bound)
@@ -36,6 +40,8 @@ class EngineConfig:
         return cls(slots=settings.get_int("WWT_SLOTS", default=None) or None,
                    cpu_pack=settings.get_bool("WWT_CPU_PACK"),
                    cpu_one_row=settings.get("WWT_CPU_ONE_ROW").strip() or "auto",
+                   cpu_int8=settings.get("WWT_CPU_INT8").strip() or "auto",
+                   kv_dtype=settings.get("WWT_KV_DTYPE").strip() or "auto",
                    cuda_graph=None if settings.get_bool("WWT_CUDA_GRAPH") else False,
                    max_waiting=settings.get_int("WWT_MAX_WAITING", default=None) or None,
                    max_waiting_per_client=settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or None,

@@ -115,43 +115,66 @@ class CacheView:
         return buffer[:, :, :longest].index_select(0, self.slot_index[:, 0])
 
     def attend(self, layer: int, q, k, v, scale: float, upcast: bool) -> torch.Tensor:
-        """Write this step's k, v ([B, H, T, D]) into the cache; attention output [B, H, T, D]."""
+        """Write this step's k, v ([B, H, T, D]) into the cache; attention output [B, H, T, D].
+
+        A cache kept in a narrower dtype than the compute (bfloat16 keys and values under float32
+        activations) is read as it is: the queries are cast to it, and the kernels accumulate in
+        float32."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]
         ck[self.slot_index, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
         cv[self.slot_index, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
+        kv_dtype = torch.float32 if upcast else ck.dtype
         if self.gather_mask is not None:  # many short rows: one call over a gathered copy
-            kb, vb = self._rows(ck), self._rows(cv)
-            if upcast:
-                q, kb, vb = q.float(), kb.float(), vb.float()
-            return F.scaled_dot_product_attention(q, kb, vb, attn_mask=self.gather_mask, scale=scale).to(k.dtype)
+            kb, vb = self._rows(ck).to(kv_dtype), self._rows(cv).to(kv_dtype)
+            return F.scaled_dot_product_attention(q.to(kv_dtype), kb, vb, attn_mask=self.gather_mask,
+                                                  scale=scale).to(q.dtype)
         out = torch.empty_like(q)
         for rows, prefix in self.shared:
-            out[rows] = self._attend_shared(ck, cv, q[rows], rows, prefix, scale, upcast).to(q.dtype)
+            out[rows] = self._attend_shared(ck, cv, q[rows], rows, prefix, scale, kv_dtype).to(q.dtype)
         for b in self.solo:  # a view per row: no copy
             slot, length = self.slots[b], self.lengths[b]
             qb, kb, vb = q[b:b + 1], ck[slot:slot + 1, :, :length], cv[slot:slot + 1, :, :length]
-            if upcast:
-                qb, kb, vb = qb.float(), kb.float(), vb.float()
-            out[b:b + 1] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.masks[b], scale=scale)
+            out[b:b + 1] = F.scaled_dot_product_attention(qb.to(kv_dtype), kb.to(kv_dtype), vb.to(kv_dtype),
+                                                          attn_mask=self.masks[b], scale=scale)
         return out
 
-    def _attend_shared(self, ck, cv, q, rows, prefix: int, scale: float, upcast: bool) -> torch.Tensor:
-        """One decode token for each of `rows`: the shared prefix from the first row's slot,
-        read once, then each row's own later positions; one softmax over both. [n, H, 1, D]."""
+    def _attend_shared(self, ck, cv, q, rows, prefix: int, scale: float, kv_dtype) -> torch.Tensor:
+        """One decode token for each of `rows`: the shared prefix from the first row's slot, read
+        once for all of them, then each row's own later positions; the two softmaxes are merged
+        through their log-sum-exps (as flash-decoding does), in float32. [n, H, 1, D]."""
         first = self.slots[rows[0]]
         own = max(self.lengths[b] for b in rows) - prefix
         qg = q[:, :, 0].transpose(0, 1)  # [H, n, D]
-        kp, vp = ck[first, :, :prefix], cv[first, :, :prefix]  # [H, P, D]
-        ks = torch.stack([ck[self.slots[b], :, prefix:prefix + own] for b in rows])  # [n, H, own, D]
-        vs = torch.stack([cv[self.slots[b], :, prefix:prefix + own] for b in rows])
-        if upcast:
-            qg, kp, vp, ks, vs = qg.float(), kp.float(), vp.float(), ks.float(), vs.float()
-        scores = torch.cat([qg @ kp.transpose(1, 2), torch.einsum("hnd,nhsd->hns", qg, ks)], dim=-1) * scale
-        ends = torch.tensor([self.lengths[b] for b in rows], device=q.device)
-        past_end = torch.arange(prefix + own, device=q.device)[None, :] >= ends[:, None]  # [n, P + own]
-        probs = scores.masked_fill(past_end, float("-inf")).softmax(dim=-1)
-        out = probs[..., :prefix] @ vp + torch.einsum("hns,nhsd->hnd", probs[..., prefix:], vs)
+        kp, vp = ck[first:first + 1, :, :prefix], cv[first:first + 1, :, :prefix]  # [1, H, P, D]
+        out_p, lse = _prefix_attention(qg[None].to(kv_dtype), kp.to(kv_dtype), vp.to(kv_dtype), scale)
+        ks = torch.stack([ck[self.slots[b], :, prefix:prefix + own] for b in rows]).float()  # [n, H, own, D]
+        vs = torch.stack([cv[self.slots[b], :, prefix:prefix + own] for b in rows]).float()
+        scores = torch.einsum("hnd,nhsd->hns", qg.float(), ks) * scale  # [H, n, own]
+        ends = torch.tensor([self.lengths[b] - prefix for b in rows], device=q.device)
+        past_end = torch.arange(own, device=q.device)[None, :] >= ends[:, None]  # [n, own]
+        scores.masked_fill_(past_end, float("-inf"))
+        lse = lse[0].float()  # [H, n]
+        top = torch.maximum(lse, scores.amax(dim=-1))
+        weight_p = (lse - top).exp()  # [H, n]
+        weights = (scores - top[..., None]).exp()  # [H, n, own]
+        out = weight_p[..., None] * out_p[0].float() + torch.einsum("hns,nhsd->hnd", weights, vs)
+        out = out / (weight_p + weights.sum(dim=-1))[..., None]
         return out.transpose(0, 1)[:, :, None]
+
+
+def _prefix_attention(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(q k^T * scale) v, logsumexp of the scores) for q [1, H, n, D] over k, v [1, H, P, D]:
+    the CPU's flash kernel where there is one (it reads k and v once, in their own dtype), else
+    the same in plain operations."""
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, scale=scale)
+        return out, lse
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    lse = scores.logsumexp(dim=-1)
+    return (scores - lse[..., None]).exp() @ v.float(), lse
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class AllSlotsView:
@@ -174,6 +197,6 @@ class AllSlotsView:
         ck, cv = self.cache.k[layer], self.cache.v[layer]
         ck[self.rows, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
         cv[self.rows, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
-        if upcast:
-            q, ck, cv = q.float(), ck.float(), cv.float()
-        return F.scaled_dot_product_attention(q, ck, cv, attn_mask=self.mask, scale=scale).to(q.dtype)
+        kv_dtype = torch.float32 if upcast else ck.dtype
+        return F.scaled_dot_product_attention(q.to(kv_dtype), ck.to(kv_dtype), cv.to(kv_dtype), attn_mask=self.mask,
+                                              scale=scale).to(q.dtype)

@@ -14,7 +14,8 @@ import torch
 
 from ..network.gpt import GPTWithHead
 from ..network.weights import load_folder, load_with_heads, resolve_checkpoint
-from . import quantize
+from . import int8_kernels, quantize
+from .heap import trim_heap
 from .quantize import FLOATS, QUANTIZED, precision_name
 
 
@@ -44,29 +45,55 @@ def _to_device(modules, device: torch.device, compute: torch.dtype) -> None:
         quantize.prepare(module)
 
 
-def load_with_heads_at(folder: Path, precision, device=None) -> tuple[GPTWithHead, dict, str]:
-    """The LM model and the checkpoint's extra heads (sharing its body) at `precision`; and its name."""
+def matrix_shapes(config) -> list[tuple[int, int]]:
+    """(outputs, inputs) of every matrix a decode step multiplies with, in model order."""
+    d, inner = config.n_embd, config.inner_dim
+    return [(3 * d, d), (d, d), (inner, d), (d, inner)] * config.n_layer + [(config.vocab_size, d)]
+
+
+def int8_kernel_for(config, device: torch.device, choice: str = "auto") -> str:
+    """The int8 product to quantize for: `choice`, or ("auto") the faster one here, timed on
+    matrices of this model's shapes (int8_kernels.choose). The dynamic kernel runs on CPUs only."""
+    if device.type != "cpu":
+        return "weight-only"
+    if choice != "auto":
+        if choice not in int8_kernels.KERNELS:
+            raise ValueError(f"unknown int8 kernel {choice!r}; choose auto or one of "
+                             f"{', '.join(int8_kernels.KERNELS)}")
+        return choice if choice == "weight-only" or int8_kernels.dynamic_available() else "weight-only"
+    return int8_kernels.choose(matrix_shapes(config))[0]
+
+
+def load_with_heads_at(folder: Path, precision, device=None, int8_kernel: str = "auto"
+                       ) -> tuple[GPTWithHead, dict, str]:
+    """The LM model and the checkpoint's extra heads (sharing its body) at `precision`; and its name.
+    `int8_kernel`: see int8_kernel_for."""
     device = torch.device(device) if device is not None else default_device()
     name, compute = resolve_precision(precision, device)
     if name not in QUANTIZED:
         lm, heads = load_with_heads(folder, dtype=compute, device=device)
         return lm, heads, name
     lm, heads = load_with_heads(folder, dtype=torch.float32, device="cpu")
-    quantize.quantize(lm, name)  # the body is shared: the heads use the quantized layers too
+    kernel = int8_kernel_for(lm.config, device, int8_kernel) if name == "int8" else "weight-only"
+    quantize.quantize(lm, name, kernel)  # the body is shared: the heads use the quantized layers too
     _to_device([lm, *heads.values()], device, compute)
+    trim_heap()  # the float matrices are gone: hand their pages back
     return lm.eval(), heads, name
 
 
 def load(name_or_path: str, head: str = "lm", dtype=torch.float32, device=None, revision: Optional[str] = None,
-         cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> GPTWithHead:
+         cache_dir: Optional[str] = None, offline: Optional[bool] = None, int8_kernel: str = "auto") -> GPTWithHead:
     """A GPT model with the given head at precision `dtype` (a torch float dtype, or "float16",
-    "int8", "int4", "nf4"...), from a Hub repo id, a short name or a local folder."""
+    "int8", "int4", "nf4"...), from a Hub repo id, a short name or a local folder.
+    `int8_kernel`: which int8 product (see int8_kernel_for)."""
     folder = resolve_checkpoint(name_or_path, revision, cache_dir, offline)
     device = torch.device(device) if device is not None else default_device()
     name, compute = resolve_precision(dtype, device)
     if name not in QUANTIZED:
         return load_folder(folder, head, compute, device)
     module = load_folder(folder, head, torch.float32, "cpu")
-    quantize.quantize(module, name)
+    kernel = int8_kernel_for(module.config, device, int8_kernel) if name == "int8" else "weight-only"
+    quantize.quantize(module, name, kernel)
     _to_device([module], device, compute)
+    trim_heap()
     return module.eval()

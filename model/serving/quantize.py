@@ -6,8 +6,10 @@ that hold the weights in `int8`, `int4` or `nf4`, and the float matrices are dro
 copy of a quantized matrix is kept). LayerNorms, biases, position embeddings, attention and the
 KV cache stay in the float compute dtype.
 
-- int8: weight-only, one scale per output channel (symmetric). Products run through torch's
-  `_weight_int8pack_mm` with bfloat16 activations.
+- int8: one scale per output channel (symmetric). Products run through one of two kernels chosen
+  by timing at load (int8_kernels.py): torch's `_weight_int8pack_mm` with bfloat16 activations, or
+  fbgemm's int8 × int8 product with activations quantized per token, whose input channels are
+  smoothed first (smoothing.py) so that outlier channels keep their precision.
 - int4: weight-only, groups of 128 inputs with a scale and a zero each (tinygemm's format);
   `_weight_int4pack_mm_for_cpu` on CPU with bfloat16 activations. torchao's CPU int4 and int8
   weight-only layouts dispatch to these same aten kernels, so they are called directly.
@@ -29,6 +31,7 @@ import torch.nn as nn
 from ..network.gpt import Conv1D, GPTWithHead, LMHead
 from ..network.known import PRECISION_ALIASES as ALIASES
 from ..network.known import PRECISIONS
+from . import int8_kernels, smoothing
 
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZED = ("int8", "int4", "nf4")
@@ -119,18 +122,28 @@ def _pad_rows(w: torch.Tensor, multiple: int) -> torch.Tensor:
 class QuantMatrix(nn.Module):
     """One weight matrix W [N, K] (rows = outputs) in `precision`: `x @ W.t()` and `rows(ids)`."""
 
-    def __init__(self, w: torch.Tensor, precision: str):
+    def __init__(self, w: torch.Tensor, precision: str, int8_kernel: str = "weight-only",
+                 smooth: Optional[torch.Tensor] = None):
+        """`int8_kernel`: which int8 product `prepare` sets up (int8_kernels.KERNELS); `smooth` [K]:
+        input-channel scales (smoothing.py), folded into the stored weights and divided out of x."""
         super().__init__()
         w = w.contiguous()  # a Conv1D weight arrives transposed; the kernels want rows in memory order
         self.precision = precision
         self.n_out, self.n_in = w.shape
         self.group = group_size(self.n_in) if precision != "int8" else 0
-        self.kernel = False
-        self.needs_rows = False  # set for the tied embedding: rows are read from the stored bits  # set by `prepare(device)`: the device's packed kernel is used
+        self.kernel = False  # set by `prepare()`: the device's fast kernel is used
+        self.needs_rows = False  # set for the tied embedding: rows are read from the stored bits
+        self.int8_kernel = int8_kernel
+        self.dynamic = None  # fbgemm's packed weight, when the dynamic int8 kernel runs
+        self.register_buffer("smooth", None if smooth is None else smooth.float().contiguous())
+        self.register_buffer("inverse_smooth", None if smooth is None else 1 / self.smooth)
+        self.packed_bias: Optional[torch.Tensor] = None  # the bias fbgemm adds (dynamic kernel)
+        if smooth is not None:
+            w = w.float() * self.smooth
         if precision == "int8":
             q, scale = int8_weights(w)
             self.register_buffer("q", q)
-            self.register_buffer("scale", scale.to(ACT))
+            self.register_buffer("scale", scale if int8_kernel == "dynamic" else scale.to(ACT))
         elif precision == "int4":
             codes, scales_zeros = int4_weights(_pad_rows(w, 16))
             self.register_buffer("packed", pack_nibbles(codes))  # [N', K/2]
@@ -143,12 +156,22 @@ class QuantMatrix(nn.Module):
         else:
             raise ValueError(f"{precision} is not a quantized precision")
 
-    def prepare(self) -> None:
-        """On the device the matrix now lives on: use the fast packed kernel where there is one."""
+    def prepare(self, bias: Optional[torch.Tensor] = None) -> None:
+        """On the device the matrix now lives on: use the fast packed kernel where there is one.
+        `bias`: the layer's bias, which the dynamic int8 kernel adds itself (matmul then must get it)."""
         if self.kernel:
             return
         device = self.packed.device if self.precision != "int8" else self.q.device
+        if self.precision == "int8" and self.int8_kernel == "dynamic" and device.type == "cpu":
+            self.dynamic = int8_kernels.pack_dynamic(self.q, self.scale, bias)
+            if self.dynamic is not None:
+                self.packed_bias = None if bias is None else bias.detach()
+                self.kernel = True
+                if not self.needs_rows:
+                    self.q = None  # fbgemm's layout is all a product needs: one int8 copy
+                return
         if self.precision == "int8":
+            self.scale = self.scale.to(ACT)
             self.kernel = _works(lambda: torch._weight_int8pack_mm(torch.zeros(1, self.n_in, dtype=ACT, device=device),
                                                                   self.q, self.scale))
         elif self.precision == "int4" and device.type == "cpu":
@@ -160,6 +183,11 @@ class QuantMatrix(nn.Module):
                 self.int4pack = None
             elif not self.needs_rows:
                 self.packed = None  # the kernel's own layout is all a product needs: one 4-bit copy
+
+    def extra_bytes(self) -> int:
+        """Memory held outside the module's tensors: fbgemm's packed weight (int8 codes and a
+        32-bit column offset per output)."""
+        return self.n_out * self.n_in + 4 * self.n_out if self.dynamic is not None else 0
 
     def dequantized(self, ids: Optional[torch.Tensor] = None, dtype=torch.float32) -> torch.Tensor:
         """W (or its rows `ids`) in `dtype`."""
@@ -179,9 +207,16 @@ class QuantMatrix(nn.Module):
         w = w.view(*codes.shape)
         return w if ids is not None else w[: self.n_out]
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] @ W.t() -> [..., N], in x's dtype."""
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., K] @ W.t() (+ bias) -> [..., N], in x's dtype."""
         flat = x.reshape(-1, self.n_in)
+        if self.dynamic is not None:  # float32 on the CPU: no casts
+            y = int8_kernels.dynamic_matmul(flat, self.dynamic, self.inverse_smooth, self.packed_bias)
+            if bias is not None and self.packed_bias is None:
+                y = y + bias
+            return y.view(*x.shape[:-1], self.n_out)
+        if self.smooth is not None:
+            flat = flat * self.inverse_smooth.to(flat.dtype)
         if self.kernel and self.precision == "int8":
             y = torch._weight_int8pack_mm(flat.to(ACT), self.q, self.scale)
         elif self.kernel and self.precision == "int4":
@@ -189,11 +224,13 @@ class QuantMatrix(nn.Module):
             y = y[:, : self.n_out]
         else:
             y = flat @ self.dequantized(dtype=flat.dtype).t()
-        return y.to(x.dtype).view(*x.shape[:-1], self.n_out)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.n_out)
+        return y if bias is None else y + bias
 
     def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         """W[ids] [..., K]: the embedding lookup of a tied matrix."""
-        return self.dequantized(ids, dtype)
+        rows = self.dequantized(ids, dtype)
+        return rows if self.smooth is None else rows / self.smooth.to(dtype)
 
 
 def _works(probe) -> bool:
@@ -207,22 +244,25 @@ def _works(probe) -> bool:
 class QuantLinear(nn.Module):
     """A Conv1D (y = x @ W + b) whose W is stored in fewer bits."""
 
-    def __init__(self, linear: Conv1D, precision: str):
+    def __init__(self, linear: Conv1D, precision: str, int8_kernel: str = "weight-only",
+                 smooth: Optional[torch.Tensor] = None):
         super().__init__()
         self.n_in = linear.n_in
-        self.matrix = QuantMatrix(linear.weight.detach().t(), precision)  # Conv1D keeps W as [in, out]
+        # Conv1D keeps W as [in, out]
+        self.matrix = QuantMatrix(linear.weight.detach().t(), precision, int8_kernel, smooth)
         self.bias = linear.bias
 
     def forward(self, x):
-        return self.matrix.matmul(x) + self.bias
+        return self.matrix.matmul(x, self.bias)
 
 
 class QuantEmbedding(nn.Module):
     """The token embedding, read from a quantized matrix that the tied LM head multiplies with."""
 
-    def __init__(self, embedding: nn.Embedding, precision: str):
+    def __init__(self, embedding: nn.Embedding, precision: str, int8_kernel: str = "weight-only",
+                 smooth: Optional[torch.Tensor] = None):
         super().__init__()
-        self.matrix = QuantMatrix(embedding.weight.detach(), precision)
+        self.matrix = QuantMatrix(embedding.weight.detach(), precision, int8_kernel, smooth)
         self.matrix.needs_rows = True
         self.dtype = embedding.weight.dtype
 
@@ -243,41 +283,68 @@ class QuantLMHead(nn.Module):
 
 
 class QuantUntiedHead(nn.Module):
-    def __init__(self, weight: torch.Tensor, precision: str):
+    def __init__(self, weight: torch.Tensor, precision: str, int8_kernel: str = "weight-only",
+                 smooth: Optional[torch.Tensor] = None):
         super().__init__()
-        self.matrix = QuantMatrix(weight.detach(), precision)
+        self.matrix = QuantMatrix(weight.detach(), precision, int8_kernel, smooth)
         self.n_in = weight.shape[1]
 
     def forward(self, hidden):
         return self.matrix.matmul(hidden)
 
 
-def quantize(model: GPTWithHead, precision: str) -> None:
+def quantize(model: GPTWithHead, precision: str, int8_kernel: str = "weight-only") -> None:
     """Replace the body's Conv1D layers, the token embedding and the LM head with `precision` versions.
 
-    The float matrices go: no float copy of a quantized matrix is kept.
+    The float matrices go: no float copy of a quantized matrix is kept. With the dynamic int8
+    kernel, a calibration pass of the float model first finds each product's input-channel
+    smoothing scales (smoothing.py).
     """
     precision = precision_name(precision)
     if precision not in QUANTIZED:
         raise ValueError(f"{precision} is not a quantized precision; choose one of {', '.join(QUANTIZED)}")
+    if int8_kernel not in int8_kernels.KERNELS:
+        raise ValueError(f"unknown int8 kernel {int8_kernel!r}; choose one of {', '.join(int8_kernels.KERNELS)}")
+    kernel = int8_kernel if precision == "int8" else "weight-only"
+    peaks = smoothing.input_peaks(model) if kernel == "dynamic" else {}
+
+    def smooth(module, weight):  # weight [N, K]
+        return smoothing.smoothing_scales(peaks[module], weight) if module in peaks else None
+
     body = model.transformer
     for parent in list(body.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Conv1D):
-                setattr(parent, name, QuantLinear(child, precision))
+                setattr(parent, name, QuantLinear(child, precision, kernel, smooth(child, child.weight.detach().t())))
     head = getattr(model, "lm_head", None)
     untied = head.untied if isinstance(head, LMHead) else None
-    body.wte = QuantEmbedding(body.wte, precision)
+    head_smooth = smooth(head, untied if untied is not None else body.wte.weight) if head is not None else None
+    # an untied embedding is only looked up: it needs no product kernel
+    body.wte = QuantEmbedding(body.wte, precision, kernel if untied is None else "weight-only",
+                              head_smooth if untied is None else None)
     if isinstance(head, LMHead):
-        model.lm_head = QuantUntiedHead(untied, precision) if untied is not None else \
+        model.lm_head = QuantUntiedHead(untied, precision, kernel, head_smooth) if untied is not None else \
             QuantLMHead(body.wte.matrix, model.config.n_embd)
+    model.int8_kernel = kernel if precision == "int8" else None
 
 
 def prepare(model: nn.Module) -> None:
     """After moving the model to its device: pick the packed kernels that device has."""
     for module in model.modules():
-        if isinstance(module, QuantMatrix):
+        if isinstance(module, QuantLinear):
+            module.matrix.prepare(module.bias)
+        elif isinstance(module, QuantMatrix):
             module.prepare()
+
+
+def int8_kernel_in_use(model: nn.Module) -> Optional[str]:
+    """"dynamic", "weight-only" or "dequantize" (no kernel on this device) for an int8 model; None otherwise."""
+    matrices = [m for m in model.modules() if isinstance(m, QuantMatrix) and m.precision == "int8"]
+    if not matrices:
+        return None
+    if all(m.dynamic is not None for m in matrices):
+        return "dynamic"
+    return "weight-only" if all(m.kernel for m in matrices) else "dequantize"
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -288,13 +355,13 @@ def weight_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
-    return total
+    return total + sum(m.extra_bytes() for m in model.modules() if isinstance(m, QuantMatrix))
 
 
-def estimated_weight_bytes(config, precision: str, float_bytes: int = 4) -> int:
+def estimated_weight_bytes(config, precision: str, float_bytes: int = 4, int8_kernel: str = "weight-only") -> int:
     """Weight memory of a model at `precision`, from its config alone (no download): what the
     quantized layouts above hold. `float_bytes`: the compute dtype's size for the parts that stay
-    float (4 on CPU, 2 on CUDA)."""
+    float (4 on CPU, 2 on CUDA); `int8_kernel`: the int8 product it is loaded for."""
     d, inner, L = config.n_embd, config.inner_dim, config.n_layer
     body = L * (d * 3 * d + d * d + d * inner + inner * d)  # the Conv1D matrices
     vocab = config.vocab_size * d  # the tied embedding / LM head
@@ -302,8 +369,14 @@ def estimated_weight_bytes(config, precision: str, float_bytes: int = 4) -> int:
     name = precision_name(precision)
     if name in FLOATS:
         return (body + vocab + other) * FLOATS[name].itemsize
+    outputs = L * (3 * d + d + inner + d) + config.vocab_size  # one scale per output row
+    if name == "int8" and int8_kernel == "dynamic":
+        # fbgemm's copy of every matrix (and a 32-bit column offset per output), float32 scales, the
+        # tied embedding's own codes for row lookups, and two smoothing vectors per matrix input
+        inputs = L * (d + d + d + inner) + d
+        return body + 2 * vocab + 8 * outputs + 8 * inputs + other * float_bytes
     if name == "int8":
-        return body + vocab + 2 * (L * (3 * d + d + inner + d) + config.vocab_size) + other * float_bytes
+        return body + vocab + 2 * outputs + other * float_bytes
     # 4 bits a weight, and per group of inputs two bf16 numbers (int4: scale, zero) or one (nf4: absmax)
     per_group = 4 if name == "int4" else 2
     wide_d = L * (d * 3 * d + d * d + d * inner)  # matrices whose inputs are n_embd wide
