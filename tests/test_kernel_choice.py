@@ -69,13 +69,16 @@ def test_a_named_kernel_is_used_and_an_unknown_one_refused(two_threads):
 
 
 def test_engine_takes_the_kernel_from_its_config(tiny_gpt2):
-    engine = model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32,
-                                          config=EngineConfig(slots=2, cpu_one_row="plain"))
-    try:
-        assert engine.stats()["one_row_kernels"] == {"layers": "plain", "head": "plain"}
-        assert suggest(engine, "Hello", n=1, max_new_tokens=3, greedy=True, stop=None)[0].token_ids
-    finally:
-        engine.close()
+    """Unpacked, the named kernel runs everywhere; packed, the layers' one copy is the packed one
+    and the head (never packed: the embedding reads its rows) takes the named kernel."""
+    for pack, layers in ((False, "plain"), (True, "packed" if cpu_kernels.cpu_packing_available() else "plain")):
+        engine = model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32,
+                                              config=EngineConfig(slots=2, cpu_one_row="plain", cpu_pack=pack))
+        try:
+            assert engine.stats()["one_row_kernels"] == {"layers": layers, "head": "plain"}
+            assert suggest(engine, "Hello", n=1, max_new_tokens=3, greedy=True, stop=None)[0].token_ids
+        finally:
+            engine.close()
     with pytest.raises(ValueError, match="unknown one-row kernel 'fastest'"):
         model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32,
                                      config=EngineConfig(slots=2, cpu_one_row="fastest"))
@@ -101,16 +104,18 @@ def test_each_kernel_takes_its_own_path_and_gives_x_at_w(two_threads, monkeypatc
     plain = model.network.gpt.Conv1D(8, 6)
     torch.nn.init.normal_(plain.weight, generator=gen)
     torch.nn.init.normal_(plain.bias, generator=gen)
+    w = plain.weight.detach().clone()
     linear = cpu_kernels.CpuLinear(plain)
     body = model.network.gpt.GPTBody(model.network.config.GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     head = cpu_kernels.CpuLMHead(model.network.gpt.LMHead(body))
     for module in (linear, head):
-        module.pack()
+        if kernel == "packed":  # a packed layer has only its packed copy
+            module.pack()
         module.one_row = kernel
     x = torch.randn(1, 1, 8, generator=gen)
     with torch.no_grad():
         got_linear, got_head = linear(x), head(x)
-        torch.testing.assert_close(got_linear, x @ linear.weight + linear.bias, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_linear, x @ w + linear.bias, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_head, x @ body.wte.weight.t(), atol=1e-5, rtol=1e-5)
     expected = {"split": ["one_row_matmul", "one_row_matmul_t"], "plain": [],
                 "packed": ["_packed_linear", "_packed_linear"]}[kernel]

@@ -404,3 +404,48 @@ def test_known_gpt2_sizes():
     assert counts["gpt2-medium"] == 354_823_168
     assert counts["distilgpt2"] < counts["gpt2"] < counts["gpt2-medium"] < counts["gpt2-large"] < counts["gpt2-xl"]
     assert counts["openai-gpt"] == 116_534_784
+
+
+# -- the precision a model loads in when none is named -------------------------------------------
+
+def test_default_precision_fits_each_size_on_a_cpu():
+    import torch
+
+    from model.network.config import GPTConfig
+    from model.network.known import KNOWN_SHAPES
+    from model.serving.loading import default_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    chosen = {name: default_precision(GPTConfig(**KNOWN_SHAPES[name]).parameter_count(), cpu)
+              for name in ("distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+    assert chosen == {"distilgpt2": "float32", "gpt2": "float32", "gpt2-medium": "float32",
+                      "gpt2-large": "int8", "gpt2-xl": "int8"}
+    assert default_precision(10**10, cuda) == "float16" and default_precision(None, cpu) == "float32"
+
+
+def test_an_engine_takes_the_default_precision_unless_one_is_named(tiny_gpt2, monkeypatch):
+    """The rule reads the checkpoint's size from its config.json; a spec's or a caller's precision wins."""
+    from model import Engine
+    from model.serving import loading
+
+    monkeypatch.setattr(loading, "CPU_INT8_FROM_PARAMETERS", 1)  # the tiny model counts as large
+    engines = [Engine.from_pretrained(str(tiny_gpt2), device="cpu", slots=2),
+               Engine.from_pretrained(f"{tiny_gpt2}@float32", device="cpu", slots=2),
+               Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype="int4", slots=2)]
+    try:
+        assert [e.precision for e in engines] == ["int8", "float32", "int4"]
+        assert engines[0].stats()["precision"] == "int8"
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+def test_an_unloaded_known_model_shows_the_precision_it_will_load_in():
+    from app.backends.local import LocalBackend
+
+    backend = LocalBackend(["gpt2", "gpt2-xl", "xl8=gpt2-xl@int4"], device="cpu")
+    try:
+        assert [backend.model_info(m)["precision"] for m in ("gpt2", "gpt2-xl", "xl8")] == ["float32", "int8", "int4"]
+        assert not backend.loaded()  # nothing was downloaded or loaded to say so
+    finally:
+        backend.close()

@@ -53,6 +53,8 @@ def test_models_list_names_the_offered_models(served):
     client, _, backend, _ = served
     assert [m.id for m in client.models.list()] == backend.models()
     assert client.models.retrieve("tiny").id == "tiny"
+    create(client, max_tokens=1)  # loaded (embedded) or announced (distributed): its precision is known
+    assert client.models.retrieve("tiny").model_extra["precision"] == "float32"  # a small model on a CPU
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
 

@@ -457,16 +457,23 @@ def cpu_pair(request, tmp_path_factory):
     packed, kernels = prepared["packed"], prepared["one_row_kernels"]
     assert packed == (pack and cpu_kernels.cpu_packing_available())
     assert not any(isinstance(m, (model.network.gpt.Conv1D, model.network.gpt.LMHead)) for m in ours.modules())
-    linears = [m for m in ours.modules() if isinstance(m, (cpu_kernels.CpuLinear, cpu_kernels.CpuLMHead))]
-    assert linears and all(m.one_row in model.serving.kernel_choice.KERNELS for m in linears)
-    assert all((m.packed is not None) == packed for m in linears)
-    possible = model.serving.kernel_choice.candidates(linears)
+    layers = [m for m in ours.modules() if isinstance(m, cpu_kernels.CpuLinear)]
+    head = ours.lm_head
+    assert layers and isinstance(head, cpu_kernels.CpuLMHead)
+    assert all(m.one_row in model.serving.kernel_choice.KERNELS for m in layers + [head])
+    # one float copy of each matrix: a packed layer has no plain weight; the head is never packed
+    assert all((m.packed is not None) == packed and (m.weight is None) == packed for m in layers)
+    assert head.packed is None and head.weight() is ours.transformer.wte.weight
     assert set(kernels) == {"layers", "head"}
+    head_kinds = model.serving.kernel_choice.candidates([head])
+    if packed:
+        assert kernels["layers"] == "packed"
     if one_row == "auto":
-        assert set(kernels.values()) <= set(possible)
+        assert kernels["head"] in head_kinds
     else:
-        expected = one_row if one_row in possible else "plain"
-        assert kernels == {"layers": expected, "head": expected}
+        assert kernels["head"] == (one_row if one_row in head_kinds else "plain")
+        if not packed:
+            assert kernels["layers"] == (one_row if one_row in head_kinds else "plain")
     return ours, ref
 
 

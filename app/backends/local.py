@@ -111,6 +111,13 @@ class LocalBackend(Backend):
             info["parameters"] = GPTConfig(**KNOWN_SHAPES[spec.source],
                                            model_type="openai-gpt" if spec.source == "openai-gpt" else "gpt2"
                                            ).parameter_count()
+            if not info["precision"]:  # what it will load in (model/serving/loading.default_precision)
+                import torch
+
+                from model.serving.loading import default_device, default_precision
+
+                device = torch.device(self.device) if self.device else default_device()
+                info["precision"] = default_precision(info["parameters"], device)
         return info
 
     def prepare(self, name: str) -> None:

@@ -294,9 +294,20 @@ class CompletionsAPI:
                                 "model", "model_not_found").response()
             names = [one]
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "write-with-transformer"}
-                for name in names]
+        precisions = await asyncio.to_thread(self._precisions, names)
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "write-with-transformer",
+                 "precision": precisions[name]} for name in names]
         return JSONResponse(data[0] if one is not None else {"object": "list", "data": data})
+
+    def _precisions(self, names: list[str]) -> dict[str, Optional[str]]:
+        """Each model's precision (an extra field OpenAI clients ignore), None where not known yet."""
+        found = {}
+        for name in names:
+            try:
+                found[name] = self.backend.model_info(name).get("precision") or None
+            except Exception:  # noqa: BLE001 - the list is answered without it
+                found[name] = None
+        return found
 
     async def completions(self, request: Request):
         started = time.perf_counter()

@@ -2,10 +2,14 @@
 
 A decode step with one row only streams weight matrices from memory, and which call
 streams fastest depends on the CPU (kernel_choice.py times them). With several rows a
-oneDNN-packed copy of each matrix beats the BLAS call. `prepare_for_cpu` replaces every
-`Conv1D` and the LM head of a model with `CpuLinear` / `CpuLMHead`, which keep the same
-parameters (same names, same tensors) and add the packed copy and the one-row kernel, the
-way gpt-fast's quantize.py swaps its layers in without touching model.py.
+oneDNN-packed copy of each matrix beats the BLAS call 2-3x. `prepare_for_cpu` replaces every
+`Conv1D` and the LM head of a model with `CpuLinear` / `CpuLMHead`, the way gpt-fast's
+quantize.py swaps its layers in without touching model.py.
+
+One float copy of each matrix: a packed body matrix replaces its plain weight (its one-row
+product is then the packed one too), so a float32 model holds its weights once, not twice. The
+LM head stays plain, since the token embedding looks its rows up; its products with several rows
+are cut per thread as its one-row product is.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn as nn
 
 from ..network.gpt import Conv1D, GPTWithHead, LMHead
 from . import kernel_choice
+from .heap import trim_heap
 
 
 def cpu_packing_available() -> bool:
@@ -48,6 +53,9 @@ def _packed_linear(x, packed, bias):
     return y[:rows].view(*x.shape[:-1], -1)
 
 
+SPLIT_MAX_ROWS = 16  # the head's rows a per-thread cut takes (decode steps); more go to BLAS
+
+
 def _pieces(n: int) -> int:
     """One piece per thread: the largest count up to the thread count that divides n."""
     for parts in range(min(torch.get_num_threads(), n), 1, -1):
@@ -67,23 +75,28 @@ def one_row_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def one_row_matmul_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [1, I] @ weight[O, I].t(), cut along O (one contiguous block of outputs per thread)."""
+    """x [M, I] @ weight[O, I].t(), cut along O (one contiguous block of outputs per thread).
+
+    Made for one row, and as good for the few rows of a step that writes several suggestions
+    (3 rows: about a quarter of the time of the plain BLAS call over gpt2's LM head)."""
     O, I = weight.shape
+    M = x.shape[0]
     parts = min(torch.get_num_threads(), O)
     even = O - O % parts
     # x as a transposed row (strides 0, 1, I): BLAS takes its matrix-vector kernel; a plain
     # [I, 1] column goes through the general product at a quarter of the speed.
-    y = torch.bmm(weight[:even].view(parts, even // parts, I), x.t().expand(parts, I, 1)).view(1, even)
+    y = torch.bmm(weight[:even].view(parts, even // parts, I), x.t().expand(parts, I, M))  # [parts, O/parts, M]
+    y = y.view(1, even) if M == 1 else y.reshape(even, M).t()
     if even < O:  # the few rows left over (an odd vocabulary size)
         y = torch.cat([y, x @ weight[even:].t()], dim=1)
     return y
 
 
 class CpuLinear(nn.Module):
-    """A Conv1D (y = x @ W + b, W [in, out]) with a one-row kernel and an optional packed copy.
+    """A Conv1D (y = x @ W + b, W [in, out]) with a one-row kernel, or a packed copy in its place.
 
     A one-row input takes `one_row`: "split" (one_row_matmul), "plain" (BLAS) or "packed".
-    Several rows take the packed copy when there is one.
+    Once packed (`pack`), the packed copy is the only one: every product runs on it.
     """
 
     def __init__(self, linear: Conv1D):
@@ -95,7 +108,14 @@ class CpuLinear(nn.Module):
         self.one_row: Optional[str] = None
 
     def pack(self) -> None:
+        """The oneDNN copy replaces the plain weight (a float matrix is held once)."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().t().contiguous())
+        self.weight = None
+        self.one_row = "packed"
+
+    @property
+    def has_plain(self) -> bool:
+        return self.weight is not None
 
     def forward(self, x):
         if self.one_row is not None and x.numel() == x.shape[-1]:
@@ -113,7 +133,10 @@ class CpuLinear(nn.Module):
 
 
 class CpuLMHead(nn.Module):
-    """The (tied) LM head with a one-row kernel and an optional packed copy, as CpuLinear."""
+    """The (tied) LM head with a one-row kernel (split or plain), used for its few rows too.
+
+    It is not packed: the embedding looks up the same matrix's rows, and a packed copy would hold
+    it twice. (`pack` remains for a test of the packed kernel on the head.)"""
 
     def __init__(self, head: LMHead):
         super().__init__()
@@ -130,11 +153,18 @@ class CpuLMHead(nn.Module):
         """A oneDNN copy of the (tied) weight; the embedding lookup keeps the original."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().detach().contiguous())
 
+    @property
+    def has_plain(self) -> bool:
+        return True
+
     def forward(self, hidden):
-        if self.one_row is not None and hidden.numel() == hidden.shape[-1]:
+        rows = hidden.numel() // hidden.shape[-1]
+        if self.one_row is not None and rows == 1:
             return self._one_row(hidden.reshape(1, -1)).view(*hidden.shape[:-1], -1)
         if self.packed is not None:
             return _packed_linear(hidden, self.packed, None)
+        if self.one_row == "split" and rows <= SPLIT_MAX_ROWS:
+            return one_row_matmul_t(hidden.reshape(rows, -1), self.weight()).view(*hidden.shape[:-1], -1)
         return hidden @ self.weight().t()
 
     def _one_row(self, x):
@@ -158,8 +188,9 @@ def swap_cpu_layers(model: GPTWithHead) -> tuple[list[CpuLinear], Optional[CpuLM
 
 
 def prepare_for_cpu(model: GPTWithHead, pack: bool = True, one_row: str = "auto") -> dict:
-    """CPU float32 inference: (`pack`) a oneDNN copy of each matrix for several rows, and for one
-    row the kernel `one_row` ("auto": the fastest here, see kernel_choice.py).
+    """CPU float32 inference: (`pack`) a oneDNN copy of each body matrix in place of its plain
+    weight, and for one row of the plain matrices (the LM head; every matrix without packing)
+    the kernel `one_row` ("auto": the fastest here, see kernel_choice.py).
 
     {"packed": whether weights were packed, "one_row_kernels": {"layers": ..., "head": ...}};
     a model that is not CPU float32 is left as it is.
@@ -170,9 +201,10 @@ def prepare_for_cpu(model: GPTWithHead, pack: bool = True, one_row: str = "auto"
         return {"packed": False, "one_row_kernels": {}}
     pack = pack and cpu_packing_available()
     layers, head = swap_cpu_layers(model)
-    for module in layers + ([head] if head is not None else []):
+    for module in layers:
         if pack and module.packed is None:
             module.pack()
+    trim_heap()  # the plain copies the packed ones replaced
     return {"packed": pack, "one_row_kernels": kernel_choice.apply(layers, head, one_row)}
 
 

@@ -19,13 +19,14 @@ KERNELS = ("split", "plain", "packed")
 
 
 def candidates(modules: Sequence[torch.nn.Module]) -> list[str]:
-    """The kernels every module can run: "packed" only with packed copies, "split" only with threads to split over."""
-    found = ["plain"]
-    if torch.get_num_threads() > 1:
-        found.insert(0, "split")
+    """The kernels every module can run: "packed" only with packed copies, "split" only with threads
+    to split over, "split" and "plain" only with plain weights (a packed matrix has none)."""
+    found = []
+    if all(getattr(m, "has_plain", True) for m in modules):
+        found = ["split", "plain"] if torch.get_num_threads() > 1 else ["plain"]
     if modules and all(m.packed is not None for m in modules):
         found.append("packed")
-    return found
+    return found or ["plain"]
 
 
 def _sweep(modules: Sequence[torch.nn.Module]) -> Callable[[], None]:
@@ -93,7 +94,8 @@ def apply(layers: Sequence[torch.nn.Module], head: Optional[torch.nn.Module], ke
     chosen = {}
     for part, modules in (("layers", list(layers)), ("head", [head] if head is not None else [])):
         if modules:
-            kind = kernel if kernel in candidates(modules) else "plain"
+            possible = candidates(modules)
+            kind = kernel if kernel in possible else ("plain" if "plain" in possible else possible[-1])
             _use(modules, kind)
             chosen[part] = kind
     return chosen

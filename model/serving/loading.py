@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..network.config import GPTConfig
 from ..network.gpt import GPTWithHead
 from ..network.weights import load_folder, load_with_heads, resolve_checkpoint
 from . import int8_kernels, quantize
@@ -23,9 +24,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_precision(precision: Union[str, torch.dtype, None], device: torch.device) -> tuple[str, torch.dtype]:
-    """(precision name, float compute dtype): float16 on CUDA and float32 on CPU unless named."""
-    name = precision_name(precision) or ("float16" if device.type == "cuda" else "float32")
+CPU_INT8_FROM_PARAMETERS = 500_000_000  # gpt2-large (774 M) and gpt2-xl (1.56 B) load in int8 on a CPU
+
+
+def default_precision(parameters: Optional[int], device: torch.device) -> str:
+    """The precision of a model whose spec names none (nor WWT_DTYPE): float16 on CUDA; on a CPU,
+    int8 from CPU_INT8_FROM_PARAMETERS parameters up, float32 below.
+
+    In float32 gpt2-xl needs 6.2 GB of weights and gpt2-large 3.1 GB, and a CPU step reads them all:
+    int8 holds a quarter of that, fits a 16 GB host with room for its cache, and decodes several
+    times faster, at the fidelity docs/performance.md measures. The smaller sizes keep float32
+    and its parity with the reference."""
+    if device.type == "cuda":
+        return "float16"
+    return "int8" if parameters is not None and parameters >= CPU_INT8_FROM_PARAMETERS else "float32"
+
+
+def checkpoint_parameters(folder: Path) -> Optional[int]:
+    """The parameter count of the checkpoint in `folder`, from its config.json (None without one)."""
+    try:
+        return GPTConfig.from_file(Path(folder) / "config.json").parameter_count()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_precision(precision: Union[str, torch.dtype, None], device: torch.device,
+                      parameters: Optional[int] = None) -> tuple[str, torch.dtype]:
+    """(precision name, float compute dtype): the one named, else `default_precision`."""
+    name = precision_name(precision) or default_precision(parameters, device)
     if name in FLOATS:
         return name, FLOATS[name]
     return name, torch.float16 if device.type == "cuda" else torch.float32
@@ -69,7 +95,7 @@ def load_with_heads_at(folder: Path, precision, device=None, int8_kernel: str = 
     """The LM model and the checkpoint's extra heads (sharing its body) at `precision`; and its name.
     `int8_kernel`: see int8_kernel_for."""
     device = torch.device(device) if device is not None else default_device()
-    name, compute = resolve_precision(precision, device)
+    name, compute = resolve_precision(precision, device, checkpoint_parameters(folder))
     if name not in QUANTIZED:
         lm, heads = load_with_heads(folder, dtype=compute, device=device)
         return lm, heads, name
@@ -88,7 +114,7 @@ def load(name_or_path: str, head: str = "lm", dtype=torch.float32, device=None, 
     `int8_kernel`: which int8 product (see int8_kernel_for)."""
     folder = resolve_checkpoint(name_or_path, revision, cache_dir, offline)
     device = torch.device(device) if device is not None else default_device()
-    name, compute = resolve_precision(dtype, device)
+    name, compute = resolve_precision(dtype, device, checkpoint_parameters(folder))
     if name not in QUANTIZED:
         return load_folder(folder, head, compute, device)
     module = load_folder(folder, head, torch.float32, "cpu")
