@@ -117,7 +117,8 @@ def suggest(engine, text, tokens):
 @pytest.mark.parametrize("precision", ["float32", "int8", "int4"])
 def test_a_step_reads_every_weight_once_but_the_position_table(tiny_gpt2, precision):
     """Tied embedding / LM head counted once; the position embedding left out (one row a step); for
-    int4, whatever copy of the tied matrix serves only row lookups left out too."""
+    int4, and int8 with the dynamic kernel, the copy of the tied matrix that serves only row lookups
+    left out too."""
     from model.serving.loading import load_with_heads_at
     from model.serving.quantize import weight_bytes
 
@@ -128,6 +129,8 @@ def test_a_step_reads_every_weight_once_but_the_position_table(tiny_gpt2, precis
     if precision == "int4":
         vocab, width = lm.config.vocab_size, lm.config.n_embd
         assert everything_but_positions - vocab * width // 2 - 16 * width <= read <= everything_but_positions
+    elif precision == "int8" and lm.transformer.wte.matrix.dynamic is not None:
+        assert read == everything_but_positions - lm.transformer.wte.matrix.q.numel()
     else:
         assert read == everything_but_positions
 

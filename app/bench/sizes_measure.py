@@ -80,26 +80,29 @@ def step_read_bytes(model) -> int:
     """The weight bytes one decode step must read: what the bound divides by the read bandwidth.
 
     The rule: every tensor of `quantize.weight_bytes(model)` (parameters and buffers, each counted
-    once, so a tied embedding / LM head matrix already counts once), less
+    once, so a tied embedding / LM head matrix already counts once, and fbgemm's int8 copies) and
+    the oneDNN-packed float32 matrices on CPU (they replace the plain ones), less
     - the position embedding: a step reads one row of it;
     - the token embedding where the LM head does not multiply with its storage: a step looks up one
       row of it. That is the whole embedding when the head has a matrix of its own (an untied
-      checkpoint), and for a tied matrix kept in two layouts (int4 on CPU: 4-bit codes for row
-      lookups beside the kernel's packed layout, `packed` beside `int4pack`) the lookup layout.
-    Copies the engine keeps outside the model's tensors (the oneDNN-packed float32 matrices on CPU)
-    are not counted: a step reads either them or the plain matrices, the same number of bytes.
+      checkpoint), and for a tied matrix kept in two layouts (int4 on CPU: 4-bit codes beside the
+      kernel's layout; int8 with the dynamic kernel: int8 codes beside fbgemm's copy) the lookup one.
     """
-    from model.serving.quantize import weight_bytes
+    from model.serving.cpu_kernels import packed_bytes
+    from model.serving.quantize import QuantMatrix, weight_bytes
 
     body = model.transformer
-    read = weight_bytes(model) - tensor_bytes(list(body.wpe.parameters()) + list(body.wpe.buffers()))
+    read = weight_bytes(model) + packed_bytes(model) - tensor_bytes(list(body.wpe.parameters()) + list(body.wpe.buffers()))
     head = getattr(model, "lm_head", None)
-    if head is not None and weight_bytes(head) > 0:  # untied: the head holds a matrix of its own
+    if head is not None and weight_bytes(head) + packed_bytes(head) > 0:  # untied: the head has its own matrix
         return read - weight_bytes(body.wte)
     for module in body.wte.modules():
-        lookup, kernel_layout = getattr(module, "packed", None), getattr(module, "int4pack", None)
-        if isinstance(lookup, torch.Tensor) and isinstance(kernel_layout, torch.Tensor):
-            read -= tensor_bytes([lookup])
+        if not isinstance(module, QuantMatrix):
+            continue
+        if module.dynamic is not None and module.q is not None:
+            read -= tensor_bytes([module.q])
+        elif isinstance(module.packed, torch.Tensor) and isinstance(getattr(module, "int4pack", None), torch.Tensor):
+            read -= tensor_bytes([module.packed])
     return read
 
 

@@ -146,7 +146,8 @@ def heads_in(state: dict) -> set[str]:
 
 
 def fill(module: GPTWithHead, ours: dict, unknown: dict) -> None:
-    """Copy tensors into `module`, refusing any missing, unexpected or misshapen one by name."""
+    """Give `module` (built on the meta device) the checkpoint's tensors as its parameters, refusing
+    any missing, unexpected or misshapen one by name."""
     if unknown:
         raise CheckpointError(f"unexpected tensors in checkpoint: {', '.join(sorted(unknown)[:5])}")
     expected = module.state_dict()
@@ -169,9 +170,8 @@ def fill(module: GPTWithHead, ours: dict, unknown: dict) -> None:
             raise CheckpointError(f"tensor {key} has shape {tuple(tensor.shape)}, "
                                   f"the config needs {tuple(expected[key].shape)}")
     with torch.no_grad():
-        params = dict(module.named_parameters())
-        for key in expected:
-            params[key].copy_(ours[key])
+        # The checkpoint's tensors become the parameters (assign): no second copy of any matrix.
+        module.load_state_dict({key: ours[key] for key in expected}, strict=True, assign=True)
         if lm_weight is not None and not module.config.tie_word_embeddings and hasattr(module, "lm_head"):
             module.lm_head.untied = torch.nn.Parameter(lm_weight.clone())
 
@@ -189,7 +189,6 @@ def load_folder(folder: Path, head: str = "lm", dtype=torch.float32, device=None
     ours, unknown = split_state(state, config)
     with torch.device("meta"):
         module = GPTWithHead(config, head)
-    module = module.to_empty(device="cpu")
     fill(module, ours, unknown)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -208,7 +207,6 @@ def load_with_heads(folder: Path, dtype=torch.float32, device=None) -> tuple[GPT
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with torch.device("meta"):
         lm = GPTWithHead(config, "lm")
-    lm = lm.to_empty(device="cpu")
     fill(lm, dict(ours), unknown)
     lm = lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
     extras = {}

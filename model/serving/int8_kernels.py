@@ -104,7 +104,7 @@ def _timing_shapes(shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def choose(shapes: Sequence[tuple[int, int]], trials: int = 3) -> tuple[str, dict[str, float]]:
+def choose(shapes: Sequence[tuple[int, int]], trials: int = 5) -> tuple[str, dict[str, float]]:
     """(kernel, {kernel: ms per sweep}): the faster int8 product here, one row at a time, timed on
     random int8 matrices of the model's shapes (N outputs, K inputs) before the model is quantized.
 
