@@ -461,9 +461,10 @@ def cpu_pair(request, tmp_path_factory):
     head = ours.lm_head
     assert layers and isinstance(head, cpu_kernels.CpuLMHead)
     assert all(m.one_row in model.serving.kernel_choice.KERNELS for m in layers + [head])
-    # one float copy of each matrix: a packed layer has no plain weight; the head is never packed
+    # one float copy of each matrix: a packed layer has no plain weight; the packed head sits beside
+    # the embedding, whose rows are looked up
     assert all((m.packed is not None) == packed and (m.weight is None) == packed for m in layers)
-    assert head.packed is None and head.weight() is ours.transformer.wte.weight
+    assert (head.packed is not None) == packed and head.weight() is ours.transformer.wte.weight
     assert set(kernels) == {"layers", "head"}
     head_kinds = model.serving.kernel_choice.candidates([head])
     if packed:

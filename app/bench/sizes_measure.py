@@ -99,9 +99,10 @@ def step_read_bytes(model) -> int:
     for module in body.wte.modules():
         if not isinstance(module, QuantMatrix):
             continue
-        if module.dynamic is not None and module.q is not None:
+        if getattr(module, "dynamic", None) is not None and module.q is not None:
             read -= tensor_bytes([module.q])
-        elif isinstance(module.packed, torch.Tensor) and isinstance(getattr(module, "int4pack", None), torch.Tensor):
+        elif isinstance(getattr(module, "packed", None), torch.Tensor) and \
+                isinstance(getattr(module, "int4pack", None), torch.Tensor):
             read -= tensor_bytes([module.packed])
     return read
 

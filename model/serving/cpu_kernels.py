@@ -8,8 +8,9 @@ quantize.py swaps its layers in without touching model.py.
 
 One float copy of each matrix: a packed body matrix replaces its plain weight (its one-row
 product is then the packed one too), so a float32 model holds its weights once, not twice. The
-LM head stays plain, since the token embedding looks its rows up; its products with several rows
-are cut per thread as its one-row product is.
+tied LM head is packed beside the token embedding, whose rows are looked up: a checkpoint's
+tensors are mapped from the safetensors file (weights.py), so the plain embedding stays in the
+file's pages and only the rows a request looks up are read into memory.
 """
 
 from __future__ import annotations
@@ -133,10 +134,8 @@ class CpuLinear(nn.Module):
 
 
 class CpuLMHead(nn.Module):
-    """The (tied) LM head with a one-row kernel (split or plain), used for its few rows too.
-
-    It is not packed: the embedding looks up the same matrix's rows, and a packed copy would hold
-    it twice. (`pack` remains for a test of the packed kernel on the head.)"""
+    """The (tied) LM head with a one-row kernel and an optional packed copy, as CpuLinear; the
+    embedding keeps the plain matrix for its row lookups (see the module doc)."""
 
     def __init__(self, head: LMHead):
         super().__init__()
@@ -201,7 +200,7 @@ def prepare_for_cpu(model: GPTWithHead, pack: bool = True, one_row: str = "auto"
         return {"packed": False, "one_row_kernels": {}}
     pack = pack and cpu_packing_available()
     layers, head = swap_cpu_layers(model)
-    for module in layers:
+    for module in layers + ([head] if head is not None else []):
         if pack and module.packed is None:
             module.pack()
     trim_heap()  # the plain copies the packed ones replaced
