@@ -109,9 +109,9 @@ _ALL = (
             "float32, bfloat16, float16, int8, int4 or nf4; empty: float16 on CUDA, float32 on CPU", "engine"),
     Setting("WWT_CUDA_GRAPH", "1", "on GPU, capture the decode step as a CUDA graph; 0 turns it off",
             "engine"),
-    Setting("WWT_CPU_PACK", "1", "on CPU in float32, keep a oneDNN-packed copy of each weight matrix next "
-            "to the plain one (faster decode steps of several rows, about twice the weight memory); 0 "
-            "keeps only the plain weights", "engine"),
+    Setting("WWT_CPU_PACK", "1", "on CPU in float32, hold each body weight matrix as a oneDNN-packed copy in "
+            "place of the plain one, and the LM head packed beside the embedding (decode steps of several rows "
+            "2-3x faster); 0 keeps only the plain weights", "engine"),
     Setting("WWT_CPU_ONE_ROW", "auto", "on CPU in float32, how a decode step with one row multiplies by "
             "each weight matrix: auto (time the candidates at load and keep the fastest), split, plain or "
             "packed", "engine"),

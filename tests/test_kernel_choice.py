@@ -153,3 +153,28 @@ def test_packed_products_run_at_a_few_row_counts_and_give_the_same_rows(monkeypa
         assert y.shape == (1, rows, 96)
         torch.testing.assert_close(y, x @ weight + bias, rtol=1e-5, atol=1e-4)
     assert seen == [3, 32, 112, 160]
+
+
+def test_a_float32_engine_holds_each_matrix_once(tiny_gpt2):
+    """Packed, a body matrix has no plain weight beside it; the engine counts the weights once and
+    the packed LM head beside the embedding it is tied to, and nothing else."""
+    from model.serving.quantize import weight_bytes
+
+    if not cpu_kernels.cpu_packing_available():
+        pytest.skip("this torch build has no oneDNN packing")
+    plain = model.load(str(tiny_gpt2), device="cpu")
+    vocab = plain.transformer.wte.weight
+    engine = model.Engine.from_pretrained(str(tiny_gpt2), device="cpu", dtype=torch.float32,
+                                          config=EngineConfig(slots=2))
+    try:
+        layers = [m for m in engine.model.modules() if isinstance(m, cpu_kernels.CpuLinear)]
+        assert layers and all(m.weight is None and m.packed is not None for m in layers)
+        head_copy = engine.model.lm_head.packed.numel() * engine.model.lm_head.packed.element_size()
+        assert head_copy >= vocab.numel() * vocab.element_size()
+        packed_body = cpu_kernels.packed_bytes(engine.model) - head_copy
+        body = sum(m.numel() * m.element_size() for n, m in plain.named_parameters()
+                   if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")))
+        assert body <= packed_body <= 1.05 * body  # oneDNN's layout, not a second copy
+        assert engine.weight_bytes() == weight_bytes(plain) - body + packed_body + head_copy
+    finally:
+        engine.close()

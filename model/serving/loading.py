@@ -7,6 +7,7 @@ separate quantized files are needed and no float copy of a quantized matrix stay
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,6 +18,8 @@ from ..network.gpt import GPTWithHead
 from ..network.weights import load_folder, load_with_heads, resolve_checkpoint
 from . import int8_kernels, quantize
 from .heap import trim_heap
+
+log = logging.getLogger(__name__)
 from .quantize import FLOATS, QUANTIZED, precision_name
 
 
@@ -86,8 +89,17 @@ def int8_kernel_for(config, device: torch.device, choice: str = "auto") -> str:
         if choice not in int8_kernels.KERNELS:
             raise ValueError(f"unknown int8 kernel {choice!r}; choose auto or one of "
                              f"{', '.join(int8_kernels.KERNELS)}")
-        return choice if choice == "weight-only" or int8_kernels.dynamic_available() else "weight-only"
-    return int8_kernels.choose(matrix_shapes(config))[0]
+        if choice == "dynamic" and not int8_kernels.dynamic_available():
+            log.warning("WWT_CPU_INT8=dynamic, but this torch build has no fbgemm: the weight-only kernel runs")
+            return "weight-only"
+        return choice
+    kernel, times = int8_kernels.choose(matrix_shapes(config))
+    if times:
+        log.info("int8 product: %s (one pass over matrices of this model's shapes: %s)", kernel,
+                 ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))
+    elif not int8_kernels.dynamic_available():
+        log.info("int8 product: weight-only (this torch build has no fbgemm for the int8 x int8 product)")
+    return kernel
 
 
 def load_with_heads_at(folder: Path, precision, device=None, int8_kernel: str = "auto"
