@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -176,6 +177,22 @@ def fill(module: GPTWithHead, ours: dict, unknown: dict) -> None:
             module.lm_head.untied = torch.nn.Parameter(lm_weight.clone())
 
 
+@contextmanager
+def shapes_only():
+    """Build modules on the meta device (shapes, no memory) for tensors a checkpoint will give.
+
+    The token and position embeddings' random init is skipped as well: every parameter is
+    replaced by the checkpoint's, and `normal_` on the meta device imports torch's Python
+    decompositions, about 68 MB of memory a server would carry for nothing."""
+    reset = torch.nn.Embedding.reset_parameters
+    torch.nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.nn.Embedding.reset_parameters = reset
+
+
 def load(name_or_path: str, head: str = "lm", dtype=torch.float32, device=None, revision: Optional[str] = None,
          cache_dir: Optional[str] = None, offline: Optional[bool] = None) -> GPTWithHead:
     """A GPT model with the given head, from a Hub repo id, a short name or a local folder."""
@@ -187,7 +204,7 @@ def load_folder(folder: Path, head: str = "lm", dtype=torch.float32, device=None
     config = GPTConfig.from_file(Path(folder) / "config.json")
     state = read_state(Path(folder))
     ours, unknown = split_state(state, config)
-    with torch.device("meta"):
+    with shapes_only():
         module = GPTWithHead(config, head)
     fill(module, ours, unknown)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,13 +222,13 @@ def load_with_heads(folder: Path, dtype=torch.float32, device=None) -> tuple[GPT
     state = read_state(folder)
     ours, unknown = split_state(state, config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.device("meta"):
+    with shapes_only():
         lm = GPTWithHead(config, "lm")
     fill(lm, dict(ours), unknown)
     lm = lm.to(device=device, dtype=dtype).eval().requires_grad_(False)
     extras = {}
     for head in sorted(heads_in(state) - {"lm", "double-heads"}):
-        with torch.device("meta"):  # only the head's own small layer is new: no random body is built
+        with shapes_only():  # only the head's own small layer is new: no random body is built
             module = GPTWithHead(config, head, body=lm.transformer)
         for name, child in module.named_children():
             if name == "transformer":
