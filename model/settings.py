@@ -112,9 +112,9 @@ _ALL = (
     Setting("WWT_CPU_PACK", "1", "on CPU in float32, hold each body weight matrix as a oneDNN-packed copy in "
             "place of the plain one, and the LM head packed beside the embedding (decode steps of several rows "
             "2-3x faster); 0 keeps only the plain weights", "engine"),
-    Setting("WWT_CPU_ONE_ROW", "auto", "on CPU in float32, how a decode step with one row multiplies by "
-            "each weight matrix: auto (time the candidates at load and keep the fastest), split, plain or "
-            "packed", "engine"),
+    Setting("WWT_CPU_ONE_ROW", "auto", "on CPU in float32, how a decode step with one row multiplies by the "
+            "LM head (and by every matrix with WWT_CPU_PACK=0; packed body matrices use their packed copy): auto "
+            "(time the candidates at load and keep the fastest), split, plain or packed", "engine"),
     Setting("WWT_CPU_INT8", "auto", "on CPU, the product of int8 models: auto (time both at load and keep the "
             "faster), dynamic (int8 x int8 with activations quantized per token, fbgemm) or weight-only "
             "(bfloat16 activations, fast where the CPU has AVX-512 BF16 or AMX)", "engine"),
