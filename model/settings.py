@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["SETTINGS", "Setting", "SettingError", "get", "get_bool", "get_float", "get_int", "markdown", "names"]
+__all__ = ["SETTINGS", "Setting", "SettingError", "get", "get_bool", "get_choice", "get_float", "get_int", "markdown",
+           "names"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,15 @@ def get_int(name: str, default=_REQUIRED) -> int:
         if number is None or not number.is_integer():
             raise SettingError(f"{name} must be a whole number, not {value!r}") from None
         return int(number)
+
+
+def get_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The value, one of `choices` (any case); empty is the registered default. Anything else is a
+    SettingError that names the variable and the choices."""
+    value = get(name).strip().lower() or SETTINGS[name].default
+    if value not in choices:
+        raise SettingError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def get_bool(name: str) -> bool:

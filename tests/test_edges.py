@@ -71,6 +71,19 @@ def test_engine_config_defaults_are_the_registry_defaults(monkeypatch):
     assert EngineConfig.from_settings() == EngineConfig(slots=5, max_wait_s=None, cpu_one_row="plain",
                                                         cuda_graph=False)
     assert EngineConfig().unbounded() == EngineConfig(max_waiting=None, max_waiting_per_client=None, max_wait_s=None)
+    monkeypatch.setenv("WWT_CPU_INT8", "Weight-Only")
+    monkeypatch.setenv("WWT_KV_DTYPE", "bfloat16")
+    assert EngineConfig.from_settings().cpu_int8 == "weight-only"
+    assert EngineConfig.from_settings().kv_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("name,value", [("WWT_CPU_INT8", "fastest"), ("WWT_KV_DTYPE", "int8"),
+                                        ("WWT_CPU_ONE_ROW", "blas")])
+def test_a_kernel_or_cache_setting_out_of_its_choices_names_itself(monkeypatch, name, value):
+    """Refused where the configuration is built, before any model loads, naming the variable."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(settings.SettingError, match=f"{name} must be one of .*not '{value}'"):
+        EngineConfig.from_settings()
 
 
 def test_an_engine_reads_no_setting_after_it_is_built(make_engine, monkeypatch):

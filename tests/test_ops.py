@@ -48,6 +48,7 @@ def test_healthz_is_ready_when_the_default_model_is_loaded(server):
     assert status == 200 and kind.startswith("application/json")
     state = json.loads(body)
     assert state["ready"] is True and state["backend"] == "local" and state["model"] == "tiny"
+    assert state["precision"] == "float32"  # the precision it runs in: a small model on a CPU
 
 
 def test_metrics_count_requests_refusals_and_latency(server, client):
@@ -274,6 +275,7 @@ def test_celery_healthz_and_metrics_follow_the_workers(tiny_gpt2, tmp_path_facto
         worker.wait_announced(client)
         wait_for(lambda: _get(web.url + "healthz")[0] == 200, 30, "/healthz to say ready")
         assert json.loads(_get(web.url + "healthz")[2])["workers"] == 1
+        assert json.loads(_get(web.url + "healthz")[2])["precision"] == "float32"  # as the worker announced
         api = gradio_client.Client(web.url, verbose=False)
         for _ in range(2):  # the second is a suggestion-cache hit
             api.predict("Once upon a time", "tiny", 2, 4, 0.0, 0, 0.9, False, None, api_name="/complete")

@@ -433,6 +433,7 @@ class CeleryBackend(Backend):
             workers = self._redis(live_workers, self.redis, default)
             out["workers"] = len(workers)
             out["ready"] = bool(workers)
+            out["precision"] = (workers[0].get("precision") or None) if workers else None
             if not workers:
                 out["reason"] = f"no worker is serving {default}"
         except Exception as e:  # never raises: not ready, and why (no addresses: anyone may read it)

@@ -200,6 +200,7 @@ class LocalBackend(Backend):
             default = out["model"] = self.default_model()
             out["loaded"] = self.loaded()
             out["ready"] = default in out["loaded"]
+            out["precision"] = self.model_info(default).get("precision") or None
             if not out["ready"]:
                 out["reason"] = f"{default} is not loaded"
         except Exception as e:  # never raises: not ready, and why

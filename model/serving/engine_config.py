@@ -39,9 +39,9 @@ class EngineConfig:
         """The configuration the registry's variables describe (0 turns a bound off)."""
         return cls(slots=settings.get_int("WWT_SLOTS", default=None) or None,
                    cpu_pack=settings.get_bool("WWT_CPU_PACK"),
-                   cpu_one_row=settings.get("WWT_CPU_ONE_ROW").strip() or "auto",
-                   cpu_int8=settings.get("WWT_CPU_INT8").strip() or "auto",
-                   kv_dtype=settings.get("WWT_KV_DTYPE").strip() or "auto",
+                   cpu_one_row=settings.get_choice("WWT_CPU_ONE_ROW", ("auto", "split", "plain", "packed")),
+                   cpu_int8=settings.get_choice("WWT_CPU_INT8", ("auto", "dynamic", "weight-only")),
+                   kv_dtype=settings.get_choice("WWT_KV_DTYPE", ("auto", "float32", "bfloat16", "float16")),
                    cuda_graph=None if settings.get_bool("WWT_CUDA_GRAPH") else False,
                    max_waiting=settings.get_int("WWT_MAX_WAITING", default=None) or None,
                    max_waiting_per_client=settings.get_int("WWT_MAX_WAITING_PER_CLIENT", default=None) or None,
