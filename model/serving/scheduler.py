@@ -223,14 +223,18 @@ class Scheduler:
                 self._finish(job, error=Cancelled("the request was cancelled"))
             else:
                 self._complete_round(job)
-        self._prefill(plan.prefill)
+        for job in self._prefill(plan.prefill):  # first tokens: a streaming reader sees them before the decode
+            if job.progress.watched and not job.done.is_set():
+                job.progress.publish(snapshot(job))
         self._decode(self.planner.decoding_rows())
         self.counters["steps"] += 1
         for job in self.planner.running:  # streaming readers see the step's tokens now (jobs.Progress)
             if job.progress.watched:
                 job.progress.publish(snapshot(job))
 
-    def _prefill(self, groups: list[list[Chunk]]) -> None:
+    def _prefill(self, groups: list[list[Chunk]]) -> list[Job]:
+        """Run the prompt chunks; the jobs whose prompts are now whole have their first tokens."""
+        started = []
         for group in groups:
             t0 = time.perf_counter()
             done = [b for b, (job, _, end) in enumerate(group) if end == len(job.prompt.tokens)]
@@ -249,8 +253,10 @@ class Scheduler:
                 job.last_logits = logits[i]
                 job.decode_started = time.perf_counter()
                 self._start_rows(job, job.n)
+                started.append(job)
                 if not job.live_rows():
                     self._complete_round(job)
+        return started
 
     def _start_rows(self, job: Job, count: int) -> None:
         """Fork `count` new rows from the prefilled prompt and pick their first tokens."""
