@@ -152,10 +152,6 @@ class CpuLMHead(nn.Module):
         """A oneDNN copy of the (tied) weight; the embedding lookup keeps the original."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight().detach().contiguous())
 
-    @property
-    def has_plain(self) -> bool:
-        return True
-
     def forward(self, hidden):
         rows = hidden.numel() // hidden.shape[-1]
         if self.one_row is not None and rows == 1:

@@ -27,7 +27,7 @@ from .decode_graph import FixedShapeDecoder
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .loading import default_device, load_with_heads_at
-from .quantize import QUANTIZED, int8_kernel_in_use, precision_name, weight_bytes
+from .quantize import FLOATS, QUANTIZED, int8_kernel_in_use, precision_name, weight_bytes
 from .sampling import SamplingSettings
 from .jobs import Handle, Job
 from .scheduler import Scheduler
@@ -56,10 +56,9 @@ def kv_cache_dtype(choice: str, precision: str, compute: torch.dtype, device: to
     docs/performance.md has both); a float32 model keeps a float32 cache and its parity with the
     reference."""
     if choice and choice != "auto":
-        try:
-            return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
-        except KeyError:
-            raise ValueError(f"unknown KV cache dtype {choice!r}; choose auto, float32, bfloat16 or float16") from None
+        if choice not in FLOATS:
+            raise ValueError(f"unknown KV cache dtype {choice!r}; choose auto or one of {', '.join(FLOATS)}")
+        return FLOATS[choice]
     if device.type == "cpu" and precision in QUANTIZED:
         return torch.bfloat16
     return compute
@@ -78,8 +77,8 @@ class Engine:
         self.dtype = lm.transformer.wpe.weight.dtype  # the float compute dtype
         self.precision = precision or precision_name(self.dtype)
         self.kv_dtype = kv_cache_dtype(config.kv_dtype, self.precision, self.dtype, self.device)
-        # CPU float32: a oneDNN-packed copy of each matrix next to the plain one (cpu_pack=False: plain only),
-        # and the one-row kernel timed fastest on this machine (cpu_one_row names one instead).
+        # CPU float32: a oneDNN-packed copy of each matrix in place of the plain one (cpu_pack=False: plain
+        # only), and the LM head's one-row kernel timed fastest on this machine (cpu_one_row names one).
         # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
         cpu = in_fresh_thread(prepare_for_cpu, lm, config.cpu_pack, config.cpu_one_row)
         self.packed, self.one_row_kernels = cpu["packed"], cpu["one_row_kernels"]

@@ -167,8 +167,7 @@ def _prefix_attention(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor
     the CPU's flash kernel where there is one (it reads k and v once, in their own dtype), else
     the same in plain operations."""
     if q.device.type == "cpu" and _CPU_FLASH is not None:
-        out, lse = _CPU_FLASH(q, k, v, 0.0, False, scale=scale)
-        return out, lse
+        return _CPU_FLASH(q, k, v, 0.0, False, scale=scale)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     lse = scores.logsumexp(dim=-1)
     return (scores - lse[..., None]).exp() @ v.float(), lse

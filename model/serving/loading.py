@@ -18,9 +18,9 @@ from ..network.gpt import GPTWithHead
 from ..network.weights import load_folder, load_with_heads, resolve_checkpoint
 from . import int8_kernels, quantize
 from .heap import trim_heap
+from .quantize import FLOATS, QUANTIZED, precision_name
 
 log = logging.getLogger(__name__)
-from .quantize import FLOATS, QUANTIZED, precision_name
 
 
 def default_device() -> torch.device:
@@ -102,6 +102,16 @@ def int8_kernel_for(config, device: torch.device, choice: str = "auto") -> str:
     return kernel
 
 
+def _quantize_onto(model: GPTWithHead, heads: list, name: str, device: torch.device, compute: torch.dtype,
+                   int8_kernel: str) -> None:
+    """Quantize a float32 CPU model to `name` (heads sharing its body use its quantized layers),
+    then move it and its heads to `device`, and hand the float matrices' pages back."""
+    kernel = int8_kernel_for(model.config, device, int8_kernel) if name == "int8" else "weight-only"
+    quantize.quantize(model, name, kernel)
+    _to_device([model, *heads], device, compute)
+    trim_heap()
+
+
 def load_with_heads_at(folder: Path, precision, device=None, int8_kernel: str = "auto"
                        ) -> tuple[GPTWithHead, dict, str]:
     """The LM model and the checkpoint's extra heads (sharing its body) at `precision`; and its name.
@@ -112,10 +122,7 @@ def load_with_heads_at(folder: Path, precision, device=None, int8_kernel: str = 
         lm, heads = load_with_heads(folder, dtype=compute, device=device)
         return lm, heads, name
     lm, heads = load_with_heads(folder, dtype=torch.float32, device="cpu")
-    kernel = int8_kernel_for(lm.config, device, int8_kernel) if name == "int8" else "weight-only"
-    quantize.quantize(lm, name, kernel)  # the body is shared: the heads use the quantized layers too
-    _to_device([lm, *heads.values()], device, compute)
-    trim_heap()  # the float matrices are gone: hand their pages back
+    _quantize_onto(lm, list(heads.values()), name, device, compute, int8_kernel)
     return lm.eval(), heads, name
 
 
@@ -130,8 +137,5 @@ def load(name_or_path: str, head: str = "lm", dtype=torch.float32, device=None, 
     if name not in QUANTIZED:
         return load_folder(folder, head, compute, device)
     module = load_folder(folder, head, torch.float32, "cpu")
-    kernel = int8_kernel_for(module.config, device, int8_kernel) if name == "int8" else "weight-only"
-    quantize.quantize(module, name, kernel)
-    _to_device([module], device, compute)
-    trim_heap()
+    _quantize_onto(module, [], name, device, compute, int8_kernel)
     return module.eval()

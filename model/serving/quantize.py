@@ -135,11 +135,11 @@ class QuantMatrix(nn.Module):
         self.needs_rows = False  # set for the tied embedding: rows are read from the stored bits
         self.int8_kernel = int8_kernel
         self.dynamic = None  # fbgemm's packed weight, when the dynamic int8 kernel runs
-        self.register_buffer("smooth", None if smooth is None else smooth.float().contiguous())
-        self.register_buffer("inverse_smooth", None if smooth is None else 1 / self.smooth)
+        # x is multiplied by 1 / s before every product; the weights' input columns by s, once
+        self.register_buffer("inverse_smooth", None if smooth is None else 1 / smooth.float().contiguous())
         self.packed_bias: Optional[torch.Tensor] = None  # the bias fbgemm adds (dynamic kernel)
         if smooth is not None:
-            w = w.float() * self.smooth
+            w = w.float() * smooth.float()
         if precision == "int8":
             q, scale = int8_weights(w)
             self.register_buffer("q", q)
@@ -215,7 +215,7 @@ class QuantMatrix(nn.Module):
             if bias is not None and self.packed_bias is None:
                 y = y + bias
             return y.view(*x.shape[:-1], self.n_out)
-        if self.smooth is not None:
+        if self.inverse_smooth is not None:
             flat = flat * self.inverse_smooth.to(flat.dtype)
         if self.kernel and self.precision == "int8":
             y = torch._weight_int8pack_mm(flat.to(ACT), self.q, self.scale)
@@ -230,7 +230,7 @@ class QuantMatrix(nn.Module):
     def rows(self, ids: torch.Tensor, dtype) -> torch.Tensor:
         """W[ids] [..., K]: the embedding lookup of a tied matrix."""
         rows = self.dequantized(ids, dtype)
-        return rows if self.smooth is None else rows / self.smooth.to(dtype)
+        return rows if self.inverse_smooth is None else rows * self.inverse_smooth.to(dtype)
 
 
 def _works(probe) -> bool:
@@ -372,9 +372,9 @@ def estimated_weight_bytes(config, precision: str, float_bytes: int = 4, int8_ke
     outputs = L * (3 * d + d + inner + d) + config.vocab_size  # one scale per output row
     if name == "int8" and int8_kernel == "dynamic":
         # fbgemm's copy of every matrix (and a 32-bit column offset per output), float32 scales, the
-        # tied embedding's own codes for row lookups, and two smoothing vectors per matrix input
+        # tied embedding's own codes for row lookups, and a smoothing vector per matrix input
         inputs = L * (d + d + d + inner) + d
-        return body + 2 * vocab + 8 * outputs + 8 * inputs + other * float_bytes
+        return body + 2 * vocab + 8 * outputs + 4 * inputs + other * float_bytes
     if name == "int8":
         return body + vocab + 2 * outputs + other * float_bytes
     # 4 bits a weight, and per group of inputs two bf16 numbers (int4: scale, zero) or one (nf4: absmax)
