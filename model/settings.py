@@ -47,8 +47,14 @@ _ALL = (
             "suggestion cache and shared documents (a password goes in the URL: "
             "redis://:PASSWORD@host:6379/0)", "app"),
     Setting("WWT_DEVICE", "", "cpu, cuda or cuda:N; empty picks CUDA when present", "app"),
-    Setting("WWT_SLOTS", "", "KV-cache slots per engine (sequences held at once, for batching and prefix "
-            "reuse); empty picks by device", "app"),
+    Setting("WWT_SLOTS", "", "shorthand for WWT_KV_TOKENS = slots x the model's context and WWT_ROWS = "
+            "slots; empty picks by device", "app"),
+    Setting("WWT_KV_TOKENS", "", "positions the KV cache holds, all documents and suggestions together "
+            "(docs/performance.md says how to size it); empty: WWT_SLOTS x context, or picked by device", "app"),
+    Setting("WWT_ROWS", "", "suggestions an engine writes at once (rows of one decode step); empty: "
+            "WWT_SLOTS, or picked by device", "app"),
+    Setting("WWT_KV_EVICTION", "next-use", "which held document leaves a full KV cache: next-use (the one "
+            "expected to be typed last) or lru (least recently used)", "app"),
     Setting("WWT_MEMORY_BUDGET_GB", "8", "embedded mode: the least recently used model is unloaded past "
             "this many GB", "app"),
     Setting("WWT_REQUEST_TIMEOUT", "60", "seconds the app waits for an answer before it says so", "app"),

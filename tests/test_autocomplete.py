@@ -241,22 +241,47 @@ def test_pool_always_leaves_one_token_to_prefill():
     assert slots == [0] and reuse == 2  # the last prompt token gives the next-token logits
 
 
-def test_pool_evicts_least_recently_used_first():
+def _typed(pool: SlotPool, doc: list) -> int:
+    """One request for `doc` on a pool with no empty slot left to give: (the slot it got)."""
+    slots, _ = pool.acquire(doc, 1)
+    pool.wrote(slots[0], doc)
+    pool.release(slots)
+    return slots[0]
+
+
+@pytest.mark.parametrize("policy", ["lru", "next-use"])
+def test_pool_past_capacity_lru_keeps_nothing_and_next_use_a_stable_set(policy):
+    """Five documents typed in turn over four slots. Least recently used evicts each document just
+    before its turn: no keystroke finds its document. Next-use keeps the documents that were held
+    (at least three of five keystrokes after the first rounds find theirs)."""
+    pool = SlotPool(4, eviction=policy)
+    docs = [[10 * d + 1, 10 * d + 2] for d in range(5)]
+    hits = 0
+    for r in range(6):
+        for d in range(5):
+            docs[d] = docs[d] + [100 + r]
+            slots = pool.choose(docs[d], 1)[0]
+            hit = pool.held(slots[0])[:2] == docs[d][:2]
+            hits += hit and r >= 2
+            _typed(pool, docs[d])
+    if policy == "lru":
+        assert hits == 0
+    else:
+        assert hits >= 4 * 3  # at least three of the five documents, every round from the third on
+
+
+def test_pool_next_use_keeps_a_busy_writer_among_idle_documents():
+    """One writer types every other request; documents typed once come in between. The writer's
+    document is never evicted (its pace is known and short), the newest one-off is."""
     pool = SlotPool(3)
-    for i, doc in enumerate([[10, 1], [20, 1], [30, 1]]):
-        slots, _ = pool.acquire(doc, 1)
-        assert slots == [i]  # never-used slots first
-        pool.wrote(i, doc)
+    writer = [1, 2]
+    for i in range(12):
+        writer = writer + [50 + i]
+        slots, reused = pool.acquire(writer, 1)
+        assert i < 1 or reused == len(writer) - 1, i  # its document is held: only the new token is prefilled
+        pool.wrote(slots[0], writer)
         pool.release(slots)
-    slots, reuse = pool.acquire([20, 1, 5], 1)  # shares a prefix: reuses slot 1, evicts nothing
-    assert slots == [1] and reuse == 2
-    pool.release(slots)
-    slots, reuse = pool.acquire([40, 1], 1)  # shares nothing: the least recently used is slot 0
-    assert slots == [0] and reuse == 0 and pool.held(0) == []
-    pool.wrote(0, [40, 1])
-    pool.release(slots)
-    slots, _ = pool.acquire([50, 1], 1)
-    assert slots == [2]
+        _typed(pool, [200 + i, 7, 7])  # a document typed once
 
 
 def test_pool_keeps_documents_that_share_only_their_first_tokens():
@@ -276,13 +301,14 @@ def test_pool_keeps_documents_that_share_only_their_first_tokens():
         pool.release(slots)
 
 
-def test_pool_copies_of_a_prompt_are_spares_given_away_before_documents():
+def test_pool_copies_of_a_prompt_are_emptied_and_the_document_kept():
     pool = SlotPool(4)
     slots, _ = pool.acquire([5, 6, 7], 3)  # three suggestions: three copies of one prompt
     for s in slots:
         pool.wrote(s, [5, 6, 7, 40 + s])
     pool.release(slots, keep=slots[0])
-    other, reuse = pool.acquire([9, 9, 9], 3)  # needs three: the empty slot and the two spares
+    assert [pool.held(s) for s in slots[1:]] == [[], []] and pool.documents() == 1
+    other, reuse = pool.acquire([9, 9, 9], 3)  # needs three: the empty slots, not the document
     assert slots[0] not in other and reuse == 0
     for s in other:
         pool.wrote(s, [9, 9, 9])

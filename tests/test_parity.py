@@ -344,7 +344,7 @@ def test_cache_fork_with_copy_slot(lm_pair):
     x, y = 17, 42
     cache = KVCache(ours.config, slots=3)
     step(ours, cache, [prompt], [0], [0])
-    cache.copy_slot(0, 2, len(prompt))
+    cache.fork(0, 2, len(prompt))
     k_ptr = cache.k.data_ptr()
     out = step(ours, cache, [[x], [y]], [0, 2], [len(prompt)] * 2)
     torch.testing.assert_close(out[0, 0], full_logits(ours, prompt + [x])[-1], atol=ATOL, rtol=0)
@@ -543,7 +543,7 @@ def test_shared_prefix_attention_equals_per_row_reads(lm_pair, monkeypatch):
         cache.v.normal_()
     step(ours, cache, [prompt], [4], [0])
     for slot in (1, 2):
-        cache.copy_slot(4, slot, len(prompt))
+        cache.fork(4, slot, len(prompt))
     step(ours, cache, [other], [0], [0])
     ends = [6, 6, 3]  # the third row has decoded fewer tokens of its own
     for b, slot in enumerate((4, 1, 2)):

@@ -1,7 +1,7 @@
 """The prefix cache: a document's keys and values reused across keystrokes, forks and documents.
 
 Every reused result is compared with the same request computed from scratch on a fresh engine;
-eviction takes the least recently used slot, and a running request lends its prefix.
+a full cache evicts by its policy (eviction.py), and a running request lends its prefix.
 """
 
 from __future__ import annotations
@@ -110,34 +110,42 @@ DOCS = ["Alpha team walked to the park", "Bravo is what they said after", "Charl
         "Delta of the river froze along", "Echo of the mill under a grey"]
 
 
-def test_eviction_reuses_the_least_recently_used_slot(make_engine):
-    engine = make_engine(slots=4)
-    pool = engine.scheduler.pool
+def _exactly_fits(make_engine, docs, run, **config):
+    """An engine whose KV cache holds exactly what `docs`, each run once, leave held (measured on a
+    roomy engine first)."""
+    roomy = make_engine(slots=4)
+    for doc in docs:
+        run(roomy, doc)
+    used = roomy.stats()["kv_tokens_used"]
+    return make_engine(config=EngineConfig(kv_tokens=used, rows=4, **config))
 
-    def run(text):
+
+@pytest.mark.parametrize("policy, leaves", [("next-use", 3), ("lru", 0)])
+def test_a_full_cache_evicts_the_document_its_policy_names(make_engine, policy, leaves):
+    """Four documents fill the cache; a fifth evicts one: under least recently used the first typed,
+    under next-use the newest of those seen only once. Every answer equals a fresh engine's."""
+    def run(engine, text):
         return engine.complete(CompletionRequest(text, n=1, greedy=True, max_new_tokens=6))
 
-    first = {doc: run(doc) for doc in DOCS[:4]}  # fills the four slots
+    engine = _exactly_fits(make_engine, DOCS[:4], run, max_wait_s=None, kv_eviction=policy)
+    pool = engine.scheduler.pool
+    first = {doc: run(engine, doc) for doc in DOCS[:4]}
 
     def holders(doc):
-        p = prompt_of(engine, doc).tokens
-        return pool.holding(p)
+        return pool.holding(prompt_of(engine, doc).tokens)
 
-    assert all(len(holders(doc)) == 1 for doc in DOCS[:4])
-    run(DOCS[4])  # a fifth document: the least recently used slot (Alpha's) goes
-    assert holders(DOCS[0]) == []
-    assert all(len(holders(doc)) == 1 for doc in DOCS[1:])
-    again = run(DOCS[0])  # Alpha again: computed from scratch in Bravo's old slot, and still right
+    assert all(len(holders(doc)) == 1 for doc in DOCS[:4]) and engine.stats()["evictions"] == 0
+    run(engine, DOCS[4])  # a fifth document: one held document goes
+    assert holders(DOCS[leaves]) == [] and engine.stats()["evictions"] >= 1
+    kept = [doc for i, doc in enumerate(DOCS[:4]) if i != leaves]
+    for doc in kept:
+        assert len(holders(doc)) == 1, doc
+    again = run(engine, DOCS[leaves])  # computed from scratch, and still right
     assert again.timings.tokens_reused == 0
-    assert ids(again.suggestions) == ids(first[DOCS[0]].suggestions)
-    assert holders(DOCS[1]) == []
-    delta = run(DOCS[3])  # Delta was not evicted: everything but the last prompt token is reused
-    assert delta.timings.tokens_reused == len(prompt_of(engine, DOCS[3]).tokens) - 1
-    assert ids(delta.suggestions) == ids(first[DOCS[3]].suggestions)
+    assert ids(again.suggestions) == ids(first[DOCS[leaves]].suggestions)
     scratch = make_engine(slots=4)
     for doc in DOCS:
-        assert ids(run(doc).suggestions) == ids(scratch.complete(
-            CompletionRequest(doc, n=1, greedy=True, max_new_tokens=6)).suggestions)
+        assert ids(run(engine, doc).suggestions) == ids(run(scratch, doc).suggestions)
     assert not pool.busy()
 
 
@@ -174,26 +182,37 @@ def test_documents_typed_in_turn_prefill_only_what_was_typed(make_engine, docs):
             before[d] = prompt
 
 
-def test_with_fewer_slots_than_documents_the_least_recently_typed_loses_its_prefix(make_engine):
-    engine = make_engine(slots=4)
-    docs = {name: f"The {name} story begins here with a long first line about {name}"
-            for name in ("alpha", "beta", "gamma", "delta", "epsilon")}
+@pytest.mark.parametrize("policy, loses", [("lru", "gamma"), ("next-use", "delta")])
+def test_past_capacity_the_policy_decides_who_loses_their_prefix(make_engine, policy, loses):
+    """Alpha and beta are typed twice, gamma and delta once; a fifth document needs room. Least
+    recently used evicts gamma (typed longest ago); next-use keeps the documents that came back and
+    evicts the newest of those typed once (delta)."""
+    names = ("alpha", "beta", "gamma", "delta", "epsilon")
+    docs = {name: f"The {name} story begins here with a long first line about {name}" for name in names}
     prompts = {}
 
-    def typed(name: str, request_n: int = 1):
+    def typed(engine, name: str):
         docs[name] += " more"
-        done = engine.complete(CompletionRequest(text=docs[name], n=request_n, max_new_tokens=3, seed=0))
+        done = engine.complete(CompletionRequest(text=docs[name], n=1, max_new_tokens=3, seed=0))
         reused, old = done.timings.tokens_reused, prompts.get(name)
         prompts[name] = prompt_of(engine, docs[name], 3).tokens
         return reused, old
 
-    for name in ("alpha", "beta", "gamma", "delta", "alpha", "beta"):  # 4 documents, 4 slots
-        typed(name)
-    typed("epsilon")  # a fifth: gamma was typed least recently
-    for name in ("delta", "alpha", "beta"):
-        reused, old = typed(name)
+    order = ("alpha", "beta", "gamma", "delta", "alpha", "beta")
+    roomy = make_engine(slots=4)
+    for name in order:
+        typed(roomy, name)
+    used = roomy.stats()["kv_tokens_used"]
+    docs.update({name: f"The {name} story begins here with a long first line about {name}" for name in names})
+    prompts.clear()
+    engine = make_engine(config=EngineConfig(kv_tokens=used, rows=4, max_wait_s=None, kv_eviction=policy))
+    for name in order:  # 4 documents: all held
+        typed(engine, name)
+    typed(engine, "epsilon")
+    for name in [n for n in names[:4] if n != loses]:
+        reused, old = typed(engine, name)
         assert reused >= len(old) - 1, name  # still held
-    reused, old = typed("gamma")
+    reused, old = typed(engine, loses)
     assert reused < len(old) // 2  # evicted: only the shared first word or so is left somewhere
 
 

@@ -25,7 +25,7 @@ from .raw_text import raw_prompt, token_pieces, token_text
 from .cpu_kernels import packed_bytes, prepare_for_cpu
 from .decode_graph import FixedShapeDecoder
 from .engine_config import EngineConfig
-from .kv_cache import KVCache
+from .kv_cache import BLOCK_SIZE, KVCache
 from .loading import default_device, load_with_heads_at
 from .quantize import FLOATS, QUANTIZED, int8_kernel_in_use, precision_name, weight_bytes
 from .sampling import SamplingSettings
@@ -44,6 +44,17 @@ def default_slots(config, device: torch.device, dtype: torch.dtype) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(max(4, min(64, free * 0.3 // per_slot)))
     return int(max(4, min(16, (2 << 30) // per_slot)))
+
+
+def kv_sizes(config: EngineConfig, network, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(rows a step runs, positions the KV cache holds): the configuration's, else `slots` of the
+    whole context, else what default_slots picks by device (today's default memory)."""
+    slots = config.slots or default_slots(network, device, dtype)
+    rows = config.rows or slots
+    kv_tokens = config.kv_tokens or slots * network.n_positions
+    if rows < 1 or kv_tokens < 1:
+        raise ValueError("the KV cache needs at least one row and one position")
+    return rows, kv_tokens
 
 
 def kv_cache_dtype(choice: str, precision: str, compute: torch.dtype, device: torch.device) -> torch.dtype:
@@ -82,12 +93,17 @@ class Engine:
         # Setup runs in a thread that exits afterwards, so it leaves no OpenMP pool behind (threads.py).
         cpu = in_fresh_thread(prepare_for_cpu, lm, config.cpu_pack, config.cpu_one_row)
         self.packed, self.one_row_kernels = cpu["packed"], cpu["one_row_kernels"]
-        slots = config.slots or default_slots(self.config, self.device, self.kv_dtype)
-        self.cache = in_fresh_thread(KVCache, self.config, slots, dtype=self.kv_dtype, device=self.device)
-        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
+        self.rows, kv_tokens = kv_sizes(config, self.config, self.device, self.kv_dtype)
         cuda_graph = self.device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
-        fixed = FixedShapeDecoder(lm, self.cache, capture=self.device.type == "cuda") if cuda_graph else None
-        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed, name=name, max_waiting=config.max_waiting,
+        if cuda_graph:  # the fixed-shape step parks its idle rows in a block of their own
+            kv_tokens += BLOCK_SIZE
+        handles = -(-kv_tokens // BLOCK_SIZE) + self.rows  # every block held by its own document, and the rows
+        self.cache = in_fresh_thread(KVCache, self.config, tokens=kv_tokens, handles=handles, dtype=self.kv_dtype,
+                                     device=self.device)
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
+        fixed = FixedShapeDecoder(lm, self.cache, self.rows, capture=self.device.type == "cuda") if cuda_graph else None
+        self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed, name=name, rows=self.rows,
+                                   eviction=config.kv_eviction, max_waiting=config.max_waiting,
                                    max_waiting_per_client=config.max_waiting_per_client,
                                    max_wait_s=config.max_wait_s)
 
@@ -100,18 +116,21 @@ class Engine:
     def from_pretrained(cls, name_or_path: str, device=None, dtype=None, config: Optional[EngineConfig] = None, *,
                         name: Optional[str] = None, revision: Optional[str] = None,
                         cache_dir: Optional[str] = None, offline: Optional[bool] = None,
-                        slots: Optional[int] = None, cuda_graph: Optional[bool] = None) -> "Engine":
+                        slots: Optional[int] = None, kv_tokens: Optional[int] = None,
+                        cuda_graph: Optional[bool] = None) -> "Engine":
         """Load a short name, Hub repo id, local folder or `name=source` spec, optionally `spec@precision`.
 
         Precision: the spec's own, else `dtype` (float32, bfloat16, float16, int8, int4, nf4, or a
         torch float dtype), else float16 on CUDA and float32 on CPU. Quantized precisions are made
         at load time from the ordinary checkpoint. `config` sets the engine up (the defaults: the
-        production policy); `slots` and `cuda_graph` are shorthands for those fields of it
+        production policy); `slots`, `kv_tokens` and `cuda_graph` are shorthands for those fields of it
         (`cuda_graph=True` on CPU runs the GPU's fixed-shape step eagerly).
         """
         config = config or EngineConfig()
         if slots is not None:
             config = config.with_(slots=slots)
+        if kv_tokens is not None:
+            config = config.with_(kv_tokens=kv_tokens)
         if cuda_graph is not None:
             config = config.with_(cuda_graph=cuda_graph)
         spec = parse_model_spec(name_or_path)
@@ -131,7 +150,7 @@ class Engine:
 
     # -- completion ----------------------------------------------------------------------
     def _job(self, request: CompletionRequest) -> Job:
-        r = narrowed(request, max_n=self.cache.slots, max_new_tokens=self.config.n_positions // 2)
+        r = narrowed(request, max_n=self.rows, max_new_tokens=self.config.n_positions // 2)
         if r.raw:
             prompt = raw_prompt(self.tokenizer, r.text, self.config.n_positions, r.max_new_tokens, self.eos)
         else:
@@ -345,7 +364,7 @@ class Engine:
 
     # -- bookkeeping ---------------------------------------------------------------------
     def stats(self) -> dict:
-        return {**self.scheduler.counters, "slots": self.cache.slots, "precision": self.precision,
+        return {**self.scheduler.counters, **self.scheduler.cache_stats(), "precision": self.precision,
                 "weight_bytes": self.weight_bytes(), "cache_bytes": self.cache.nbytes(),
                 "memory_bytes": self.memory_bytes(), "one_row_kernels": dict(self.one_row_kernels),
                 "int8_kernel": int8_kernel_in_use(self.model), "kv_dtype": str(self.kv_dtype).replace("torch.", "")}

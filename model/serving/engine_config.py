@@ -17,8 +17,14 @@ from .. import settings
 
 @dataclass(frozen=True)
 class EngineConfig:
-    # KV cache: sequences held at once (None: chosen by device and model size)
+    # KV cache: shorthand for kv_tokens = slots x context and rows = slots (None: chosen by device and model size)
     slots: Optional[int] = None
+    # KV cache: positions held, all documents and suggestions together (None: from slots, or by device)
+    kv_tokens: Optional[int] = None
+    # Suggestions decoding at once, the rows of a step (None: slots, or by device)
+    rows: Optional[int] = None
+    # Which held document a full KV cache evicts: "next-use" or "lru" (eviction.py)
+    kv_eviction: str = "next-use"
     # CPU float32: keep a oneDNN-packed copy of each matrix (faster steps of several rows)
     cpu_pack: bool = True
     # CPU float32: the one-row product ("auto" times the candidates at load; split, plain, packed)
@@ -38,6 +44,9 @@ class EngineConfig:
     def from_settings(cls) -> "EngineConfig":
         """The configuration the registry's variables describe (0 turns a bound off)."""
         return cls(slots=settings.get_int("WWT_SLOTS", default=None) or None,
+                   kv_tokens=settings.get_int("WWT_KV_TOKENS", default=None) or None,
+                   rows=settings.get_int("WWT_ROWS", default=None) or None,
+                   kv_eviction=settings.get_choice("WWT_KV_EVICTION", ("next-use", "lru")),
                    cpu_pack=settings.get_bool("WWT_CPU_PACK"),
                    cpu_one_row=settings.get_choice("WWT_CPU_ONE_ROW", ("auto", "split", "plain", "packed")),
                    cpu_int8=settings.get_choice("WWT_CPU_INT8", ("auto", "dynamic", "weight-only")),

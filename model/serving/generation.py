@@ -22,7 +22,7 @@ def generate(module: GPTWithHead, prompt_ids: list[int], max_new_tokens: int, n:
              seed: Optional[int] = None, eos_token_id: Optional[int] = None) -> list[list[int]]:
     """New token ids of `n` continuations of `prompt_ids`.
 
-    The prompt is prefilled once into slot 0 and forked into the other slots. Continuation
+    The prompt is prefilled once into sequence 0 and forked into the others (sharing its blocks). Continuation
     i samples with its own generator seeded `seed + i`; greedy continuation i starts from
     the i-th most likely first token, so the n greedy continuations differ.
     """
@@ -41,7 +41,7 @@ def generate(module: GPTWithHead, prompt_ids: list[int], max_new_tokens: int, n:
     gens = [torch.Generator(device="cpu").manual_seed(base + i) for i in range(n)]
     logits = runner.prefill([prompt_ids], [0], [0], want_logits=[0]).expand(n, -1)  # [n, V]
     for i in range(1, n):
-        runner.fork(0, i, len(prompt_ids), start=0)
+        runner.fork(0, i, len(prompt_ids))
     outputs: list[list[int]] = [[] for _ in range(n)]
     live = list(range(n))
     for step in range(max_new_tokens):

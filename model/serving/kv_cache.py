@@ -1,9 +1,9 @@
 """The static KV cache and the views a forward pass reads and writes it through.
 
-`KVCache` holds key/value buffers for `slots` sequences, allocated once. A view says which
-slots and positions one forward pass uses; the network calls `view.attend(...)` in every
-layer (model/network/gpt.py takes the view as its `cache` argument) and never sees the
-buffers themselves.
+`KVCache` holds key/value buffers for one pool of blocks, allocated once; blocks.py says which
+blocks hold each sequence. A view says which sequences and positions one forward pass uses;
+the network calls `view.attend(...)` in every layer (model/network/gpt.py takes the view as its
+`cache` argument) and never sees the buffers themselves.
 """
 
 from __future__ import annotations
@@ -15,46 +15,83 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..network.config import GPTConfig
+from .blocks import BlockTables
+
+
+BLOCK_SIZE = 16  # tokens per block: docs/performance.md ("The KV pool") has the measurement
 
 
 class KVCache(nn.Module):
-    """Key/value buffers for `slots` sequences, allocated once: [layer, slot, head, position, dim].
+    """Key/value buffers of one pool of blocks, allocated once: [layer, head, block x position, dim].
 
-    A forward pass writes the keys/values of the positions it computes in place and reads
-    back positions [0, length) of its slots. Nothing is ever concatenated or reallocated,
-    so the shapes a decode step sees are fixed.
+    A sequence is a handle whose block table (blocks.py) says where its positions live. A forward
+    pass writes the keys/values of the positions it computes in place and reads back positions
+    [0, length) of its sequences. Nothing is ever concatenated or reallocated.
+
+    `tokens` sizes the pool (default: `slots` sequences of the whole `context`); `handles` is how
+    many sequences may exist at once (default `slots`), held documents and running rows together.
     """
 
-    def __init__(self, config: GPTConfig, slots: int, context: Optional[int] = None,
-                 dtype=torch.float32, device="cpu"):
+    def __init__(self, config: GPTConfig, slots: int = 1, context: Optional[int] = None,
+                 dtype=torch.float32, device="cpu", *, tokens: Optional[int] = None,
+                 handles: Optional[int] = None, block_size: int = BLOCK_SIZE):
         super().__init__()
-        self.slots = slots
         self.context = context or config.n_positions
-        shape = (config.n_layer, slots, config.n_head, self.context, config.head_dim)
+        self.block_size = block_size
+        per_sequence = -(-self.context // block_size)
+        blocks = -(-tokens // block_size) if tokens else slots * per_sequence
+        self.blocks = BlockTables(blocks, block_size, handles or slots)
+        shape = (config.n_layer, config.n_head, blocks * block_size, config.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def view(self, slots: Sequence[int], positions: torch.Tensor,
-             shared: Sequence[tuple[Sequence[int], int]] = ()) -> "CacheView":
-        """Row b of a pass writes at `positions[b]` ([B, T]) of slot `slots[b]`; see CacheView."""
-        return CacheView(self, slots, positions, shared)
+    @property
+    def tokens(self) -> int:
+        """Positions the pool holds, all sequences together."""
+        return self.blocks.blocks * self.block_size
 
-    def all_slots(self, positions: torch.Tensor) -> "AllSlotsView":
-        """One token in every slot at fixed shapes (positions [slots, 1]); see AllSlotsView."""
-        return AllSlotsView(self, positions)
+    def view(self, handles: Sequence[int], positions: torch.Tensor,
+             shared: Sequence[tuple[Sequence[int], int]] = ()) -> "CacheView":
+        """Row b of a pass writes at `positions[b]` ([B, T]) of sequence `handles[b]`; see CacheView."""
+        return CacheView(self, handles, positions, shared)
+
+    def fixed_rows(self, tables: torch.Tensor, positions: torch.Tensor) -> "FixedRowsView":
+        """One token in each of a fixed number of rows (block tables [R, W], positions [R, 1])."""
+        return FixedRowsView(self, tables, positions)
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    @torch.no_grad()
-    def copy_slot(self, src: int, dst: int, length: int, start: int = 0) -> None:
-        """Fork: make positions [start, length) of slot `dst` those of slot `src`.
+    def bytes_per_token(self) -> int:
+        return self.nbytes() // self.tokens
 
-        `start` skips what `dst` already holds in common with `src`.
-        """
-        if src != dst and length > start:
-            self.k[:, dst, :, start:length].copy_(self.k[:, src, :, start:length])
-            self.v[:, dst, :, start:length].copy_(self.v[:, src, :, start:length])
+    @torch.no_grad()
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy whole blocks (source, destination) in every layer: a copy on write."""
+        bs = self.block_size
+        for src, dst in copies:
+            self.k[:, :, dst * bs:(dst + 1) * bs].copy_(self.k[:, :, src * bs:(src + 1) * bs])
+            self.v[:, :, dst * bs:(dst + 1) * bs].copy_(self.v[:, :, src * bs:(src + 1) * bs])
+
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Make sequence `dst` hold positions [0, length) of `src`: their full blocks shared, the
+        partial last one copied."""
+        if src != dst and length > 0:
+            self.copy_blocks(self.blocks.share(src, dst, length))
+
+    def writable(self, handle: int, start: int, end: int) -> None:
+        """Blocks for positions [start, end) of `handle`, its own (copied first where shared)."""
+        self.copy_blocks(self.blocks.writable(handle, start, end))
+
+    def read(self, buffer: torch.Tensor, handle: int, length: int, start: int = 0) -> torch.Tensor:
+        """Positions [start, length) of a sequence from one layer's buffer [H, N, D]: [H, L, D], a
+        view when its blocks are consecutive, else a gathered copy."""
+        runs = self.blocks.runs(handle, length, start)
+        if len(runs) == 1:
+            first, count = runs[0]
+            return buffer[:, first:first + count]
+        index = torch.tensor(self.blocks.token_index(handle, list(range(start, length))), device=buffer.device)
+        return buffer.index_select(1, index)
 
 
 GATHER_MIN_ROWS = 4
@@ -63,26 +100,31 @@ SHARED_PREFIX_MIN = 64  # shorter shared prompts are cheaper to read once per ro
 
 
 class CacheView:
-    """Where one forward pass reads and writes in a KVCache: slots [B], positions [B, T].
+    """Where one forward pass reads and writes in a KVCache: sequences [B], positions [B, T].
 
-    Each row attends to its own slot's positions [0, its last position] read as a view of
-    the buffers, so a decode step copies no cache memory whichever slots it uses.
+    Each row attends to its own sequence's positions [0, its last position], read as a view of
+    the pool when its blocks are consecutive (no copy), else gathered.
 
-    `shared` lists groups of decode rows whose slots hold the same first `prefix` positions
+    `shared` lists groups of decode rows whose sequences hold the same first `prefix` positions
     (the n suggestions forked from one prompt): such a group reads that prefix once for all
     its rows instead of once per row, so n suggestions on a long document cost about what
     one does.
     """
 
-    def __init__(self, cache: KVCache, slots: Sequence[int], positions: torch.Tensor,
+    def __init__(self, cache: KVCache, handles: Sequence[int], positions: torch.Tensor,
                  shared: Sequence[tuple[Sequence[int], int]] = ()):
         self.cache = cache
         self.positions = positions
-        self.slots = list(slots)
+        self.slots = list(handles)
         self.lengths = [p + 1 for p in positions.max(dim=1).values.tolist()]
         if max(self.lengths) > cache.context:
             raise ValueError(f"position {max(self.lengths) - 1} is past the context of {cache.context}")
-        self.slot_index = torch.tensor(self.slots, device=positions.device)[:, None]
+        starts = positions.min(dim=1).values.tolist()
+        for h, start, end in zip(self.slots, starts, self.lengths):
+            cache.writable(h, start, end)
+        device = positions.device
+        self.write_index = torch.tensor([cache.blocks.token_index(h, row) for h, row in
+                                         zip(self.slots, positions.tolist())], device=device)  # [B, T]
         T = positions.shape[1]
         self.shared = []
         if T == 1:
@@ -94,25 +136,21 @@ class CacheView:
                     self.shared.append((rows, prefix))
         grouped = {b for rows, _ in self.shared for b in rows}
         self.solo = [b for b in range(len(self.slots)) if b not in grouped]
-        # Each row reads a view of its own slot (no copy) unless the rows are many and short:
+        # Each row reads a view of its own blocks (no copy) unless the rows are many and short:
         # then one attention call over a gathered copy costs less than a call per row.
-        self.gather_mask = None
+        self.gather_mask = self.gather_index = None
+        longest = max(self.lengths)
         if T == 1 and not self.shared and len(self.slots) >= GATHER_MIN_ROWS and \
-                len(self.slots) * max(self.lengths) <= GATHER_MAX_POSITIONS:
-            keys = torch.arange(max(self.lengths), device=positions.device)
+                len(self.slots) * longest <= GATHER_MAX_POSITIONS:
+            keys = torch.arange(longest, device=device)
             self.gather_mask = keys[None, None, None, :] <= positions[:, None, :, None]
+            self.gather_index = torch.tensor([cache.blocks.token_index(h, range(length)) + [0] * (longest - length)
+                                              for h, length in zip(self.slots, self.lengths)], device=device)
         self.masks = [None] * len(self.slots)
-        if T > 1:  # several new tokens: each sees the slot's earlier positions and the ones before it
+        if T > 1:  # several new tokens: each sees the sequence's earlier positions and the ones before it
             for b, length in enumerate(self.lengths):
-                keys = torch.arange(length, device=positions.device)
+                keys = torch.arange(length, device=device)
                 self.masks[b] = keys[None, None, None, :] <= positions[b][None, None, :, None]
-
-    def _rows(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Positions [0, longest) of this pass's slots: a view when they are consecutive."""
-        first, n, longest = self.slots[0], len(self.slots), max(self.lengths)
-        if self.slots == list(range(first, first + n)):
-            return buffer[first:first + n, :, :longest]
-        return buffer[:, :, :longest].index_select(0, self.slot_index[:, 0])
 
     def attend(self, layer: int, q, k, v, scale: float, upcast: bool) -> torch.Tensor:
         """Write this step's k, v ([B, H, T, D]) into the cache; attention output [B, H, T, D].
@@ -120,36 +158,42 @@ class CacheView:
         A cache kept in a narrower dtype than the compute (bfloat16 keys and values under float32
         activations) is read as it is: the queries are cast to it, and the kernels accumulate in
         float32."""
-        ck, cv = self.cache.k[layer], self.cache.v[layer]
-        ck[self.slot_index, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
-        cv[self.slot_index, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
+        ck, cv = self.cache.k[layer], self.cache.v[layer]  # [H, N, D]
+        index = self.write_index.reshape(-1)
+        ck[:, index] = k.transpose(0, 1).reshape(k.shape[1], -1, k.shape[3]).to(ck.dtype)
+        cv[:, index] = v.transpose(0, 1).reshape(v.shape[1], -1, v.shape[3]).to(cv.dtype)
         kv_dtype = torch.float32 if upcast else ck.dtype
         if self.gather_mask is not None:  # many short rows: one call over a gathered copy
-            kb, vb = self._rows(ck).to(kv_dtype), self._rows(cv).to(kv_dtype)
+            kb = ck[:, self.gather_index].transpose(0, 1).to(kv_dtype)  # [B, H, L, D]
+            vb = cv[:, self.gather_index].transpose(0, 1).to(kv_dtype)
             return F.scaled_dot_product_attention(q.to(kv_dtype), kb, vb, attn_mask=self.gather_mask,
                                                   scale=scale).to(q.dtype)
         out = torch.empty_like(q)
         for rows, prefix in self.shared:
             out[rows] = self._attend_shared(ck, cv, q[rows], rows, prefix, scale, kv_dtype).to(q.dtype)
-        for b in self.solo:  # a view per row: no copy
-            slot, length = self.slots[b], self.lengths[b]
-            qb, kb, vb = q[b:b + 1], ck[slot:slot + 1, :, :length], cv[slot:slot + 1, :, :length]
-            out[b:b + 1] = F.scaled_dot_product_attention(qb.to(kv_dtype), kb.to(kv_dtype), vb.to(kv_dtype),
+        for b in self.solo:  # a view per row when its blocks are consecutive: no copy
+            h, length = self.slots[b], self.lengths[b]
+            kb, vb = self.cache.read(ck, h, length)[None], self.cache.read(cv, h, length)[None]
+            out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1].to(kv_dtype), kb.to(kv_dtype), vb.to(kv_dtype),
                                                           attn_mask=self.masks[b], scale=scale)
         return out
 
     def _attend_shared(self, ck, cv, q, rows, prefix: int, scale: float, kv_dtype) -> torch.Tensor:
-        """One decode token for each of `rows`: the shared prefix from the first row's slot, read
+        """One decode token for each of `rows`: the shared prefix from the first row's sequence, read
         once for all of them, then each row's own later positions; the two softmaxes are merged
         through their log-sum-exps (as flash-decoding does), in float32. [n, H, 1, D]."""
         first = self.slots[rows[0]]
         own = max(self.lengths[b] for b in rows) - prefix
         qg = q[:, :, 0].transpose(0, 1)  # [H, n, D]
-        kp, vp = ck[first:first + 1, :, :prefix], cv[first:first + 1, :, :prefix]  # [1, H, P, D]
+        kp, vp = self.cache.read(ck, first, prefix)[None], self.cache.read(cv, first, prefix)[None]  # [1, H, P, D]
         out_p, lse = _prefix_attention(qg[None].to(kv_dtype), kp.to(kv_dtype), vp.to(kv_dtype), scale)
-        ks = torch.stack([ck[self.slots[b], :, prefix:prefix + own] for b in rows]).float()  # [n, H, own, D]
-        vs = torch.stack([cv[self.slots[b], :, prefix:prefix + own] for b in rows]).float()
-        scores = torch.einsum("hnd,nhsd->hns", qg.float(), ks) * scale  # [H, n, own]
+        index = []
+        for b in rows:  # each row's own positions; a shorter row repeats its last one (masked below)
+            mine = self.cache.blocks.token_index(self.slots[b], range(prefix, self.lengths[b]))
+            index.append(mine + mine[-1:] * (own - len(mine)))
+        index = torch.tensor(index, device=q.device)  # [n, own]
+        ks, vs = ck[:, index].float(), cv[:, index].float()  # [H, n, own, D]
+        scores = torch.einsum("hnd,hnsd->hns", qg.float(), ks) * scale  # [H, n, own]
         ends = torch.tensor([self.lengths[b] - prefix for b in rows], device=q.device)
         past_end = torch.arange(own, device=q.device)[None, :] >= ends[:, None]  # [n, own]
         scores.masked_fill_(past_end, float("-inf"))
@@ -157,7 +201,7 @@ class CacheView:
         top = torch.maximum(lse, scores.amax(dim=-1))
         weight_p = (lse - top).exp()  # [H, n]
         weights = (scores - top[..., None]).exp()  # [H, n, own]
-        out = weight_p[..., None] * out_p[0].float() + torch.einsum("hns,nhsd->hnd", weights, vs)
+        out = weight_p[..., None] * out_p[0].float() + torch.einsum("hns,hnsd->hnd", weights, vs)
         out = out / (weight_p + weights.sum(dim=-1))[..., None]
         return out.transpose(0, 1)[:, :, None]
 
@@ -176,26 +220,30 @@ def _prefix_attention(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-class AllSlotsView:
-    """One decode token for every slot at once, with shapes that never change.
+class FixedRowsView:
+    """One decode token for each of a fixed number of rows, with shapes that never change.
 
-    Row i is slot i; each row attends over the whole context under a mask of its own
-    positions. No Python number is read from the GPU, so the step can be captured as a
-    CUDA graph and replayed. Rows with nothing to decode write at the last position, which
-    the scheduler never uses for real tokens.
+    Row r reads through its block table `tables[r]` ([R, W], W blocks cover the context) under
+    a mask of its own positions. No Python number is read from the GPU, so the step can be
+    captured as a CUDA graph and replayed with new tables and positions. Rows with nothing to
+    decode point every entry of their table at a parking block that holds no real token.
     """
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor):
+    def __init__(self, cache: KVCache, tables: torch.Tensor, positions: torch.Tensor):
         self.cache = cache
-        self.positions = positions  # [S, 1]
-        keys = torch.arange(cache.context, device=positions.device)
-        self.mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [S, 1, 1, context]
-        self.rows = torch.arange(cache.slots, device=positions.device)[:, None]
+        bs = cache.block_size
+        offsets = torch.arange(bs, device=tables.device)
+        self.read_index = (tables[:, :, None] * bs + offsets).reshape(tables.shape[0], -1)  # [R, W x bs]
+        self.write_index = self.read_index.gather(1, positions)[:, 0]  # [R]
+        keys = torch.arange(self.read_index.shape[1], device=positions.device)
+        self.mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [R, 1, 1, W x bs]
 
     def attend(self, layer: int, q, k, v, scale: float, upcast: bool) -> torch.Tensor:
         ck, cv = self.cache.k[layer], self.cache.v[layer]
-        ck[self.rows, :, self.positions] = k.transpose(1, 2).to(ck.dtype)
-        cv[self.rows, :, self.positions] = v.transpose(1, 2).to(cv.dtype)
+        ck[:, self.write_index] = k[:, :, 0].transpose(0, 1).to(ck.dtype)
+        cv[:, self.write_index] = v[:, :, 0].transpose(0, 1).to(cv.dtype)
         kv_dtype = torch.float32 if upcast else ck.dtype
-        return F.scaled_dot_product_attention(q.to(kv_dtype), ck.to(kv_dtype), cv.to(kv_dtype), attn_mask=self.mask,
+        kb = ck[:, self.read_index].transpose(0, 1).to(kv_dtype)  # [R, H, W x bs, D]
+        vb = cv[:, self.read_index].transpose(0, 1).to(kv_dtype)
+        return F.scaled_dot_product_attention(q.to(kv_dtype), kb, vb, attn_mask=self.mask,
                                               scale=scale).to(q.dtype)

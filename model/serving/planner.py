@@ -104,22 +104,51 @@ class Planner:
         return bool(self.waiting or self.running)
 
     def admit(self, now: float) -> Admissions:
-        """Which waiting requests get slots, oldest first while the pool has room, and which
-        waiting ones were cancelled or ran out of time."""
+        """Which waiting requests get slots, oldest first while the pool has room (rows to run and
+        KV blocks to hold them), and which waiting ones were cancelled or ran out of time."""
         plan, taken, blocked = Admissions([], []), set(), False
+        budget = self.unclaimed_blocks()
         for job in self.waiting:
             if job.cancelled or job.out_of_time(now):
                 plan.drop.append(job)
                 continue
             if blocked:
                 continue  # first come, first served: later requests wait behind the blocked one
-            got = self.pool.choose(job.prompt.tokens, job.n, taken)
+            prompt = job.prompt.tokens
+            got = self.pool.choose(prompt, job.n, taken, budget, job.max_new_tokens)
             if got is None:
                 blocked = True
                 continue
             taken.update(got[0])
+            if budget is not None:
+                budget -= self.pool.blocks_needed(len(prompt), job.max_new_tokens, job.n, got[1])
             plan.admit.append(Admission(job, *got))
         return plan
+
+    def unclaimed_blocks(self) -> Optional[int]:
+        """KV blocks the running requests will not need: the pool's blocks less what each may still
+        take (None without block tables)."""
+        blocks = self.pool.blocks
+        if blocks is None:
+            return None
+        return blocks.usable - sum(self.still_needed(job) for job in self.running)
+
+    def still_needed(self, job: Job) -> int:
+        """Blocks a running request may still take: its base's prompt and suggestion past what it
+        holds (one more while a prefill may copy a shared block), and each other suggestion's own
+        blocks past the prompt's full ones it shares."""
+        blocks = self.pool.blocks
+        length = len(job.prompt.tokens)
+        end = blocks.blocks_for(length + job.max_new_tokens)
+        forked = {row.slot for row in job.rows}
+        total = 0
+        for slot in job.slots:
+            if slot == job.base or slot in forked:
+                total += max(0, end - len(blocks.tables[slot]))
+                total += slot == job.base and job.prefilled < length
+            else:
+                total += end - length // blocks.block_size
+        return total
 
     def step(self, now: float, pace: Pace = (None, None)) -> StepPlan:
         """The running requests to stop, and the prompt chunks to prefill in this step."""

@@ -40,7 +40,7 @@ class ModelRunner:
                shared: Sequence[tuple[list[int], int]] = ()) -> torch.Tensor:
         """One token for each row: `tokens[b]` at `positions[b]` of `slots[b]`. Logits [B, V].
 
-        `shared`: groups of rows whose slots hold the same prompt, read once (kv_cache.CacheView).
+        `shared`: groups of rows whose sequences hold the same prompt, read once (kv_cache.CacheView).
         """
         if self.fixed_shape is not None:
             return self.fixed_shape.step(slots, tokens, positions).float().cpu()
@@ -49,6 +49,6 @@ class ModelRunner:
         hidden = self.model.transformer(ids, positions=pos, cache=self.cache.view(slots, pos, shared=shared))
         return self.model.lm_head(hidden[:, -1]).float().cpu()
 
-    def fork(self, src: int, dst: int, length: int, start: int) -> None:
-        """Make positions [start, length) of slot `dst` those of slot `src`."""
-        self.cache.copy_slot(src, dst, length, start=start)
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Make sequence `dst` hold positions [0, length) of `src` (shared blocks, kv_cache.fork)."""
+        self.cache.fork(src, dst, length)

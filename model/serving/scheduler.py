@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import Busy, Cancelled, WWTError
+from ..errors import BadRequest, Busy, Cancelled, WWTError
 from ..network.gpt import GPTWithHead
 from ..network.tokenizer import GPTTokenizer
 from .decode_graph import FixedShapeDecoder
@@ -39,7 +39,7 @@ EXTRA_ROUNDS = 2  # rounds of replacement rows for empty or duplicate suggestion
 class Scheduler:
     def __init__(self, model: GPTWithHead, tokenizer: GPTTokenizer, cache: KVCache,
                  fixed_shape: Optional[FixedShapeDecoder] = None, name: str = "this model", *,
-                 max_waiting: Optional[int] = None, max_waiting_per_client: Optional[int] = None,
+                 rows: Optional[int] = None, eviction: str = "next-use", max_waiting: Optional[int] = None, max_waiting_per_client: Optional[int] = None,
                  max_wait_s: Optional[float] = None):
         self.name = name
         # Admission bounds (EngineConfig); None or 0: no bound. Only requests still waiting for
@@ -48,10 +48,11 @@ class Scheduler:
         self.max_waiting_per_client = max_waiting_per_client or None
         self.max_wait_s = max_wait_s or None
         self.backlog = Backlog()
-        self.pool = SlotPool(cache.slots)
+        # rows: suggestions decoding at once (the busy slots); the KV pool's blocks bound the rest
+        self.pool = SlotPool(cache.blocks.handles, blocks=cache.blocks, rows=rows, eviction=eviction)
         self.planner = Planner(self.pool)
         self.runner = ModelRunner(model, cache, fixed_shape)
-        # The last position is where idle slots park in a fixed-shape step: never a real token.
+        # A row stops one position short of the context (the prompt window leaves room for it).
         self.policy = RowPolicy(tokenizer, model.config.vocab_size, max_length=cache.context - 1)
         self.counters = {"tokens_prefilled": 0, "tokens_reused": 0, "tokens_decoded": 0, "requests": 0,
                          "steps": 0, "max_batch": 0}
@@ -67,6 +68,7 @@ class Scheduler:
         """Queue `job`; Busy (at once, nothing queued) past the waiting bounds. `client` is who
         asked (an IP address, an editor id): one client may hold at most max_waiting_per_client
         of the waiting places."""
+        self._check_fits(job)
         with self._cond:
             if self._closed:
                 raise Cancelled("the engine is shut down")
@@ -76,6 +78,25 @@ class Scheduler:
             self.counters["requests"] += 1
             self._cond.notify_all()
         return Handle(job, self._wake)
+
+    def cache_stats(self) -> dict:
+        """What the KV cache holds now: rows, positions used and free, documents held, evictions."""
+        with self._cond:
+            blocks, pool = self.pool.blocks, self.pool
+            return {"rows": pool.rows, "block_size": blocks.block_size, "kv_tokens": blocks.usable * blocks.block_size,
+                    "kv_tokens_used": blocks.used_blocks() * blocks.block_size,
+                    "kv_tokens_free": blocks.free_blocks() * blocks.block_size,
+                    "kv_documents": pool.documents(), "evictions": pool.evictions, "eviction": pool.policy.name}
+
+    def _check_fits(self, job: Job) -> None:
+        """A request that could never run, not even alone on an empty cache, is refused at once."""
+        if job.n > self.pool.rows:
+            raise BadRequest(f"n={job.n} is more than the {self.pool.rows} suggestions {self.name} writes at once")
+        blocks = self.pool.blocks
+        need = self.pool.blocks_needed(len(job.prompt.tokens), job.max_new_tokens, job.n, 0)
+        if need > blocks.usable:
+            raise BadRequest(f"this request needs {need * blocks.block_size} KV-cache positions and {self.name} "
+                             f"holds {blocks.usable * blocks.block_size}; ask for fewer suggestions or a shorter text")
 
     def waiting(self) -> int:
         """Requests waiting for slots (not counting cancelled or timed-out ones not yet swept)."""
@@ -179,6 +200,7 @@ class Scheduler:
         for a in plan.admit:
             self.planner.waiting.remove(a.job)
             self.pool.reserve(a.slots, a.reused)
+            self.pool.recall(a.slots[0], a.job.prompt.tokens)
             a.job.slots, a.job.prefilled = a.slots, a.reused
             a.job.timings.queue_ms = (now - a.job.submitted) * 1000
             self.planner.running.append(a.job)
@@ -193,7 +215,7 @@ class Scheduler:
                 src, upto = donor
                 try:
                     with torch.inference_mode():
-                        self.runner.fork(src, job.base, upto, start=job.prefilled)
+                        self.runner.fork(src, job.base, upto)
                 except Exception:  # then the prompt is prefilled as if no slot held it
                     log.exception("copying a prefix between slots failed")
                 else:
@@ -265,7 +287,7 @@ class Scheduler:
         free = [s for s in job.slots if s not in busy]
         for slot in free[:count]:
             if slot != job.base:
-                self.runner.fork(job.base, slot, len(prompt), start=self.pool.shared_with(slot, prompt))
+                self.runner.fork(job.base, slot, len(prompt))
             self.pool.wrote(slot, prompt)
             job.rows.append(job.new_row(slot))
         started = job.rows[-count:]
