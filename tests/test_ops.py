@@ -84,6 +84,12 @@ def test_metrics_count_requests_refusals_and_latency(server, client):
     assert grew("wwt_request_duration_seconds_count", endpoint="complete", model="tiny") == 2
     assert grew("wwt_request_duration_seconds_bucket", endpoint="stream", model="tiny", le="+Inf") == 1
     assert metric(after, "wwt_errors_total", endpoint="complete", model="tiny", kind="internal") == 0
+    # the KV cache: what it holds, and how much of the prompts it gave back
+    used, free = metric(after, "wwt_kv_tokens_used", model="tiny"), metric(after, "wwt_kv_tokens_free", model="tiny")
+    assert used > 0 and free > 0 and "# TYPE wwt_kv_evictions_total counter" in after
+    assert grew("wwt_prompt_tokens_prefilled_total", model="tiny") > 0
+    reused, prefilled = (metric(after, f"wwt_prompt_tokens_{k}_total", model="tiny") for k in ("reused", "prefilled"))
+    assert metric(after, "wwt_kv_reuse_ratio", model="tiny") == pytest.approx(reused / (reused + prefilled))
 
 
 # -- issue 12, point 7: odd inputs are a readable message and change nothing ---------------------
@@ -284,6 +290,11 @@ def test_celery_healthz_and_metrics_follow_the_workers(tiny_gpt2, tmp_path_facto
         assert metric(text, "wwt_queue_depth", model="tiny") == 0
         assert metric(text, "wwt_suggestion_cache_hits_total", kind="exact") >= 1
         assert metric(text, "wwt_requests_total", endpoint="complete", model="tiny") == 2
+        # the worker's KV-cache gauges, from its heartbeats (one beat after its request)
+        wait_for(lambda: metric(_get(web.url + "metrics")[2], "wwt_prompt_tokens_prefilled_total", model="tiny") > 0,
+                 30, "the worker's KV-cache gauges in /metrics")
+        _, _, text = _get(web.url + "metrics")
+        assert metric(text, "wwt_kv_tokens_used", model="tiny") > 0 and metric(text, "wwt_kv_tokens_free", model="tiny") > 0
     finally:
         if worker is not None:
             worker.stop()

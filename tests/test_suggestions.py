@@ -125,4 +125,4 @@ def test_stats_add_up(make_engine):
         assert stats[k] == v, k
     assert stats["requests"] == len(texts)
     assert stats["tokens_reused"] > 0
-    assert stats["slots"] == 8 and stats["memory_bytes"] > stats["cache_bytes"] > 0
+    assert stats["rows"] == 8 and stats["kv_tokens"] == 8 * engine.config.n_positions and stats["memory_bytes"] > stats["cache_bytes"] > 0

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from .affinity import drop_orphaned_queues
 
@@ -106,9 +106,12 @@ class Heartbeat:
     Redis being briefly unreachable is logged, not fatal: the next beat announces again.
     """
 
-    def __init__(self, client, model: str, node: str, info: dict, interval: float = 5.0, ttl: float = 15.0):
-        """`interval` and `ttl`: QueueConfig.heartbeat_s and heartbeat_ttl_s."""
+    def __init__(self, client, model: str, node: str, info: dict, interval: float = 5.0, ttl: float = 15.0,
+                 live: Optional[Callable[[], dict]] = None):
+        """`interval` and `ttl`: QueueConfig.heartbeat_s and heartbeat_ttl_s. `live` gives the facts that
+        change (the engine's KV-cache gauges), read at every beat."""
         self.client, self.model, self.node, self.info = client, model, node, info
+        self.live = live
         self.interval = interval
         self.ttl = max(ttl, 2 * self.interval)
         self._stop = threading.Event()
@@ -117,7 +120,13 @@ class Heartbeat:
 
     def beat(self) -> bool:
         try:
-            announce(self.client, self.model, self.node, self.info, self.ttl)
+            info = self.info
+            if self.live is not None:
+                try:
+                    info = {**info, **self.live()}
+                except Exception as e:  # a fact missing for one beat; the worker is alive all the same
+                    log.debug("live facts unavailable: %s", e)
+            announce(self.client, self.model, self.node, info, self.ttl)
             if self.info.get("queue"):
                 drop_orphaned_queues(self.client, self.model, self.info["queue"])
         except Exception as e:

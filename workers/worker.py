@@ -58,7 +58,7 @@ def engine_info(engine, spec, device, concurrency: int) -> dict:
     info["precision"] = str(getattr(engine, "precision", "") or "")
     for key, get in (("parameters", lambda: config.parameter_count()), ("memory_bytes", engine.memory_bytes),
                      ("weight_bytes", lambda: engine.weight_bytes()),
-                     ("slots", lambda: engine.cache.slots)):
+                     ("rows", lambda: engine.rows), ("kv_tokens", lambda: engine.cache.tokens)):
         try:
             info[key] = int(get())
         except Exception:  # optional facts; a worker serves without them
@@ -116,7 +116,8 @@ def run_worker(args) -> int:
     tasks.serve(spec.name, engine, redis_client=client, node=node)
     heartbeat = Heartbeat(client, spec.name, node,
                           {**engine_info(engine, spec, device, concurrency), "queue": own_queue},
-                          interval=queue_config.heartbeat_s, ttl=queue_config.heartbeat_ttl_s)
+                          interval=queue_config.heartbeat_s, ttl=queue_config.heartbeat_ttl_s,
+                          live=getattr(engine, "kv_gauges", None))
 
     def on_ready(**_):
         heartbeat.start()

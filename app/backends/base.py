@@ -23,6 +23,10 @@ from model.types import (Answer, AnswerRequest, Classification, ClassifyRequest,
 log = logging.getLogger(__name__)
 
 
+# The engine's KV-cache gauges a backend reports per model (Engine.kv_gauges): positions used and
+# free, evictions, prompt tokens reused and prefilled (the last three only grow).
+KV_GAUGES = ("kv_tokens_used", "kv_tokens_free", "kv_evictions", "tokens_reused", "tokens_prefilled")
+
 class EventStream:
     """The events of one streamed completion (model/streaming.py): iterate them on one thread;
     `cancel()` may come from any other (an HTTP client that went away) and stops the work.
@@ -235,7 +239,8 @@ class Backend(ABC):
     @abstractmethod
     def model_gauges(self) -> dict[str, dict]:
         """Per offered model, what /metrics shows: {"queue_depth": n, and "loaded" (0/1) or
-        "live_workers": n}. Raises BackendUnavailable when the state cannot be read."""
+        "live_workers": n, and the engines' KV_GAUGES where known}. Raises BackendUnavailable when
+        the state cannot be read."""
 
     clients: ClientBound = ClientBound(None)  # each backend sets its own, from its configuration
 

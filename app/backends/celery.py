@@ -33,7 +33,7 @@ from workers.queues import redis_url as default_redis_url
 from workers.registry import live_workers, served_models, task_holder
 from workers.suggestion_cache import SuggestionCache
 
-from .base import Backend, ClientBound, EventStream
+from .base import KV_GAUGES, Backend, ClientBound, EventStream
 from .documents import RedisDocumentStore
 
 log = logging.getLogger(__name__)
@@ -445,6 +445,9 @@ class CeleryBackend(Backend):
         for name in self.models():
             live = self._redis(live_workers, self.redis, name)
             gauges[name] = {"live_workers": len(live), "queue_depth": sum(self.queue_lengths(name, live).values())}
+            for key in KV_GAUGES:  # summed over the live workers' last announcements
+                if any(key in w for w in live):
+                    gauges[name][key] = sum(int(w.get(key, 0)) for w in live)
         return gauges
 
     def security_warning(self, for_operator: bool = True) -> Optional[str]:

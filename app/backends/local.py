@@ -106,7 +106,8 @@ class LocalBackend(Backend):
         if engine is not None:
             info.update(parameters=engine.config.parameter_count(), device=str(engine.device),
                         dtype=str(engine.dtype).replace("torch.", ""), precision=engine.precision,
-                        weight_bytes=engine.weight_bytes(), slots=engine.cache.slots)
+                        weight_bytes=engine.weight_bytes(), rows=engine.rows,
+                        kv_tokens=engine.cache.tokens)
         elif spec.source in KNOWN_SHAPES:
             info["parameters"] = GPTConfig(**KNOWN_SHAPES[spec.source],
                                            model_type="openai-gpt" if spec.source == "openai-gpt" else "gpt2"
@@ -211,7 +212,8 @@ class LocalBackend(Backend):
         with self._lock:
             engines = dict(self._engines)
         return {name: {"loaded": int(name in engines),
-                       "queue_depth": engines[name].scheduler.waiting() if name in engines else 0}
+                       "queue_depth": engines[name].scheduler.waiting() if name in engines else 0,
+                       **(engines[name].kv_gauges() if name in engines else {})}
                 for name in self.models()}
 
     def close(self) -> None:

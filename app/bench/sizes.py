@@ -241,7 +241,7 @@ def format_report(report: dict) -> str:
                   "(x.sum() over 1 GiB); × bound: the time over it", ""]
         for r in ok:
             lines.append(f"{r['size']} {r['precision']}: reads {r['step_read_mb']:,.0f} MB a step at "
-                         f"{r['read_bandwidth_gb_s']:.1f} GB/s; {r['slots']} slots; engine: "
+                         f"{r['read_bandwidth_gb_s']:.1f} GB/s; {r['kv_tokens']} KV positions; engine: "
                          + ", ".join(f"{k} {_plain(v)}" for k, v in r["engine"].items()))
     return "\n".join(lines)
 

@@ -110,8 +110,7 @@ def step_read_bytes(model) -> int:
 def kv_read_bytes(engine, tokens: int) -> int:
     """KV-cache bytes one row's decode step reads at `tokens` of context (keys and values, every layer)."""
     cache = engine.cache
-    per_position = cache.nbytes() // (cache.slots * cache.context)
-    return per_position * tokens
+    return cache.bytes_per_token() * tokens
 
 
 # -- memory at load ---------------------------------------------------------------------------
@@ -258,7 +257,7 @@ def measure(folder: Path, precision: str, device: torch.device, quick: bool, cra
             "memory_at_load_mb": memory / 2**20, "memory_source": source,
             "weights_and_cache_mb": weights_and_cache / 2**20, "memory_ratio": memory / weights_and_cache,
             "weights_mb": engine.weight_bytes() / 2**20, "kv_cache_mb": engine.cache.nbytes() / 2**20,
-            "slots": engine.cache.slots, "step_read_mb": read / 2**20, "read_bandwidth_gb_s": bandwidth / 1e9,
+            "rows": engine.rows, "kv_tokens": engine.cache.tokens, "step_read_mb": read / 2**20, "read_bandwidth_gb_s": bandwidth / 1e9,
             "bound_ms": bound_ms, "decode_step_ms": step_ms, "decode_x_bound": step_ms / bound_ms,
             "kv_read_decode_mb": kv_read_bytes(engine, DECODE_PROMPT_TOKENS) / 2**20,
             **keys, "keystroke_x_bound": keys["keystroke_ms"] / bound_ms,

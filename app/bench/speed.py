@@ -262,7 +262,7 @@ class Bench:
         weights = self.engine.memory_bytes() - self.engine.cache.nbytes()
         ref = sum(p.numel() * p.element_size() for p in self.ref.parameters())
         return {"engine_weights_mb": weights / 2**20, "cache_pool_mb": self.engine.cache.nbytes() / 2**20,
-                "slots": self.engine.cache.slots, "engine_total_mb": self.engine.memory_bytes() / 2**20,
+                "rows": self.engine.rows, "kv_tokens": self.engine.cache.tokens, "engine_total_mb": self.engine.memory_bytes() / 2**20,
                 "reference_weights_mb": ref / 2**20,
                 "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -299,7 +299,7 @@ def _print(results: dict) -> None:
     m = results.get("memory")
     if m:
         print(f"5. memory: weights {m['engine_weights_mb']:.0f} MB + cache pool {m['cache_pool_mb']:.0f} MB "
-              f"({m['slots']} slots) = {m['engine_total_mb']:.0f} MB; reference weights "
+              f"({m['kv_tokens']} positions) = {m['engine_total_mb']:.0f} MB; reference weights "
               f"{m['reference_weights_mb']:.0f} MB; process peak RSS {m['process_peak_rss_mb']:.0f} MB")
     w = results.get("writers")
     if w:

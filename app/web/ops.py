@@ -18,6 +18,13 @@ worker, model not loaded yet). It runs no model.
                                                     (celery) or the engine's waiting list (embedded)
     wwt_live_workers{model}                         workers announcing the model now (celery)
     wwt_model_loaded{model}                         1 when the engine is in memory (embedded)
+    wwt_kv_tokens_used{model}, wwt_kv_tokens_free{model}
+                                                    KV-cache positions held and free (embedded: the engine;
+                                                    celery: summed over live workers' last heartbeats)
+    wwt_kv_evictions_total{model}                   documents evicted from a full KV cache
+    wwt_prompt_tokens_reused_total{model}, wwt_prompt_tokens_prefilled_total{model}
+                                                    prompt tokens found in the cache, and computed
+    wwt_kv_reuse_ratio{model}                       reused / (reused + prefilled) since the engine started
     wwt_ready                                       what /healthz says, as 1 or 0
     wwt_backend_up                                  0 when Redis could not be read for this scrape
 
@@ -118,13 +125,14 @@ class BackendCollector:
         ok, families = 1, []
         try:
             ready.add_metric([], 1 if backend.health()["ready"] else 0)
-            for name, gauges in backend.model_gauges().items():
+            per_model = backend.model_gauges()
+            for name, gauges in per_model.items():
                 depth.add_metric([name], gauges.get("queue_depth", 0))
                 if "loaded" in gauges:
                     loaded.add_metric([name], gauges["loaded"])
                 if "live_workers" in gauges:
                     workers.add_metric([name], gauges["live_workers"])
-            families = [f for f in (loaded, workers) if f.samples]
+            families = [f for f in (loaded, workers) if f.samples] + kv_families(per_model)
             stats = backend.cache_stats()
             if stats:
                 hits = CounterMetricFamily("wwt_suggestion_cache_hits", "Suggestion-cache hits (all app processes)",
@@ -142,6 +150,27 @@ class BackendCollector:
         yield up
         yield ready
         yield depth
+
+
+def kv_families(gauges: dict[str, dict]) -> list:
+    """The KV-cache families, for the models whose engines report them (Engine.kv_gauges)."""
+    used = GaugeMetricFamily("wwt_kv_tokens_used", "KV-cache positions held", labels=["model"])
+    free = GaugeMetricFamily("wwt_kv_tokens_free", "KV-cache positions free", labels=["model"])
+    evictions = CounterMetricFamily("wwt_kv_evictions", "Documents evicted from a full KV cache", labels=["model"])
+    reused = CounterMetricFamily("wwt_prompt_tokens_reused", "Prompt tokens found in the KV cache", labels=["model"])
+    prefilled = CounterMetricFamily("wwt_prompt_tokens_prefilled", "Prompt tokens computed", labels=["model"])
+    ratio = GaugeMetricFamily("wwt_kv_reuse_ratio", "Prompt tokens reused / (reused + prefilled)", labels=["model"])
+    for name, g in gauges.items():
+        if "kv_tokens_used" not in g:
+            continue
+        used.add_metric([name], g["kv_tokens_used"])
+        free.add_metric([name], g["kv_tokens_free"])
+        evictions.add_metric([name], g["kv_evictions"])
+        reused.add_metric([name], g["tokens_reused"])
+        prefilled.add_metric([name], g["tokens_prefilled"])
+        total = g["tokens_reused"] + g["tokens_prefilled"]
+        ratio.add_metric([name], g["tokens_reused"] / total if total else 0.0)
+    return [f for f in (used, free, evictions, reused, prefilled, ratio) if f.samples]
 
 
 def metrics_text(backend) -> bytes:

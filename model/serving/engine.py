@@ -369,6 +369,14 @@ class Engine:
                 "memory_bytes": self.memory_bytes(), "one_row_kernels": dict(self.one_row_kernels),
                 "int8_kernel": int8_kernel_in_use(self.model), "kv_dtype": str(self.kv_dtype).replace("torch.", "")}
 
+    def kv_gauges(self) -> dict:
+        """What /metrics shows of the KV cache: positions used and free, evictions so far, and the
+        prompt tokens reused and prefilled so far (their ratio is the reuse rate)."""
+        s = self.stats()
+        return {"kv_tokens_used": s["kv_tokens_used"], "kv_tokens_free": s["kv_tokens"] - s["kv_tokens_used"],
+                "kv_evictions": s["evictions"], "tokens_reused": s["tokens_reused"],
+                "tokens_prefilled": s["tokens_prefilled"]}
+
     def weight_bytes(self) -> int:
         """The weights in memory: the model's (quantized or not, with any CPU packed copies) and the
         extra heads' own layers."""
