@@ -117,9 +117,12 @@ class BlockTables:
         self.tables[dst] = list(shared)
         if not partial:
             return []
+        source = self.tables[src][full]
+        self.refs[source] += 1  # held while a block is found: finding one may evict `src` itself
         new = self._take(dst, full, 1)[0]
         self.tables[dst].append(new)
-        return [(self.tables[src][full], new)]
+        self._unref(source)  # if that freed it, nothing is written into it before the copy is made
+        return [(source, new)]
 
     def truncate(self, handle: int, length: int) -> None:
         """Keep only the blocks positions [0, length) need."""

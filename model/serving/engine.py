@@ -25,7 +25,7 @@ from .raw_text import raw_prompt, token_pieces, token_text
 from .cpu_kernels import packed_bytes, prepare_for_cpu
 from .decode_graph import FixedShapeDecoder
 from .engine_config import EngineConfig
-from .kv_cache import BLOCK_SIZE, KVCache
+from .kv_cache import KVCache
 from .loading import default_device, load_with_heads_at
 from .quantize import FLOATS, QUANTIZED, int8_kernel_in_use, precision_name, weight_bytes
 from .sampling import SamplingSettings
@@ -95,11 +95,12 @@ class Engine:
         self.packed, self.one_row_kernels = cpu["packed"], cpu["one_row_kernels"]
         self.rows, kv_tokens = kv_sizes(config, self.config, self.device, self.kv_dtype)
         cuda_graph = self.device.type == "cuda" if config.cuda_graph is None else config.cuda_graph
+        block = config.kv_block
         if cuda_graph:  # the fixed-shape step parks its idle rows in a block of their own
-            kv_tokens += BLOCK_SIZE
-        handles = -(-kv_tokens // BLOCK_SIZE) + self.rows  # every block held by its own document, and the rows
+            kv_tokens += block
+        handles = -(-kv_tokens // block) + self.rows  # every block held by its own document, and the rows
         self.cache = in_fresh_thread(KVCache, self.config, tokens=kv_tokens, handles=handles, dtype=self.kv_dtype,
-                                     device=self.device)
+                                     device=self.device, block_size=block)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.config.eos_token_id
         fixed = FixedShapeDecoder(lm, self.cache, self.rows, capture=self.device.type == "cuda") if cuda_graph else None
         self.scheduler = Scheduler(lm, tokenizer, self.cache, fixed, name=name, rows=self.rows,
