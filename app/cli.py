@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=settings.get("WWT_REDIS_URL"))
     p.add_argument("--device", default=settings.get("WWT_DEVICE") or None)
     p.add_argument("--slots", type=int, default=settings.get_int("WWT_SLOTS", default=None),
-                   help="KV-cache slots of the worker's engine")
+                   help="shorthand: N rows and a KV cache of N x context positions for the worker's engine")
     _add_dtype_arg(p)
     p.set_defaults(func=cmd_worker)
 

@@ -556,14 +556,14 @@ def test_shared_prefix_attention_equals_per_row_reads(lm_pair, monkeypatch):
     calls = []
     inner = kv_cache.CacheView._attend_shared
     monkeypatch.setattr(kv_cache.CacheView, "_attend_shared",
-                        lambda self, *a, **kw: calls.append(a[3]) or inner(self, *a, **kw))
+                        lambda self, *a, **kw: calls.append(a[2].shape[0]) or inner(self, *a, **kw))
     with torch.no_grad():
         shared = ours.lm_head(ours.transformer(ids, positions=positions,
                                                cache=cache.view(slots, positions, shared=[([0, 2, 3], len(prompt))])))
         cache.k.copy_(before[0])
         cache.v.copy_(before[1])
         alone = ours.lm_head(ours.transformer(ids, positions=positions, cache=cache.view(slots, positions)))
-    assert calls == [[0, 2, 3]] * ours.config.n_layer
+    assert calls == [3] * ours.config.n_layer  # the group's three rows, once a layer
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
     expected = full_logits(ours, prompt + own[2][:3])[-1]
     torch.testing.assert_close(shared[3, -1], expected, atol=ATOL, rtol=0)

@@ -65,7 +65,7 @@ def test_suggestions_reading_their_shared_prompt_once_equal_independent_runs(mak
     groups = []
     inner = kv_cache.CacheView._attend_shared
     monkeypatch.setattr(kv_cache.CacheView, "_attend_shared",
-                        lambda self, *a, **kw: groups.append(len(a[3])) or inner(self, *a, **kw))
+                        lambda self, *a, **kw: groups.append(a[2].shape[0]) or inner(self, *a, **kw))
     shared = suggest(make_engine(), text, n=3, seed=seed, max_new_tokens=10, stop=None)
     assert groups and max(groups) == 3
     for i in range(3):

@@ -83,15 +83,24 @@ class KVCache(nn.Module):
         """Blocks for positions [start, end) of `handle`, its own (copied first where shared)."""
         self.copy_blocks(self.blocks.writable(handle, start, end))
 
-    def read(self, buffer: torch.Tensor, handle: int, length: int, start: int = 0) -> torch.Tensor:
-        """Positions [start, length) of a sequence from one layer's buffer [H, N, D]: [H, L, D], a
-        view when its blocks are consecutive, else a gathered copy."""
+    def reader(self, handle: int, length: int, start: int = 0):
+        """How to read positions [start, length) of a sequence from a layer's buffer: a slice when
+        its blocks are consecutive (a view, no copy), else an index tensor (a gathered copy). Worked
+        out once per pass and used in every layer."""
         runs = self.blocks.runs(handle, length, start)
         if len(runs) == 1:
             first, count = runs[0]
-            return buffer[:, first:first + count]
-        index = torch.tensor(self.blocks.token_index(handle, list(range(start, length))), device=buffer.device)
-        return buffer.index_select(1, index)
+            return slice(first, first + count)
+        return torch.tensor(self.blocks.token_index(handle, range(start, length)), device=self.k.device)
+
+    def read(self, buffer: torch.Tensor, handle: int, length: int, start: int = 0) -> torch.Tensor:
+        """Positions [start, length) of a sequence from one layer's buffer [H, N, D]: [H, L, D]."""
+        return read(buffer, self.reader(handle, length, start))
+
+
+def read(buffer: torch.Tensor, reader) -> torch.Tensor:
+    """A layer's buffer [H, N, D] read through a KVCache.reader: [H, L, D]."""
+    return buffer[:, reader] if isinstance(reader, slice) else buffer.index_select(1, reader)
 
 
 GATHER_MIN_ROWS = 4
@@ -146,6 +155,11 @@ class CacheView:
             self.gather_mask = keys[None, None, None, :] <= positions[:, None, :, None]
             self.gather_index = torch.tensor([cache.blocks.token_index(h, range(length)) + [0] * (longest - length)
                                               for h, length in zip(self.slots, self.lengths)], device=device)
+        # how each solo row reads its positions, and each shared group its prefix, in every layer
+        self.readers = {b: cache.reader(self.slots[b], self.lengths[b]) for b in self.solo} \
+            if self.gather_mask is None else {}
+        self.prefix_readers = [cache.reader(self.slots[rows[0]], prefix) for rows, prefix in self.shared]
+        self.own = [self._own_positions(rows, prefix) for rows, prefix in self.shared]
         self.masks = [None] * len(self.slots)
         if T > 1:  # several new tokens: each sees the sequence's earlier positions and the ones before it
             for b, length in enumerate(self.lengths):
@@ -169,33 +183,37 @@ class CacheView:
             return F.scaled_dot_product_attention(q.to(kv_dtype), kb, vb, attn_mask=self.gather_mask,
                                                   scale=scale).to(q.dtype)
         out = torch.empty_like(q)
-        for rows, prefix in self.shared:
-            out[rows] = self._attend_shared(ck, cv, q[rows], rows, prefix, scale, kv_dtype).to(q.dtype)
+        for (rows, _), reader, own in zip(self.shared, self.prefix_readers, self.own):
+            out[rows] = self._attend_shared(ck, cv, q[rows], reader, own, scale, kv_dtype).to(q.dtype)
         for b in self.solo:  # a view per row when its blocks are consecutive: no copy
-            h, length = self.slots[b], self.lengths[b]
-            kb, vb = self.cache.read(ck, h, length)[None], self.cache.read(cv, h, length)[None]
+            kb, vb = read(ck, self.readers[b])[None], read(cv, self.readers[b])[None]
             out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1].to(kv_dtype), kb.to(kv_dtype), vb.to(kv_dtype),
                                                           attn_mask=self.masks[b], scale=scale)
         return out
 
-    def _attend_shared(self, ck, cv, q, rows, prefix: int, scale: float, kv_dtype) -> torch.Tensor:
-        """One decode token for each of `rows`: the shared prefix from the first row's sequence, read
-        once for all of them, then each row's own later positions; the two softmaxes are merged
-        through their log-sum-exps (as flash-decoding does), in float32. [n, H, 1, D]."""
-        first = self.slots[rows[0]]
+    def _own_positions(self, rows: list[int], prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each row of a shared group keeps its positions past the prefix ([n, own] pool
+        tokens; a shorter row repeats its last one) and which of them are past its end ([n, own])."""
         own = max(self.lengths[b] for b in rows) - prefix
-        qg = q[:, :, 0].transpose(0, 1)  # [H, n, D]
-        kp, vp = self.cache.read(ck, first, prefix)[None], self.cache.read(cv, first, prefix)[None]  # [1, H, P, D]
-        out_p, lse = _prefix_attention(qg[None].to(kv_dtype), kp.to(kv_dtype), vp.to(kv_dtype), scale)
         index = []
-        for b in rows:  # each row's own positions; a shorter row repeats its last one (masked below)
+        for b in rows:
             mine = self.cache.blocks.token_index(self.slots[b], range(prefix, self.lengths[b]))
             index.append(mine + mine[-1:] * (own - len(mine)))
-        index = torch.tensor(index, device=q.device)  # [n, own]
+        device = self.positions.device
+        ends = torch.tensor([self.lengths[b] - prefix for b in rows], device=device)
+        return torch.tensor(index, device=device), torch.arange(own, device=device)[None, :] >= ends[:, None]
+
+    def _attend_shared(self, ck, cv, q, reader, own, scale: float, kv_dtype) -> torch.Tensor:
+        """One decode token for each row of a group: the shared prefix from the first row's sequence
+        (`reader`), read once for all of them, then each row's own later positions (`own`, from
+        _own_positions); the two softmaxes are merged through their log-sum-exps (as flash-decoding
+        does), in float32. [n, H, 1, D]."""
+        index, past_end = own
+        qg = q[:, :, 0].transpose(0, 1)  # [H, n, D]
+        kp, vp = read(ck, reader)[None], read(cv, reader)[None]  # [1, H, P, D]
+        out_p, lse = _prefix_attention(qg[None].to(kv_dtype), kp.to(kv_dtype), vp.to(kv_dtype), scale)
         ks, vs = ck[:, index].float(), cv[:, index].float()  # [H, n, own, D]
         scores = torch.einsum("hnd,hnsd->hns", qg.float(), ks) * scale  # [H, n, own]
-        ends = torch.tensor([self.lengths[b] - prefix for b in rows], device=q.device)
-        past_end = torch.arange(own, device=q.device)[None, :] >= ends[:, None]  # [n, own]
         scores.masked_fill_(past_end, float("-inf"))
         lse = lse[0].float()  # [H, n]
         top = torch.maximum(lse, scores.amax(dim=-1))
