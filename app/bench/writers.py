@@ -107,7 +107,7 @@ def step_by_placement(engine, text: str, tokens: int = 900, steps: int = 7) -> d
     cache, runner = engine.cache, engine.scheduler.runner
     ids = engine.tokenizer.encode(text)[:tokens]
     first = cache.blocks.handles - 8  # idle pool: the last handles are never the first given out
-    out = {}
+    out = {"tokens": len(ids)}
     with torch.inference_mode():
         for layout in ("consecutive", "interleaved"):
             base, other, forks = first, first + 1, [first + 2, first + 3]
@@ -133,24 +133,27 @@ def step_by_placement(engine, text: str, tokens: int = 900, steps: int = 7) -> d
     return out
 
 
-def many_writers(make_engine: Callable, document: Callable[[int, int], str], quick: bool = False) -> dict:
+def many_writers(make_engine: Callable, document: Callable[[int, int], str], quick: bool = False,
+                 lengths: tuple = LENGTHS, turn_length: int = TURN_LENGTH) -> dict:
     """`make_engine(**config)` gives a fresh engine with the bench's KV cache and these changes to its
-    configuration (kv_eviction, kv_block)."""
+    configuration (kv_eviction, kv_block). Documents of `lengths` tokens are fitted, the longest is
+    the placement's, and `turn_length` is typed in turn."""
     engine = make_engine()
     try:
-        placement = engine.run_on_model_thread(lambda: step_by_placement(engine, document(900, 123)))
+        longest = max(lengths)
+        placement = engine.run_on_model_thread(lambda: step_by_placement(engine, document(longest, 123), longest))
     finally:
         engine.close()
-    fits = [documents_that_fit(make_engine, document, n) for n in LENGTHS]
-    block64 = documents_that_fit(lambda: make_engine(kv_block=64), document, TURN_LENGTH)
-    fit = next(f["held"] for f in fits if f["tokens"] == TURN_LENGTH)
+    fits = [documents_that_fit(make_engine, document, n) for n in lengths]
+    block64 = documents_that_fit(lambda: make_engine(kv_block=64), document, turn_length)
+    fit = next(f["held"] for f in fits if f["tokens"] == turn_length)
     rounds = 2 if quick else 3
     turns = []
     for multiple in (1, 2, 4):
         count = max(1, fit * multiple)
         engine = make_engine()
         try:
-            texts = [document(TURN_LENGTH, 9000 + d) for d in range(count)]
+            texts = [document(turn_length, 9000 + d) for d in range(count)]
             row = typed_trace(engine, texts, round_robin(count, rounds))
         finally:
             engine.close()
@@ -166,13 +169,13 @@ def many_writers(make_engine: Callable, document: Callable[[int, int], str], qui
                 warm = count + 4
             engine = make_engine(kv_eviction=policy)
             try:
-                texts = [document(TURN_LENGTH, 11000 + d) for d in range(count + 4)]
+                texts = [document(turn_length, 11000 + d) for d in range(count + 4)]
                 row = typed_trace(engine, texts, order, warm=warm)
             finally:
                 engine.close()
             policies.append({"policy": policy, "trace": trace, "documents": count, **row})
     return {"fits": fits, "turns": turns, "policies": policies, "fit": fit, "placement": placement,
-            "block64": block64}
+            "block64": block64, "turn_length": turn_length}
 
 
 def format_report(result: dict) -> str:
@@ -182,7 +185,7 @@ def format_report(result: dict) -> str:
                      f"({f['kv_tokens']} positions) = {f['per_gb']:.1f} per GB of KV cache; whole-context slots "
                      f"{f['slots_per_gb']:.1f} per GB; {f['ratio']:.2f}x")
     for t in result["turns"]:
-        lines.append(f"   {t['multiple']}x what fits ({t['documents']} documents of {TURN_LENGTH} tokens) in turn: "
+        lines.append(f"   {t['multiple']}x what fits ({t['documents']} documents of {result['turn_length']} tokens) in turn: "
                      f"{100 * t['reused_document']:.0f}% of keystrokes reused their document, "
                      f"{100 * t['reuse_rate']:.0f}% of prompt tokens; keystroke median {t['median_ms']:.0f} ms, "
                      f"p95 {t['p95_ms']:.0f} ms")
@@ -191,13 +194,13 @@ def format_report(result: dict) -> str:
                      f"{100 * p['reused_document']:.0f}% of keystrokes reused their document, "
                      f"keystroke median {p['median_ms']:.0f} ms")
     pl = result["placement"]
-    lines.append(f"   900-token document, decode step of 1 / 3 suggestions: consecutive blocks ({pl['consecutive_runs']} "
+    lines.append(f"   {pl['tokens']}-token document, decode step of 1 / 3 suggestions: consecutive blocks ({pl['consecutive_runs']} "
                  f"run) {pl['consecutive_1_ms']:.1f} / {pl['consecutive_3_ms']:.1f} ms; interleaved "
                  f"({pl['interleaved_runs']} runs, gathered) {pl['interleaved_1_ms']:.1f} / "
                  f"{pl['interleaved_3_ms']:.1f} ms ({pl['interleaved_1_ms'] / pl['consecutive_1_ms']:.2f}x / "
                  f"{pl['interleaved_3_ms'] / pl['consecutive_3_ms']:.2f}x)")
-    b16 = next(f for f in result["fits"] if f["tokens"] == TURN_LENGTH)
+    b16 = next(f for f in result["fits"] if f["tokens"] == result["turn_length"])
     b64 = result["block64"]
-    lines.append(f"   {TURN_LENGTH}-token documents per GB: blocks of 16 positions {b16['per_gb']:.1f}, "
+    lines.append(f"   {result['turn_length']}-token documents per GB: blocks of 16 positions {b16['per_gb']:.1f}, "
                  f"of 64 {b64['per_gb']:.1f}")
     return "\n".join(lines)
