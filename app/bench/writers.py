@@ -80,7 +80,10 @@ def typed_trace(engine, texts: list[str], order: list[int], warm: int = 0) -> di
             prompt += length
             latencies.append(ms)
         seen[d] = length
+    pool, blocks = engine.scheduler.pool, engine.cache.blocks
+    runs = [len(blocks.runs(h, len(pool.held(h)))) for h in pool.document_slots()]
     return {"keystrokes": counted, "reused_document": hits / max(1, counted), "reuse_rate": reused / max(1, prompt),
+            "runs_per_document": statistics.mean(runs) if runs else 0.0,
             "median_ms": statistics.median(latencies) if latencies else 0.0,
             "p95_ms": _pct(latencies, 95) if latencies else 0.0}
 
@@ -188,7 +191,7 @@ def format_report(result: dict) -> str:
         lines.append(f"   {t['multiple']}x what fits ({t['documents']} documents of {result['turn_length']} tokens) in turn: "
                      f"{100 * t['reused_document']:.0f}% of keystrokes reused their document, "
                      f"{100 * t['reuse_rate']:.0f}% of prompt tokens; keystroke median {t['median_ms']:.0f} ms, "
-                     f"p95 {t['p95_ms']:.0f} ms")
+                     f"p95 {t['p95_ms']:.0f} ms; held documents in {t['runs_per_document']:.1f} runs of blocks")
     for p in result["policies"]:
         lines.append(f"   {p['policy']:>8}, {p['trace']:<11} ({p['documents']} documents): "
                      f"{100 * p['reused_document']:.0f}% of keystrokes reused their document, "

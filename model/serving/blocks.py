@@ -10,10 +10,14 @@ blocks, and a document that begins like another points at their common full bloc
 block is never written: writing into one copies it first (copy on write), so only the block a
 sequence is still filling is ever copied, never a whole prompt.
 
-Placement keeps a sequence's blocks consecutive where the pool allows (the block after its
-last one first, else the first free run long enough), because a run of consecutive blocks is
-read as one view of the pool with no copy: on a CPU, with no paged-attention kernel, that is
-what keeps a long document's step as cheap as a contiguous slot's.
+Placement keeps a document's blocks consecutive where the pool allows, because a run of
+consecutive blocks is read as one view of the pool with no copy: on a CPU, with no
+paged-attention kernel, that is what keeps a long document's step as cheap as a contiguous
+slot's (a scattered one is gathered for every step: 1.4-1.6x the step at 900 tokens, measured in
+docs/performance.md). So a growing sequence takes the block after its last one when it is free;
+a document placed anew takes the first free run with GROWTH_GAP blocks to spare after it, so
+the next documents leave it room to grow; and the suggestions' own blocks (short-lived, a
+block or two each, read by index anyway) come from the top of the pool, away from documents.
 
 Bookkeeping only, no tensors: this module says which copies to make, kv_cache.py makes them.
 """
@@ -24,6 +28,7 @@ import bisect
 from typing import Callable, Optional
 
 Copy = tuple[int, int]  # (source block, destination block): the destination gets the source's keys/values
+GROWTH_GAP = 2  # free blocks left after a document placed anew, for it to grow into
 
 
 class CacheFull(RuntimeError):
@@ -40,6 +45,7 @@ class BlockTables:
         self._free = list(range(blocks))  # sorted, so the first free run is found in one pass
         self.tables: list[list[int]] = [[] for _ in range(handles)]
         self.aside = 0  # blocks taken out for good (set_aside)
+        self.top = [False] * handles  # a suggestion's sequence: its blocks come from the top of the pool
         # Called when no block is free: evicts one idle sequence (slots.py chooses which) and says
         # whether it did. The slot pool sets it.
         self.reclaim: Optional[Callable[[], bool]] = None
@@ -106,15 +112,17 @@ class BlockTables:
             table.extend(self._take(handle, len(table), missing))
         return copies
 
-    def share(self, src: int, dst: int, length: int) -> list[Copy]:
+    def share(self, src: int, dst: int, length: int, suggestion: bool = False) -> list[Copy]:
         """Make `dst` hold positions [0, length) of `src`: their full blocks by reference, the
-        partial last one copied (`dst` will write after it). Returns the copies to make."""
+        partial last one copied (`dst` will write after it). Returns the copies to make.
+        `suggestion`: `dst` is a suggestion forked from its prompt (its blocks come from the top)."""
         full, partial = divmod(length, self.block_size)
         shared = self.tables[src][:full]
         for b in shared:
             self.refs[b] += 1
         self.drop(dst)
         self.tables[dst] = list(shared)
+        self.top[dst] = suggestion
         if not partial:
             return []
         source = self.tables[src][full]
@@ -134,6 +142,7 @@ class BlockTables:
 
     def drop(self, handle: int) -> None:
         self.truncate(handle, 0)
+        self.top[handle] = False
 
     def set_aside(self) -> int:
         """One block taken out of the pool for good (the fixed-shape step parks idle rows in it)."""
@@ -151,16 +160,19 @@ class BlockTables:
 
     def _take(self, handle: int, index: int, count: int) -> list[int]:
         """`count` free blocks for positions of block `index` on of `handle`, evicting idle sequences
-        while too few are free: right after the block before them if those are free, else the first
-        free run long enough, else the lowest free blocks."""
+        while too few are free: right after the block before them if those are free; else, for a
+        suggestion, the highest free blocks; else the first free run with room to grow after it, the
+        first free run long enough, the lowest free blocks."""
         while len(self._free) < count:
             if self.reclaim is None or not self.reclaim():
                 raise CacheFull(f"the KV cache is full: {count} blocks needed, {len(self._free)} free")
         table = self.tables[handle]
         after = table[index - 1] + 1 if 0 < index <= len(table) else None
         chosen = self._run_at(after, count) if after is not None else None
+        if chosen is None and self.top[handle]:
+            chosen = self._free[-count:]
         if chosen is None:
-            chosen = self._first_run(count) or self._free[:count]
+            chosen = (self._first_run(count + GROWTH_GAP) or self._first_run(count) or self._free[:count])[:count]
         taken = set(chosen)
         self._free = [b for b in self._free if b not in taken]
         for b in chosen:

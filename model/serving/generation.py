@@ -41,7 +41,7 @@ def generate(module: GPTWithHead, prompt_ids: list[int], max_new_tokens: int, n:
     gens = [torch.Generator(device="cpu").manual_seed(base + i) for i in range(n)]
     logits = runner.prefill([prompt_ids], [0], [0], want_logits=[0]).expand(n, -1)  # [n, V]
     for i in range(1, n):
-        runner.fork(0, i, len(prompt_ids))
+        runner.fork(0, i, len(prompt_ids), suggestion=True)
     outputs: list[list[int]] = [[] for _ in range(n)]
     live = list(range(n))
     for step in range(max_new_tokens):

@@ -73,11 +73,11 @@ class KVCache(nn.Module):
             self.k[:, :, dst * bs:(dst + 1) * bs].copy_(self.k[:, :, src * bs:(src + 1) * bs])
             self.v[:, :, dst * bs:(dst + 1) * bs].copy_(self.v[:, :, src * bs:(src + 1) * bs])
 
-    def fork(self, src: int, dst: int, length: int) -> None:
+    def fork(self, src: int, dst: int, length: int, suggestion: bool = False) -> None:
         """Make sequence `dst` hold positions [0, length) of `src`: their full blocks shared, the
-        partial last one copied."""
+        partial last one copied. `suggestion`: `dst` is a suggestion of the prompt `src` holds."""
         if src != dst and length > 0:
-            self.copy_blocks(self.blocks.share(src, dst, length))
+            self.copy_blocks(self.blocks.share(src, dst, length, suggestion))
 
     def writable(self, handle: int, start: int, end: int) -> None:
         """Blocks for positions [start, end) of `handle`, its own (copied first where shared)."""

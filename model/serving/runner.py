@@ -49,6 +49,6 @@ class ModelRunner:
         hidden = self.model.transformer(ids, positions=pos, cache=self.cache.view(slots, pos, shared=shared))
         return self.model.lm_head(hidden[:, -1]).float().cpu()
 
-    def fork(self, src: int, dst: int, length: int) -> None:
+    def fork(self, src: int, dst: int, length: int, suggestion: bool = False) -> None:
         """Make sequence `dst` hold positions [0, length) of `src` (shared blocks, kv_cache.fork)."""
-        self.cache.fork(src, dst, length)
+        self.cache.fork(src, dst, length, suggestion)

@@ -287,7 +287,7 @@ class Scheduler:
         free = [s for s in job.slots if s not in busy]
         for slot in free[:count]:
             if slot != job.base:
-                self.runner.fork(job.base, slot, len(prompt))
+                self.runner.fork(job.base, slot, len(prompt), suggestion=True)
             self.pool.wrote(slot, prompt)
             job.rows.append(job.new_row(slot))
         started = job.rows[-count:]

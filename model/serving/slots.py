@@ -69,7 +69,11 @@ class SlotPool:
 
     def documents(self) -> int:
         """Documents held for reuse: slots not busy that hold tokens."""
-        return sum(1 for i, t in enumerate(self._tokens) if t and not self._busy[i])
+        return len(self.document_slots())
+
+    def document_slots(self) -> list[int]:
+        """The slots of the documents held for reuse."""
+        return [i for i, t in enumerate(self._tokens) if t and not self._busy[i]]
 
     def holding(self, prefix: list[int]) -> list[int]:
         """Slots whose tokens start with `prefix`."""
