@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--writers", type=int, default=12)
     parser.add_argument("--interval", type=float, default=2.0,
                         help="mean seconds between one writer's keystrokes")
-    parser.add_argument("--slots", type=int, default=8, help="KV-cache slots per worker")
+    parser.add_argument("--slots", type=int, default=8,
+                        help="per worker: N rows and a KV cache of N x 1024 positions")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each run types")
     parser.add_argument("--model", default=None, help="a model spec name=folder (default: a random one)")
     args = parser.parse_args(argv)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     runs = [(k, True) for k in counts] + [(max(counts), False)]
     print(f"{args.writers} writers, a keystroke each every {args.interval:g} s on average "
           f"({args.writers / args.interval:g} req/s, open loop) for {args.seconds:g} s per run; "
-          f"{args.slots} slots per worker; model {spec}", flush=True)
+          f"--slots {args.slots} per worker ({args.slots} rows, {args.slots} x 1024 KV positions); model {spec}", flush=True)
     with RedisServer(folder / "redis") as redis_server:
         for k, routed in runs:
             client = redis_server.client()
