@@ -89,10 +89,6 @@ class SlotPool:
         """A decode step wrote one more token of a suggestion into the slot."""
         self._tokens[slot].append(token)
 
-    def shared_with(self, slot: int, tokens: list[int]) -> int:
-        """How many leading tokens of `tokens` the slot already holds."""
-        return common_prefix(self._tokens[slot], tokens)
-
     # -- choosing slots ----------------------------------------------------------------------
     def _document(self, slot: int) -> list[int]:
         return self._tokens[slot][:self._prompt_len[slot]]
@@ -110,6 +106,7 @@ class SlotPool:
         return best
 
     def _victim(self, candidates: list[int]) -> int:
+        """An empty slot among `candidates` if there is one, else the held document the policy evicts."""
         held = [i for i in candidates if self._tokens[i]]
         if len(held) < len(candidates):
             return next(i for i in candidates if not self._tokens[i])
@@ -157,10 +154,6 @@ class SlotPool:
         """Blocks not free that no eviction can free once `chosen` and `taken` are busy too."""
         pinned = self.blocks.busy_blocks(self.busy() + list(taken) + chosen)
         return len(pinned)
-
-    def available_blocks(self) -> int:
-        """Blocks free now or freed by evicting every idle document."""
-        return self.blocks.usable - len(self.blocks.busy_blocks(self.busy()))
 
     def reserve(self, slots: list[int], reused: int) -> None:
         """Make `slots` (from choose) busy; the base keeps only the `reused` tokens of the prompt,
