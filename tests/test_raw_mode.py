@@ -64,3 +64,15 @@ def test_streamed_partials_carry_the_tokens_so_far(engine):
             s = final.suggestions[p.index]
             assert p.token_ids == s.token_ids[:len(p.token_ids)] and p.tokens == s.tokens[:len(p.tokens)]
             assert s.text.startswith(p.text)
+
+
+def test_a_prompt_and_max_tokens_that_fill_the_context_get_every_token(engine):
+    """248 prompt tokens and 8 new ones fill the tiny model's 256 positions: all 8 come back (the
+    last position of the context holds a real token)."""
+    from model_support import long_document
+
+    ids = engine.tokenizer.encode(long_document(400))[:248]
+    text = engine.tokenizer.decode(ids)
+    assert len(engine.tokenizer.encode(text)) + 8 == engine.config.n_positions
+    done = engine.complete(CompletionRequest(text, n=1, greedy=True, max_new_tokens=8, raw=True, stop=None))
+    assert [len(s.token_ids) for s in done.suggestions] == [8]

@@ -146,9 +146,7 @@ class BlockTables:
 
     def set_aside(self) -> int:
         """One block taken out of the pool for good (the fixed-shape step parks idle rows in it)."""
-        block = self._take(0, 0, 1)[0] if self._free else None
-        if block is None:
-            raise CacheFull("no block is free to set aside")
+        block = self._take(0, 0, 1)[0]  # before any sequence exists: the lowest free block
         self.aside += 1
         return block
 

@@ -373,10 +373,10 @@ class Engine:
     def kv_gauges(self) -> dict:
         """What /metrics shows of the KV cache: positions used and free, evictions so far, and the
         prompt tokens reused and prefilled so far (their ratio is the reuse rate)."""
-        s = self.stats()
-        return {"kv_tokens_used": s["kv_tokens_used"], "kv_tokens_free": s["kv_tokens"] - s["kv_tokens_used"],
-                "kv_evictions": s["evictions"], "tokens_reused": s["tokens_reused"],
-                "tokens_prefilled": s["tokens_prefilled"]}
+        kv, counters = self.scheduler.cache_stats(), self.scheduler.counters
+        return {"kv_tokens_used": kv["kv_tokens_used"], "kv_tokens_free": kv["kv_tokens_free"],
+                "kv_evictions": kv["evictions"], "tokens_reused": counters["tokens_reused"],
+                "tokens_prefilled": counters["tokens_prefilled"]}
 
     def weight_bytes(self) -> int:
         """The weights in memory: the model's (quantized or not, with any CPU packed copies) and the

@@ -23,7 +23,7 @@ class EngineConfig:
     kv_tokens: Optional[int] = None
     # Suggestions decoding at once, the rows of a step (None: slots, or by device)
     rows: Optional[int] = None
-    # KV cache: positions per block (docs/performance.md, "The KV pool", has the measurement)
+    # KV cache: positions per block (docs/performance.md, "Many writers: the KV pool", has the measurement)
     kv_block: int = 16
     # Which held document a full KV cache evicts: "next-use" or "lru" (eviction.py)
     kv_eviction: str = "next-use"

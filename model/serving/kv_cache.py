@@ -18,7 +18,7 @@ from ..network.config import GPTConfig
 from .blocks import BlockTables
 
 
-BLOCK_SIZE = 16  # tokens per block: docs/performance.md ("The KV pool") has the measurement
+BLOCK_SIZE = 16  # tokens per block: docs/performance.md ("Many writers: the KV pool") has the measurement
 
 
 class KVCache(nn.Module):

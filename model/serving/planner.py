@@ -107,7 +107,7 @@ class Planner:
         """Which waiting requests get slots, oldest first while the pool has room (rows to run and
         KV blocks to hold them), and which waiting ones were cancelled or ran out of time."""
         plan, taken, blocked = Admissions([], []), set(), False
-        budget = self.unclaimed_blocks()
+        budget = self.unclaimed_blocks() if self.waiting else None
         for job in self.waiting:
             if job.cancelled or job.out_of_time(now):
                 plan.drop.append(job)

@@ -22,7 +22,7 @@ from .sampling import apply_presence_frequency, apply_repetition_penalty, sample
 class RowPolicy:
     def __init__(self, tokenizer: GPTTokenizer, vocab_size: int, max_length: int):
         self.tokenizer = tokenizer
-        self.max_length = max_length  # a row stops before its slot's last usable position
+        self.max_length = max_length  # a row stops when its sequence fills the context
         self.healing = HealingMasks(tokenizer, vocab_size) if tokenizer.byte_level else None
 
     def take(self, rows: list[tuple[Job, Row]], logits: torch.Tensor) -> None:

@@ -39,7 +39,8 @@ EXTRA_ROUNDS = 2  # rounds of replacement rows for empty or duplicate suggestion
 class Scheduler:
     def __init__(self, model: GPTWithHead, tokenizer: GPTTokenizer, cache: KVCache,
                  fixed_shape: Optional[FixedShapeDecoder] = None, name: str = "this model", *,
-                 rows: Optional[int] = None, eviction: str = "next-use", max_waiting: Optional[int] = None, max_waiting_per_client: Optional[int] = None,
+                 rows: Optional[int] = None, eviction: str = "next-use",
+                 max_waiting: Optional[int] = None, max_waiting_per_client: Optional[int] = None,
                  max_wait_s: Optional[float] = None):
         self.name = name
         # Admission bounds (EngineConfig); None or 0: no bound. Only requests still waiting for
@@ -52,8 +53,7 @@ class Scheduler:
         self.pool = SlotPool(cache.blocks.handles, blocks=cache.blocks, rows=rows, eviction=eviction)
         self.planner = Planner(self.pool)
         self.runner = ModelRunner(model, cache, fixed_shape)
-        # A row stops one position short of the context (the prompt window leaves room for it).
-        self.policy = RowPolicy(tokenizer, model.config.vocab_size, max_length=cache.context - 1)
+        self.policy = RowPolicy(tokenizer, model.config.vocab_size, max_length=cache.context)
         self.counters = {"tokens_prefilled": 0, "tokens_reused": 0, "tokens_decoded": 0, "requests": 0,
                          "steps": 0, "max_batch": 0}
         self._calls: deque[Call] = deque()
@@ -90,8 +90,6 @@ class Scheduler:
 
     def _check_fits(self, job: Job) -> None:
         """A request that could never run, not even alone on an empty cache, is refused at once."""
-        if job.n > self.pool.rows:
-            raise BadRequest(f"n={job.n} is more than the {self.pool.rows} suggestions {self.name} writes at once")
         blocks = self.pool.blocks
         need = self.pool.blocks_needed(len(job.prompt.tokens), job.max_new_tokens, job.n, 0)
         if need > blocks.usable:
@@ -199,8 +197,7 @@ class Scheduler:
         now = time.perf_counter()
         for a in plan.admit:
             self.planner.waiting.remove(a.job)
-            self.pool.reserve(a.slots, a.reused)
-            self.pool.recall(a.slots[0], a.job.prompt.tokens)
+            self.pool.reserve(a.slots, a.reused, a.job.prompt.tokens)
             a.job.slots, a.job.prefilled = a.slots, a.reused
             a.job.timings.queue_ms = (now - a.job.submitted) * 1000
             self.planner.running.append(a.job)

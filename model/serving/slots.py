@@ -155,9 +155,10 @@ class SlotPool:
         pinned = self.blocks.busy_blocks(self.busy() + list(taken) + chosen)
         return len(pinned)
 
-    def reserve(self, slots: list[int], reused: int) -> None:
-        """Make `slots` (from choose) busy; the base keeps only the `reused` tokens of the prompt,
-        the others are emptied. The base's document brings its pace to the eviction policy."""
+    def reserve(self, slots: list[int], reused: int, prompt: list[int]) -> None:
+        """Make `slots` (from choose for `prompt`) busy; the base keeps only the `reused` tokens of
+        the prompt, the others are emptied. The base's document brings its pace to the eviction
+        policy: from its own slot, or, for a document held before and evicted, from its ghost."""
         for i in slots:
             if i != slots[0] and self._tokens[i]:
                 self._evict(i)
@@ -168,26 +169,18 @@ class SlotPool:
         else:
             if self._tokens[base]:
                 self._evict(base)
-            self._gap[base] = None
+            ghost = self.policy.recall(prompt, common_prefix)
+            self._gap[base] = None if ghost is None else self._now - ghost.last_used
         self._tokens[base] = self._tokens[base][:reused]
         self._prompt_len[base] = min(self._prompt_len[base], reused)
         if self.blocks is not None:
             self.blocks.truncate(base, reused)
 
-    def recall(self, slot: int, prompt: list[int]) -> None:
-        """A request's base slot starts a document afresh: if it was held before and evicted, its
-        pace comes back from the policy's memory."""
-        if self._gap[slot] is None and not self._tokens[slot]:
-            ghost = self.policy.recall(prompt, common_prefix)
-            if ghost is not None:
-                self._gap[slot] = self._now - ghost.last_used
-
     def acquire(self, prompt: list[int], n: int) -> Optional[tuple[list[int], int]]:
         """choose() and reserve() at once (the tests' shorthand)."""
         got = self.choose(prompt, n)
         if got is not None:
-            self.reserve(*got)
-            self.recall(got[0][0], prompt)
+            self.reserve(*got, prompt)
         return got
 
     def donor(self, prompt: list[int], base: int) -> Optional[tuple[int, int]]:
